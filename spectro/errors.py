@@ -1,0 +1,26 @@
+"""Exception types. Every user-facing failure is one of these, raised early,
+with a message that says what is wrong and how to fix it."""
+
+
+class SpectroError(Exception):
+    """Base class for every error spectro raises on purpose."""
+
+
+class ConfigError(SpectroError, ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class ModelLoadError(SpectroError):
+    """A model source cannot be found, read, or is not a supported architecture."""
+
+
+class DataError(SpectroError):
+    """A corpus or probe set is empty, unreadable, or does not fit the model."""
+
+
+class ComponentError(SpectroError, ValueError):
+    """A component name is unknown or repeated."""
+
+
+class StoreError(SpectroError):
+    """A run store is missing, partial, corrupted, or belongs to another config."""
