@@ -1,0 +1,202 @@
+"""Typed run configuration, validated once, before any work starts.
+
+Hydra composes YAML from `conf/`; `to_config` merges it onto the dataclass
+schema below (OmegaConf rejects wrong types and unknown keys there) and then
+`validate` checks ranges and cross-field rules. Every failure is one
+`ConfigError` naming the key, the bad value and a fix.
+
+Non-obvious choices:
+- `sampler.nbeta: null` means the common default `B / ln B` for batch size B
+  (devinterp's `default_nbeta`); it is resolved here so the stored config says
+  the number that was used.
+- `components` lists names or group keywords ("all", "heads", "mlps"); the
+  unrestricted run `full` is always sampled as well, because the default
+  estimator centres on it (DESIGN 1.3).
+- Model, component and data *names* are checked against the real model and
+  corpus later (their modules own that knowledge); only their shape is checked
+  here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from spectro.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    source: str = "embedded"            # "embedded", a local snapshot dir, or a hub id
+    revision: Optional[str] = None      # hub revision, e.g. "step143000"
+    allow_download: bool = True         # False: use only the local HF cache
+
+
+@dataclass
+class DataConfig:
+    corpus: dict[str, Any] = field(default_factory=lambda: {"kind": "embedded"})
+    seq_len: int = 64                   # tokens per context (probe, sampling and SGLD data)
+    n_train_contexts: int = 512         # pool that SGLD minibatches are drawn from
+    n_sampling_contexts: int = 32       # fixed set for sampling_loss at every draw
+    n_probe_contexts: int = 64          # probe tokens = n_probe_contexts * (seq_len - 1)
+    seed: int = 0
+
+
+@dataclass
+class SamplerConfig:
+    step_size: float = 1e-4             # epsilon
+    nbeta: Optional[float] = None       # inverse temperature; null -> B / ln B
+    gamma: float = 300.0                # localization strength
+    noise_level: float = 1.0            # sigma
+    batch_size: int = 16
+    num_chains: int = 4
+    num_draws: int = 50
+    burnin: int = 0
+    steps_between_draws: int = 1
+    precondition: str = "none"          # "none" | "rmsprop"
+    rmsprop_alpha: float = 0.99
+    rmsprop_eps: float = 0.1
+    chain_group: int = 4                # chains run together in one unit of work
+    chain_mode: str = "vmap"            # "vmap" (stacked, one batched call) | "loop"
+    divergence_bound: float = 10.0      # a chain diverges when its loss exceeds init_loss + bound (or is NaN/inf)
+    checkpoint_every: int = 10          # draws between chain checkpoints
+    seed: int = 0
+
+
+@dataclass
+class EstimatorConfig:
+    form: str = "peer"                  # "peer" (devinterp-compatible) | "covariance"
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None       # None: start a local instance; "auto" or "ray://..." to join
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    torch_threads: int = 0              # 0: match num_cpus_per_actor
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"              # "offline" | "online" | "disabled"
+    project: str = "spectro"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class SpectroConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    components: list[str] = field(default_factory=lambda: ["all"])
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    device: str = "auto"                # "auto" | "cpu" | "cuda" | "cuda:N"
+    fresh: bool = False                 # True: discard an existing run directory's samples
+
+
+# Keys whose change does not alter any stored number, so a resumed run may differ in them.
+RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "sampler.checkpoint_every")
+
+
+def to_config(cfg: DictConfig | dict | SpectroConfig | None = None) -> SpectroConfig:
+    """Merge user config onto the schema, then validate. Raises ConfigError."""
+    if isinstance(cfg, SpectroConfig):
+        return validate(cfg)
+    schema = OmegaConf.structured(SpectroConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg or {})
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        raise ConfigError(f"invalid config{f' at {key!r}' if key else ''}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    return validate(obj)
+
+
+def _require(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {rule} (got {value!r}); {fix}")
+
+
+def validate(c: SpectroConfig) -> SpectroConfig:
+    """Range and cross-field checks. Returns the config with nbeta resolved."""
+    s, d = c.sampler, c.data
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+    _require(bool(c.model.source), "model.source", c.model.source, "must be non-empty",
+             "use 'embedded', a local snapshot directory or a hub id like EleutherAI/pythia-14m")
+    _require(finite(s.step_size) and s.step_size > 0, "sampler.step_size", s.step_size,
+             "must be a positive finite number", "e.g. sampler.step_size=1e-4")
+    _require(s.nbeta is None or (finite(s.nbeta) and s.nbeta > 0), "sampler.nbeta", s.nbeta,
+             "must be positive", "e.g. sampler.nbeta=30, or null for batch_size/ln(batch_size)")
+    _require(finite(s.gamma) and s.gamma >= 0, "sampler.gamma", s.gamma,
+             "must be >= 0", "e.g. sampler.gamma=300")
+    _require(finite(s.noise_level) and s.noise_level >= 0, "sampler.noise_level", s.noise_level,
+             "must be >= 0", "keep sampler.noise_level=1 for a correct posterior")
+    _require(s.batch_size >= 2, "sampler.batch_size", s.batch_size, "must be >= 2",
+             "nbeta defaults to B/ln B, undefined for B < 2")
+    for key in ("num_chains", "num_draws", "steps_between_draws", "chain_group", "checkpoint_every"):
+        v = getattr(s, key)
+        _require(v >= 1, f"sampler.{key}", v, "must be >= 1", f"set sampler.{key} to a positive integer")
+    _require(s.num_chains >= 2, "sampler.num_chains", s.num_chains, "must be >= 2",
+             "standard errors and R-hat need at least two chains")
+    _require(s.burnin >= 0, "sampler.burnin", s.burnin, "must be >= 0", "e.g. sampler.burnin=0")
+    _require(s.precondition in ("none", "rmsprop"), "sampler.precondition", s.precondition,
+             "must be 'none' or 'rmsprop'", "pick one of those")
+    _require(0 < s.rmsprop_alpha < 1, "sampler.rmsprop_alpha", s.rmsprop_alpha, "must be in (0, 1)", "e.g. 0.99")
+    _require(s.rmsprop_eps > 0, "sampler.rmsprop_eps", s.rmsprop_eps, "must be > 0", "e.g. 0.1")
+    _require(s.chain_mode in ("vmap", "loop"), "sampler.chain_mode", s.chain_mode,
+             "must be 'vmap' or 'loop'", "pick one of those")
+    _require(finite(s.divergence_bound) and s.divergence_bound > 0, "sampler.divergence_bound",
+             s.divergence_bound, "must be positive", "e.g. sampler.divergence_bound=10 (nats above init loss)")
+    _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2", "a probe token needs a context")
+    for key in ("n_train_contexts", "n_sampling_contexts", "n_probe_contexts"):
+        v = getattr(d, key)
+        _require(v >= 1, f"data.{key}", v, "must be >= 1", f"set data.{key} to a positive integer")
+    _require(d.n_train_contexts >= s.batch_size, "data.n_train_contexts", d.n_train_contexts,
+             f"must be >= sampler.batch_size ({s.batch_size})", "raise data.n_train_contexts")
+    _require("kind" in d.corpus, "data.corpus", dict(d.corpus), "needs a 'kind'",
+             "e.g. data.corpus={kind: embedded} or {kind: text, paths: [...]}")
+    comps = list(c.components)
+    _require(len(comps) > 0, "components", comps, "must name at least one component", "e.g. components=[all]")
+    dup = sorted({n for n in comps if comps.count(n) > 1})
+    _require(not dup, "components", comps, f"lists {dup} more than once", "list each component once")
+    _require(c.estimator.form in ("peer", "covariance"), "estimator.form", c.estimator.form,
+             "must be 'peer' or 'covariance'", "pick one of those")
+    _require(c.ray.num_actors >= 1, "ray.num_actors", c.ray.num_actors, "must be >= 1", "e.g. ray.num_actors=2")
+    _require(c.ray.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", c.ray.num_cpus_per_actor, "must be > 0", "e.g. 1")
+    _require(c.ray.num_gpus_per_actor >= 0, "ray.num_gpus_per_actor", c.ray.num_gpus_per_actor, "must be >= 0", "e.g. 0 or 1")
+    _require(c.ray.torch_threads >= 0, "ray.torch_threads", c.ray.torch_threads, "must be >= 0", "0 matches num_cpus_per_actor")
+    _require(c.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", c.wandb.mode,
+             "must be offline, online or disabled", "offline needs no account")
+    _require(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device", c.device,
+             "must be auto, cpu, cuda or cuda:N", "e.g. device=cpu")
+    if s.nbeta is None:
+        c = dataclasses.replace(c, sampler=dataclasses.replace(s, nbeta=s.batch_size / math.log(s.batch_size)))
+    return c
+
+
+def as_dict(c: SpectroConfig) -> dict:
+    """Plain nested dict (JSON-serialisable) of a config."""
+    return dataclasses.asdict(c)
+
+
+def flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        path = f"{prefix}{k}"
+        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += flat_diff(va, vb, path + ".")
+        elif va != vb:
+            out.append(path)
+    return out

@@ -1,0 +1,204 @@
+"""One unit of sampling work: SGLD chains of one component, draw by draw.
+
+A `Problem` bundles what every unit shares: the frozen model at w*, the SGLD
+data pool, the fixed sampling set and the probe contexts, and `init_loss`.
+A `UnitRunner` samples one (component, chain group): `start()` gives the state
+at w*, `next_draw(state)` runs `steps_between_draws` SGLD steps (after
+`burnin` for the first draw) and evaluates the observables, `checkpoint` /
+`restore` move the whole state through plain tensors so a restored unit
+continues bit-identically.
+
+Non-obvious choices:
+- Every chain has two generators, for minibatch indices and for noise,
+  seeded from sha256(run seed, component, chain, stream): a chain's draws do
+  not depend on which actor ran it or which chains shared its unit.
+- Minibatches are drawn with replacement from the pool; the data position
+  is therefore the data generator's state, saved with the checkpoint.
+- A chain diverges when its minibatch or sampling loss is NaN/inf or exceeds
+  init_loss + divergence_bound. It stops moving; its later draws are NaN and
+  flagged in `Draw.diverged`, and `diverged_at` records the first such draw so
+  downstream estimates exclude it (never averaged in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from spectro.components import Component
+from spectro.config import SamplerConfig
+from spectro.observables import mean_loss, token_losses
+from spectro.sgld import SGLD, SGLDHyper, SGLDState, build
+
+STREAMS = ("data", "noise")
+
+
+def chain_seed(run_seed: int, component: str, chain: int, stream: str) -> int:
+    """A 63-bit seed for one (run seed, component, chain, stream)."""
+    digest = hashlib.sha256(f"spectro:{run_seed}:{component}:{chain}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class Problem:
+    model: torch.nn.Module          # frozen at w*, eval mode, requires_grad False
+    train_ids: torch.Tensor         # (n_train, seq) SGLD minibatch pool
+    sampling_ids: torch.Tensor      # (n_sampling, seq) fixed set for sampling_loss
+    probe_ids: torch.Tensor         # (n_probe, seq) probe contexts
+    init_loss: float                # mean sampling-set loss at w*
+
+    @property
+    def n_probe_tokens(self) -> int:
+        return self.probe_ids.shape[0] * (self.probe_ids.shape[1] - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_ids.device
+
+
+def make_problem(model: torch.nn.Module, train_ids: torch.Tensor, sampling_ids: torch.Tensor,
+                 probe_ids: torch.Tensor, device: str | torch.device = "cpu") -> Problem:
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sampling_ids = sampling_ids.to(device)
+    init = token_losses(model, {}, sampling_ids).double().mean().item()
+    return Problem(model=model, train_ids=train_ids.to(device), sampling_ids=sampling_ids,
+                   probe_ids=probe_ids.to(device), init_loss=init)
+
+
+@dataclass
+class UnitState:
+    sgld: SGLDState
+    data_gens: list[torch.Generator]
+    noise_gens: list[torch.Generator]
+    draw: int                        # draws produced so far
+    diverged_at: np.ndarray          # (chains,) int64, -1 = healthy
+
+
+@dataclass(frozen=True)
+class Draw:
+    index: int
+    sampling_loss: np.ndarray        # (chains,) float64, NaN where diverged
+    probe_loss: np.ndarray           # (chains, tokens) float32, NaN where diverged
+    step_loss: np.ndarray            # (chains,) float64 mean minibatch loss over the steps since the last draw
+    grad_norm: np.ndarray            # (chains,) float64, last step
+    noise_norm: np.ndarray           # (chains,) float64, last step
+    distance: np.ndarray             # (chains,) float64 ||w - w*|| at the draw
+    diverged: np.ndarray             # (chains,) bool
+
+
+class UnitRunner:
+    def __init__(self, problem: Problem, component: Component, chain_ids: Sequence[int],
+                 config: SamplerConfig, run_seed: int):
+        if config.nbeta is None:
+            raise ValueError("config.nbeta must be resolved (spectro.config.validate does this)")
+        self.problem = problem
+        self.component = component
+        self.chain_ids = tuple(int(c) for c in chain_ids)
+        self.config = config
+        self.run_seed = run_seed
+        model_params = dict(problem.model.named_parameters())
+        anchor = {n: model_params[n].detach() for n in component.masks}
+        masks = {n: (None if m is None else m.to(problem.device)) for n, m in component.masks.items()}
+        hyper = SGLDHyper(step_size=config.step_size, nbeta=config.nbeta, gamma=config.gamma,
+                          noise_level=config.noise_level, precondition=config.precondition,
+                          rmsprop_alpha=config.rmsprop_alpha, rmsprop_eps=config.rmsprop_eps)
+        model = problem.model
+        self.sgld: SGLD = build(hyper, anchor, masks, lambda p, ids: mean_loss(model, p, ids), config.chain_mode)
+
+    @property
+    def n_chains(self) -> int:
+        return len(self.chain_ids)
+
+    def _gens(self, stream: str) -> list[torch.Generator]:
+        gens = []
+        for c in self.chain_ids:
+            g = torch.Generator(device=self.problem.device)
+            g.manual_seed(chain_seed(self.run_seed, self.component.name, c, stream))
+            gens.append(g)
+        return gens
+
+    def start(self) -> UnitState:
+        return UnitState(sgld=self.sgld.init(self.n_chains), data_gens=self._gens("data"),
+                         noise_gens=self._gens("noise"), draw=0,
+                         diverged_at=np.full(self.n_chains, -1, dtype=np.int64))
+
+    def _step(self, state: UnitState) -> tuple[SGLDState, torch.Tensor, object]:
+        pool = self.problem.train_ids
+        idx = torch.stack([torch.randint(pool.shape[0], (self.config.batch_size,), generator=g, device=pool.device)
+                           for g in state.data_gens])                      # (chains, batch)
+        batch = pool[idx]                                                   # (chains, batch, seq)
+        active = torch.as_tensor(state.diverged_at < 0, device=pool.device)
+        new, info = self.sgld.update(state.sgld, batch, state.noise_gens, active=active)
+        return new, active, info
+
+    def next_draw(self, state: UnitState) -> tuple[UnitState, Draw]:
+        cfg, bound = self.config, self.problem.init_loss + self.config.divergence_bound
+        n_steps = cfg.steps_between_draws + (cfg.burnin if state.draw == 0 else 0)
+        sg, diverged_at = state.sgld, state.diverged_at.copy()
+        step_losses = np.zeros(self.n_chains, dtype=np.float64)
+        info = None
+        for _ in range(n_steps):
+            state_for_step = UnitState(sg, state.data_gens, state.noise_gens, state.draw, diverged_at)
+            sg, _active, info = self._step(state_for_step)
+            loss = info.loss.double().cpu().numpy()
+            step_losses += loss
+            bad = (~np.isfinite(loss) | (loss > bound)) & (diverged_at < 0)
+            diverged_at[bad] = state.draw
+        probe_tokens = self.problem.n_probe_tokens
+        sampling = np.full(self.n_chains, np.nan)
+        probe = np.full((self.n_chains, probe_tokens), np.nan, dtype=np.float32)
+        for c in range(self.n_chains):
+            if diverged_at[c] >= 0:
+                continue
+            params = {n: p[c] for n, p in sg.params.items()}
+            s = token_losses(self.problem.model, params, self.problem.sampling_ids).double().mean().item()
+            if not np.isfinite(s) or s > bound:
+                diverged_at[c] = state.draw
+                continue
+            sampling[c] = s
+            probe[c] = token_losses(self.problem.model, params, self.problem.probe_ids).reshape(-1).cpu().numpy()
+        diverged = diverged_at >= 0
+        sampling[diverged] = np.nan
+        probe[diverged] = np.nan
+        draw = Draw(index=state.draw, sampling_loss=sampling, probe_loss=probe,
+                    step_loss=step_losses / n_steps,
+                    grad_norm=info.grad_norm.numpy(), noise_norm=info.noise_norm.numpy(),
+                    distance=info.distance.numpy(), diverged=diverged)
+        return UnitState(sg, state.data_gens, state.noise_gens, state.draw + 1, diverged_at), draw
+
+    # ---- checkpoints: plain tensors only, loadable with torch.load(weights_only=True)
+
+    def checkpoint(self, state: UnitState) -> dict:
+        return {
+            "component": self.component.name,
+            "chain_ids": list(self.chain_ids),
+            "draw": state.draw,
+            "step": state.sgld.step,
+            "params": {n: p.detach().cpu().clone() for n, p in state.sgld.params.items()},
+            "sq_avg": None if state.sgld.sq_avg is None else {n: v.cpu().clone() for n, v in state.sgld.sq_avg.items()},
+            "data_gens": [g.get_state() for g in state.data_gens],
+            "noise_gens": [g.get_state() for g in state.noise_gens],
+            "diverged_at": torch.from_numpy(state.diverged_at.copy()),
+        }
+
+    def restore(self, ckpt: dict) -> UnitState:
+        if ckpt["component"] != self.component.name or list(ckpt["chain_ids"]) != list(self.chain_ids):
+            raise ValueError(f"checkpoint is for {ckpt['component']} chains {ckpt['chain_ids']}, "
+                             f"not {self.component.name} chains {list(self.chain_ids)}")
+        dev = self.problem.device
+        params = {n: p.to(dev) for n, p in ckpt["params"].items()}
+        sq = None if ckpt["sq_avg"] is None else {n: v.to(dev) for n, v in ckpt["sq_avg"].items()}
+        data_gens, noise_gens = self._gens("data"), self._gens("noise")
+        for g, s in zip(data_gens, ckpt["data_gens"]):
+            g.set_state(s)
+        for g, s in zip(noise_gens, ckpt["noise_gens"]):
+            g.set_state(s)
+        return UnitState(sgld=SGLDState(params=params, sq_avg=sq, step=int(ckpt["step"])), data_gens=data_gens,
+                         noise_gens=noise_gens, draw=int(ckpt["draw"]),
+                         diverged_at=ckpt["diverged_at"].numpy().copy())
