@@ -1,0 +1,48 @@
+"""The plain function behind the Hydra entrypoint: validate, run, report.
+
+On bad input it prints one clear error and removes the run directory if this
+invocation created it (so a failed start leaves nothing half-written); an
+existing run directory with samples is never removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from spectro.config import to_config
+from spectro.errors import SpectroError
+
+log = logging.getLogger("spectro")
+
+
+def _fresh_dir(run_dir: Path) -> bool:
+    """True if the directory holds nothing but what Hydra wrote at startup."""
+    return all(p.name in (".hydra", "run.log") for p in run_dir.iterdir()) if run_dir.exists() else True
+
+
+def main(cfg: DictConfig, run_dir: str | Path) -> int:
+    from spectro import pipeline
+
+    run_dir = Path(run_dir)
+    created = _fresh_dir(run_dir)
+    try:
+        config = to_config(cfg)
+        prepared = pipeline.prepare(config)
+    except SpectroError as exc:
+        print(f"spectro: error: {exc}", file=sys.stderr)
+        if created and run_dir.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return 2
+    try:
+        summary = pipeline.run(config, run_dir, prepared)
+    except SpectroError as exc:
+        print(f"spectro: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,159 @@
+"""The run, stage by stage: config -> model/data -> sampling -> store -> ...
+
+`prepare(config)` does every check that can fail on user input (model,
+components, corpus, context lengths) before anything is written; `run(config,
+run_dir)` then creates the run directory's contents and executes the stages.
+
+Run directory (Hydra's output directory, or any path):
+
+    config.json        the resolved config (nbeta filled in)
+    provenance.json    model source/revision/file hashes, corpus hash, versions
+    samples.zarr/      the sample store (spectro.store)
+    checkpoints/       per-unit chain checkpoints for resume
+
+Non-obvious choices:
+- The SGLD pool, the sampling set and the probe contexts are disjoint windows
+  of the same corpus, drawn with seeds derived from `data.seed`.
+- `full` (every parameter) is always sampled, first, because the default
+  estimator centres on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from spectro import __version__
+from spectro.components import Component, resolve_components
+from spectro.config import RESUME_NEUTRAL_KEYS, SpectroConfig, as_dict
+from spectro.data import ProbeSet, load_corpus, make_contexts, make_probe_set
+from spectro.errors import ConfigError
+from spectro.model import LoadedModel, load_model
+from spectro.sampling import Problem, make_problem
+from spectro.store import Layout, ProbeTable, SampleStore
+
+log = logging.getLogger("spectro")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    config: SpectroConfig
+    loaded: LoadedModel
+    components: list[Component]    # `full` first
+    probe: ProbeSet
+    problem: Problem
+    corpus_info: dict
+
+
+def fingerprint(config: SpectroConfig) -> dict:
+    """The part of the config that determines stored numbers."""
+    d = as_dict(config)
+    for key in RESUME_NEUTRAL_KEYS:
+        parts = key.split(".")
+        node = d
+        for p in parts[:-1]:
+            node = node[p]
+        node.pop(parts[-1], None)
+    return d
+
+
+def prepare(config: SpectroConfig) -> Prepared:
+    """Load and check everything; raises a SpectroError subclass on bad input."""
+    from spectro.service import resolve_device
+
+    loaded = load_model(config.model.source, config.model.revision, allow_download=config.model.allow_download)
+    names = [n for n in config.components if n != "full"]
+    components = resolve_components(loaded.model, ["full"] + names)
+    d = config.data
+    corpus = load_corpus(dict(d.corpus))
+    tok = loaded.tokenizer
+    kw = dict(max_len=loaded.max_positions)
+    train = make_contexts(corpus, tok, d.seq_len, d.n_train_contexts, d.seed, **kw)
+    sampling = make_contexts(corpus, tok, d.seq_len, d.n_sampling_contexts, d.seed + 1, exclude=train, **kw)
+    both = _union(train, sampling)
+    probe_ctx = make_contexts(corpus, tok, d.seq_len, d.n_probe_contexts, d.seed + 2, exclude=both, **kw)
+    probe = make_probe_set(probe_ctx, tok)
+    problem = make_problem(loaded.model, train.input_ids, sampling.input_ids, probe_ctx.input_ids,
+                           device=resolve_device(config.device))
+    if not np.isfinite(problem.init_loss):
+        raise ConfigError(f"the model's loss at its own weights is {problem.init_loss}; check the model files")
+    corpus_info = {"description": corpus.description, "content_hash": corpus.content_hash,
+                   "n_documents": len(corpus.documents), "sources": sorted({x.source for x in corpus.documents})}
+    return Prepared(config, loaded, components, probe, problem, corpus_info)
+
+
+def _union(a, b):
+    from spectro.data import ContextSet
+    import torch
+    return ContextSet(input_ids=torch.cat([a.input_ids, b.input_ids]), sources=a.sources + b.sources,
+                      doc_names=a.doc_names + b.doc_names, offsets=a.offsets + b.offsets)
+
+
+def layout_for(p: Prepared) -> Layout:
+    s, d = p.config.sampler, p.config.data
+    return Layout.plan([c.name for c in p.components], s.num_chains, s.num_draws, d.n_probe_contexts,
+                       d.seq_len, s.chain_group, s.checkpoint_every)
+
+
+def provenance(p: Prepared) -> dict:
+    import ray
+    import torch
+    import transformers
+    import zarr
+    return {"spectro": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "ray": ray.__version__, "zarr": zarr.__version__,
+            "model": p.loaded.provenance, "data": p.corpus_info, "init_loss": p.problem.init_loss,
+            "n_probe_tokens": p.probe.n_tokens}
+
+
+def open_store(p: Prepared, run_dir: Path) -> SampleStore:
+    probe = p.probe
+    table = ProbeTable(input_ids=probe.contexts.input_ids.numpy(), context=probe.token_context,
+                       position=probe.token_position, token_id=probe.token_id, text=probe.token_text,
+                       source=probe.token_source)
+    prov = provenance(p)
+    return SampleStore.create_or_open(run_dir / "samples.zarr", layout_for(p), fingerprint=fingerprint(p.config),
+                                      config=as_dict(p.config), model=prov["model"], data=prov["data"],
+                                      init_loss=p.problem.init_loss, probe=table, fresh=p.config.fresh)
+
+
+def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = None) -> dict:
+    """Execute the sampling stage into `run_dir`; returns a summary dict."""
+    from spectro import service
+
+    run_dir = Path(run_dir)
+    p = prepared or prepare(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(p, run_dir)          # refuses a store made with another config
+    (run_dir / "config.json").write_text(json.dumps(as_dict(p.config), indent=2))
+    (run_dir / "provenance.json").write_text(json.dumps(provenance(p), indent=2))
+    if p.config.fresh and (run_dir / "checkpoints").exists():
+        import shutil
+        shutil.rmtree(run_dir / "checkpoints")
+    import os
+    need = int(np.ceil(config.ray.num_actors * config.ray.num_cpus_per_actor))
+    started = service.ensure_ray(config.ray.address, num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
+    try:
+        report = service.sample(p.problem, store, p.config, run_dir / "checkpoints")
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    diverged = store.diverged_at()
+    n_div = int((diverged >= 0).sum())
+    if n_div:
+        comps = store.layout.components
+        where = [f"{comps[c]} chain {k} at draw {diverged[c, k]}" for c, k in zip(*np.nonzero(diverged >= 0))]
+        log.warning("%d chain(s) diverged and will be excluded from estimates: %s", n_div, "; ".join(where))
+    summary = {"run_dir": str(run_dir), "units_run": len(report.units_run), "units_skipped": report.units_skipped,
+               "actor_failures": report.actor_failures, "seconds": round(report.seconds, 2),
+               "draws_per_second": round(report.draws_per_second, 3), "diverged_chains": n_div,
+               "init_loss": p.problem.init_loss, "complete": store.complete()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

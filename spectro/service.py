@@ -1,0 +1,280 @@
+"""The sampling service: Ray actors holding model replicas run units of work.
+
+A unit is (component, chain group). The driver plans every unit of a run
+(each component plus `full`), skips units the store says are complete, and
+hands the rest to actors as they free up, at most one in flight per actor
+(`ray.wait`). Each actor loads the model once in `__init__` from a payload
+`ray.put` once by the driver (weights as numpy arrays, the fixed data, the
+sampler config), then streams every unit's draws into `samples.zarr`.
+
+Non-obvious choices:
+- Progress is read from the store, not from the actors: the store is the
+  source of truth, so the progress bar, wandb traces and resume all agree.
+- A unit checkpoints (weights of the component, optimizer state, generator
+  states, draw counter) after every chunk it writes, to
+  `checkpoints/<component>__c<first>-<last>.pt` (temp file + rename; plain
+  tensors, read back with `torch.load(weights_only=True)`).
+- Actors are created with `max_restarts=0`; when one dies (kill -9, OOM, its
+  node removed) the driver replaces it with a new actor and re-queues its unit,
+  which resumes from that unit's last checkpoint. A unit that kills
+  `max_unit_failures` actors in a row fails the run with a clear error.
+- Every actor is killed at the end (also on error): on a small node a later
+  Ray Data job would otherwise wait forever for their CPUs (DESIGN 3).
+- torch threads per actor = its CPU share, so two actors on two cores do not
+  oversubscribe, and results are the same whatever the number of actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from spectro.components import resolve_components
+from spectro.config import SamplerConfig, SpectroConfig
+from spectro.errors import SpectroError
+from spectro.sampling import Problem, UnitRunner
+from spectro.store import TRACE_ARRAYS, SampleStore
+
+log = logging.getLogger("spectro.service")
+
+
+class SamplingFailed(SpectroError):
+    """A unit could not be completed (it kept killing actors, or raised)."""
+
+
+# ---------------------------------------------------------------- the unit (plain Python, no Ray)
+
+def checkpoint_path(checkpoint_dir: Path, component: str, chains: Sequence[int]) -> Path:
+    return Path(checkpoint_dir) / f"{component}__c{chains[0]}-{chains[-1]}.pt"
+
+
+def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: Sequence[int],
+             sampler: SamplerConfig, run_seed: int, checkpoint_dir: Path) -> dict:
+    """Sample one unit into the store, resuming from its checkpoint if present."""
+    component = resolve_components(problem.model, [component_name])[0]
+    runner = UnitRunner(problem, component, chains, sampler, run_seed)
+    ckpt_file = checkpoint_path(checkpoint_dir, component_name, chains)
+    if ckpt_file.exists():
+        state = runner.restore(torch.load(ckpt_file, weights_only=True))
+    else:
+        state = runner.start()
+    n_draws, chunk = store.layout.n_draws, store.layout.draw_chunk
+    resumed_at = state.draw
+    while state.draw < n_draws:
+        start = state.draw
+        draws = []
+        while state.draw < min(start + chunk, n_draws):
+            state, d = runner.next_draw(state)
+            draws.append(d)
+        store.write_block(
+            component_name, chains, start,
+            sampling_loss=np.stack([d.sampling_loss for d in draws], 1),            # (chains, n)
+            probe_loss=np.stack([d.probe_loss for d in draws], 1),                  # (chains, n, tokens)
+            traces={name: np.stack([getattr(d, name) for d in draws], 1) for name in TRACE_ARRAYS},
+            diverged_at=state.diverged_at)
+        tmp = ckpt_file.with_suffix(".tmp")
+        torch.save(runner.checkpoint(state), tmp)
+        os.replace(tmp, ckpt_file)
+        store.set_progress(component_name, chains, state.draw)
+    return {"component": component_name, "chains": list(chains), "resumed_at": resumed_at,
+            "diverged_at": state.diverged_at.tolist()}
+
+
+# ---------------------------------------------------------------- shipping the model once
+
+@dataclass(frozen=True)
+class Payload:
+    model_config: dict                    # transformers config.to_dict()
+    state: dict                           # name -> np.ndarray (float32 weights at w*)
+    train_ids: np.ndarray                 # (n_train, seq)
+    sampling_ids: np.ndarray              # (n_sampling, seq)
+    probe_ids: np.ndarray                 # (n_probe, seq)
+    init_loss: float
+    sampler: SamplerConfig
+    run_seed: int
+    store_path: str
+    checkpoint_dir: str
+
+
+def make_payload(problem: Problem, sampler: SamplerConfig, run_seed: int, store_path: Path,
+                 checkpoint_dir: Path) -> Payload:
+    model = problem.model
+    return Payload(model_config=model.config.to_dict(),
+                   state={k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+                   train_ids=problem.train_ids.cpu().numpy(), sampling_ids=problem.sampling_ids.cpu().numpy(),
+                   probe_ids=problem.probe_ids.cpu().numpy(), init_loss=problem.init_loss, sampler=sampler,
+                   run_seed=run_seed, store_path=str(store_path), checkpoint_dir=str(checkpoint_dir))
+
+
+def problem_from_payload(p: Payload, device: str) -> Problem:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig.from_dict(p.model_config)
+    config._attn_implementation = "eager"
+    model = GPTNeoXForCausalLM(config)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in p.state.items()}, strict=True)
+    model = model.to(device=device, dtype=torch.float32).eval()
+    for q in model.parameters():
+        q.requires_grad_(False)
+    t = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731
+    return Problem(model=model, train_ids=t(p.train_ids), sampling_ids=t(p.sampling_ids),
+                   probe_ids=t(p.probe_ids), init_loss=p.init_loss)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@ray.remote(max_restarts=0)
+class SamplerActor:
+    """Holds one model replica; runs units of work into the store."""
+
+    def __init__(self, payload: Payload, torch_threads: int, device: str):
+        torch.set_num_threads(max(1, torch_threads))
+        self.device = resolve_device(device)
+        self.payload = payload
+        self.problem = problem_from_payload(payload, self.device)
+        self.store = SampleStore.open(Path(payload.store_path), mode="r+")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, component: str, chains: Sequence[int]) -> dict:
+        t0 = time.perf_counter()
+        report = run_unit(self.problem, self.store, component, chains, self.payload.sampler,
+                          self.payload.run_seed, Path(self.payload.checkpoint_dir))
+        return {**report, "seconds": time.perf_counter() - t0, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+
+# ---------------------------------------------------------------- the driver
+
+@dataclass
+class SamplingReport:
+    units_run: list = field(default_factory=list)
+    units_skipped: int = 0
+    actor_failures: int = 0
+    seconds: float = 0.0
+    draws_per_second: float = 0.0
+
+
+class Progress:
+    """A progress bar on a terminal, plain log lines otherwise; reads the store."""
+
+    def __init__(self, store: SampleStore, stream=None, every_s: float = 10.0):
+        self.store, self.stream = store, stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        L = store.layout
+        self.total = len(L.components) * L.n_chains * L.n_draws
+        self.start_done = int(store.progress().sum())
+        self.t0 = self.last = time.monotonic()
+        self.every_s = every_s
+
+    def update(self, final: bool = False) -> int:
+        done = int(self.store.progress().sum())
+        now = time.monotonic()
+        rate = (done - self.start_done) / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        msg = (f"sampling {done}/{self.total} chain-draws ({100 * done / self.total:.0f}%), "
+               f"{rate:.2f} draws/s, ETA {eta:.0f}s" if np.isfinite(eta) else
+               f"sampling {done}/{self.total} chain-draws, warming up")
+        if self.tty:
+            width = 30
+            filled = int(width * done / self.total)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {msg}   ")
+            if final:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif final or now - self.last >= self.every_s:
+            log.info(msg)
+            self.last = now
+        return done
+
+
+def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
+    """Connect to (or start) Ray. Returns True if this call started it."""
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, log_to_driver=True)
+    if address:
+        ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+    return True
+
+
+def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoint_dir: Path, *,
+           on_poll: Optional[Callable[[SampleStore], None]] = None, poll_s: float = 1.0,
+           max_unit_failures: int = 3) -> SamplingReport:
+    """Run every unit the store lacks on Ray actors; blocks until done."""
+    t0 = time.perf_counter()
+    L = store.layout
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    todo = [u for u in L.units() if not store.unit_done(*u)]
+    report = SamplingReport(units_skipped=len(L.units()) - len(todo))
+    if not todo:
+        return report
+    rc = config.ray
+    threads = rc.torch_threads or max(1, int(rc.num_cpus_per_actor))
+    payload_ref = ray.put(make_payload(problem, config.sampler, config.sampler.seed, store.path, checkpoint_dir))
+    options = dict(num_cpus=rc.num_cpus_per_actor, num_gpus=rc.num_gpus_per_actor)
+    new_actor = lambda: SamplerActor.options(**options).remote(payload_ref, threads, config.device)  # noqa: E731
+    n_actors = min(rc.num_actors, len(todo))
+    actors = [new_actor() for _ in range(n_actors)]
+    failures: dict[tuple, int] = {}
+    inflight: dict = {}
+    progress = Progress(store)
+    queue = list(todo)
+
+    def submit(slot: int) -> None:
+        unit = queue.pop(0)
+        inflight[actors[slot].run.remote(*unit)] = (slot, unit)
+
+    try:
+        for slot in range(n_actors):
+            if queue:
+                submit(slot)
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=poll_s)
+            progress.update()
+            if on_poll is not None:
+                on_poll(store)
+            for ref in ready:
+                slot, unit = inflight.pop(ref)
+                try:
+                    report.units_run.append(ray.get(ref))
+                except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                    report.actor_failures += 1
+                    failures[unit] = failures.get(unit, 0) + 1
+                    log.warning("actor running %s chains %s died (%s); re-queuing from its last checkpoint",
+                                unit[0], list(unit[1]), type(exc).__name__)
+                    if failures[unit] >= max_unit_failures:
+                        raise SamplingFailed(f"unit {unit[0]} chains {list(unit[1])} lost {failures[unit]} actors; "
+                                             f"giving up (see the Ray logs for why the workers died)") from exc
+                    ray.kill(actors[slot], no_restart=True)
+                    actors[slot] = new_actor()
+                    queue.insert(0, unit)
+                if queue:
+                    submit(slot)
+        progress.update(final=True)
+        if on_poll is not None:
+            on_poll(store)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+    report.seconds = time.perf_counter() - t0
+    done = sum(len(u["chains"]) * (L.n_draws - u["resumed_at"]) for u in report.units_run)
+    report.draws_per_second = done / report.seconds if report.seconds > 0 else 0.0
+    return report

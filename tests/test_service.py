@@ -1,0 +1,158 @@
+"""The sampling service end to end on a real local Ray instance and a real
+Zarr v3 store: shapes, names, dtypes, plausibility, bit-identical results
+across actor counts and faults, divergence handling."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from spectro.pipeline import fingerprint
+from spectro.config import as_dict
+from spectro.service import sample
+from spectro.store import Layout, ProbeTable, SampleStore, TRACE_ARRAYS
+from tests.conftest import tiny_config, tiny_problem
+
+COMPONENTS = ["full", "l0h1", "l1.mlp"]
+
+
+def make_store(path, problem, config, components=COMPONENTS):
+    s, d = config.sampler, config.data
+    layout = Layout.plan(components, s.num_chains, s.num_draws, problem.probe_ids.shape[0],
+                         problem.probe_ids.shape[1], s.chain_group, s.checkpoint_every)
+    n_ctx, seq = problem.probe_ids.shape
+    T = n_ctx * (seq - 1)
+    probe = ProbeTable(input_ids=problem.probe_ids.numpy(), context=np.repeat(np.arange(n_ctx), seq - 1),
+                       position=np.tile(np.arange(1, seq), n_ctx), token_id=problem.probe_ids[:, 1:].reshape(-1).numpy(),
+                       text=[f"t{i}" for i in range(T)], source=["code"] * T)
+    return SampleStore.create_or_open(path, layout, fingerprint=fingerprint(config), config=as_dict(config),
+                                      model={"source": "tiny"}, data={}, init_loss=problem.init_loss, probe=probe)
+
+
+def arrays(path):
+    st = SampleStore.open(path)
+    names = ["sampling_loss", "probe_loss", "diverged_at", "progress", *TRACE_ARRAYS]
+    return {n: st.read(n) for n in names}
+
+
+def assert_identical(a, b):
+    for name in a:
+        assert a[name].dtype == b[name].dtype
+        assert np.array_equal(a[name], b[name], equal_nan=True), f"{name} differs"
+        # bitwise, not just numerically equal
+        assert a[name].tobytes() == b[name].tobytes(), f"{name} differs bitwise"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, ray_local):
+    """An uninterrupted run with 2 actors."""
+    problem, config = tiny_problem(), tiny_config()
+    run = tmp_path_factory.mktemp("ref")
+    store = make_store(run / "samples.zarr", problem, config)
+    report = sample(problem, store, config, run / "checkpoints")
+    return run, problem, config, report
+
+
+def test_store_shapes_names_dtypes_and_values(reference):
+    run, problem, config, report = reference
+    assert len(report.units_run) == 3 * 2 and report.actor_failures == 0
+    ds = xr.open_zarr(run / "samples.zarr", consolidated=False)
+    assert ds["probe_loss"].dims == ("component", "chain", "draw", "token")
+    assert ds["sampling_loss"].dims == ("component", "chain", "draw")
+    assert ds["probe_loss"].shape == (3, 4, 6, 3 * 11)
+    assert ds["probe_loss"].dtype == np.float32 and ds["sampling_loss"].dtype == np.float64
+    assert list(ds["component"].values) == COMPONENTS
+    s = ds["sampling_loss"].values
+    assert np.isfinite(s).all() and np.isfinite(ds["probe_loss"].values).all()
+    init = problem.init_loss
+    # plausible: near the loss at w* (random tiny model, ln 96 ≈ 4.56), moving but not far
+    assert abs(init - np.log(96)) < 0.5
+    assert np.all(np.abs(s - init) < 0.5) and np.abs(s - init).max() > 1e-6
+    assert (ds["progress"].values == 6).all() and (ds["diverged_at"].values == -1).all()
+    assert np.all(ds["distance"].values[:, :, -1] > 0)
+    # restricted components move less than the full run
+    assert ds["distance"].values[0].mean() > ds["distance"].values[1].mean()
+
+
+def test_one_actor_bit_identical_to_two(reference, tmp_path, ray_local):
+    run, problem, config, _ = reference
+    import dataclasses
+    one = dataclasses.replace(config, ray=dataclasses.replace(config.ray, num_actors=1))
+    store = make_store(tmp_path / "samples.zarr", problem, one)
+    sample(problem, store, one, tmp_path / "checkpoints")
+    assert_identical(arrays(run / "samples.zarr"), arrays(tmp_path / "samples.zarr"))
+
+
+def test_actor_killed_mid_unit_resumes_bit_identical(reference, tmp_path, ray_local):
+    import psutil
+
+    run, problem, config, _ = reference
+    import dataclasses
+    slow = dataclasses.replace(config, ray=dataclasses.replace(config.ray, num_actors=1))
+    store = make_store(tmp_path / "samples.zarr", problem, slow)
+    killed = []
+
+    def killer():
+        # wait until some unit has committed a checkpoint but the run is not done, then kill -9 the actor
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            prog = SampleStore.open(tmp_path / "samples.zarr").progress()
+            if prog.sum() >= 2 * 3 and prog.sum() < prog.size * 6:
+                # Ray titles an actor's worker process "ray::SamplerActor..."
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if any("SamplerActor" in part for part in (proc.info["cmdline"] or [])):
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        killed.append(proc.info["pid"])
+                        return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    report = sample(problem, store, slow, tmp_path / "checkpoints", poll_s=0.1)
+    t.join()
+    assert killed, "the test never found an actor to kill"
+    assert report.actor_failures == 1
+    assert any(u["resumed_at"] > 0 for u in report.units_run)   # resumed from a checkpoint, not from scratch
+    assert_identical(arrays(run / "samples.zarr"), arrays(tmp_path / "samples.zarr"))
+
+
+def test_resume_skips_complete_units(reference, ray_local):
+    run, problem, config, _ = reference
+    store = SampleStore.open(run / "samples.zarr", mode="r+")
+    report = sample(problem, store, config, run / "checkpoints")
+    assert report.units_run == [] and report.units_skipped == 6
+
+
+def test_diverging_chains_are_recorded_not_averaged(tmp_path, ray_local):
+    problem = tiny_problem()
+    config = tiny_config(step_size=5.0, gamma=0.0, nbeta=1000.0, divergence_bound=2.0)
+    store = make_store(tmp_path / "samples.zarr", problem, config)
+    sample(problem, store, config, tmp_path / "checkpoints")
+    a = arrays(tmp_path / "samples.zarr")
+    div = a["diverged_at"]
+    assert (div >= 0).sum() >= 4, div                  # the huge step size diverges chains
+    for c, k in zip(*np.nonzero(div >= 0)):
+        assert np.isnan(a["sampling_loss"][c, k, div[c, k]:]).all()
+        assert np.isnan(a["probe_loss"][c, k, div[c, k]:]).all()
+    ok = div < 0
+    healthy = a["sampling_loss"][ok]
+    assert np.isfinite(healthy).all()
+
+
+def test_store_refuses_other_config_and_foreign_dirs(reference, tmp_path):
+    from spectro.errors import StoreError
+
+    run, problem, config, _ = reference
+    other = tiny_config(step_size=2e-3)
+    with pytest.raises(StoreError, match="keys that differ: sampler.step_size"):
+        make_store(run / "samples.zarr", problem, other)
+    (tmp_path / "foreign.zarr").mkdir()
+    (tmp_path / "foreign.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    with pytest.raises(StoreError, match="not a spectro sample store"):
+        SampleStore.open(tmp_path / "foreign.zarr")
+    with pytest.raises(StoreError, match="no sample store"):
+        SampleStore.open(tmp_path / "nothing.zarr")
