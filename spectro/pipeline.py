@@ -139,8 +139,12 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
     import os
     need = int(np.ceil(config.ray.num_actors * config.ray.num_cpus_per_actor))
     started = service.ensure_ray(config.ray.address, num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
+    from spectro.monitor import Monitor
+
+    monitor = Monitor(config.wandb, run_dir, as_dict(p.config), nbeta=p.config.sampler.nbeta)
     try:
-        report = service.sample(p.problem, store, p.config, run_dir / "checkpoints")
+        report = service.sample(p.problem, store, p.config, run_dir / "checkpoints", on_poll=monitor.poll)
+        per_component = monitor.finish(store)
     finally:
         if started:
             import ray
@@ -154,6 +158,6 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
     summary = {"run_dir": str(run_dir), "units_run": len(report.units_run), "units_skipped": report.units_skipped,
                "actor_failures": report.actor_failures, "seconds": round(report.seconds, 2),
                "draws_per_second": round(report.draws_per_second, 3), "diverged_chains": n_div,
-               "init_loss": p.problem.init_loss, "complete": store.complete()}
+               "init_loss": p.problem.init_loss, "complete": store.complete(), "components": per_component}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -156,3 +156,35 @@ def test_store_refuses_other_config_and_foreign_dirs(reference, tmp_path):
         SampleStore.open(tmp_path / "foreign.zarr")
     with pytest.raises(StoreError, match="no sample store"):
         SampleStore.open(tmp_path / "nothing.zarr")
+
+
+def test_wandb_offline_logs_every_chain_trace(tmp_path, ray_local):
+    import glob
+
+    from spectro.config import WandbConfig
+    from spectro.monitor import Monitor
+    from tests.wandb_reader import history, summary, wait_complete
+
+    problem, config = tiny_problem(), tiny_config(num_draws=3, checkpoint_every=3)
+    store = make_store(tmp_path / "samples.zarr", problem, config)
+    mon = Monitor(WandbConfig(mode="offline", project="spectro-test"), tmp_path, as_dict(config), nbeta=8.0)
+    sample(problem, store, config, tmp_path / "checkpoints", on_poll=mon.poll, poll_s=0.2)
+    per_comp = mon.finish(store)
+    files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    wait_complete(files[0])
+    rows = history(files[0])
+    s = store.read("sampling_loss")
+    for ci, comp in enumerate(COMPONENTS):
+        for k in range(4):
+            key = f"{comp}/chain{k}/phi"
+            logged = sorted((r["draw"], r[key]) for r in rows if key in r)
+            assert [d for d, _ in logged] == [0, 1, 2]
+            np.testing.assert_allclose([v for _, v in logged], s[ci, k] - store.init_loss, rtol=1e-12)
+            llc = [r[f"{comp}/chain{k}/llc"] for r in sorted(rows, key=lambda r: r["draw"]) if f"{comp}/chain{k}/llc" in r]
+            np.testing.assert_allclose(llc[-1], 8.0 * (s[ci, k].mean() - store.init_loss), rtol=1e-10)
+            assert any(f"{comp}/chain{k}/grad_norm" in r for r in rows)
+    summ = summary(files[0])
+    for comp in COMPONENTS:
+        assert summ[f"{comp}/llc_mean"] == pytest.approx(per_comp[comp]["llc_mean"])
+        assert summ[f"{comp}/diverged_chains"] == 0
