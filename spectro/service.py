@@ -15,9 +15,11 @@ Non-obvious choices:
   `checkpoints/<component>__c<first>-<last>.pt` (temp file + rename; plain
   tensors, read back with `torch.load(weights_only=True)`).
 - Actors are created with `max_restarts=0`; when one dies (kill -9, OOM, its
-  node removed) the driver replaces it with a new actor and re-queues its unit,
-  which resumes from that unit's last checkpoint. A unit that kills
-  `max_unit_failures` actors in a row fails the run with a clear error.
+  node removed) the driver re-queues its unit, which resumes from that unit's
+  last checkpoint on whichever actor frees up first, and starts a replacement
+  actor that joins once constructed (on a shrunken cluster it may never get
+  resources; the run still finishes on the survivors). A unit that kills
+  `max_unit_failures` actors fails the run with a clear error.
 - Every actor is killed at the end (also on error): on a small node a later
   Ray Data job would otherwise wait forever for their CPUs (DESIGN 3).
 - torch threads per actor = its CPU share, so two actors on two cores do not
@@ -230,50 +232,71 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
     threads = rc.torch_threads or max(1, int(rc.num_cpus_per_actor))
     payload_ref = ray.put(make_payload(problem, config.sampler, config.sampler.seed, store.path, checkpoint_dir))
     options = dict(num_cpus=rc.num_cpus_per_actor, num_gpus=rc.num_gpus_per_actor)
-    new_actor = lambda: SamplerActor.options(**options).remote(payload_ref, threads, config.device)  # noqa: E731
-    n_actors = min(rc.num_actors, len(todo))
-    actors = [new_actor() for _ in range(n_actors)]
-    failures: dict[tuple, int] = {}
-    inflight: dict = {}
     progress = Progress(store)
     queue = list(todo)
+    failures: dict[tuple, int] = {}
+    live: dict[int, object] = {}          # actor id -> handle, constructed and usable
+    idle: list[int] = []
+    starting: dict = {}                   # ready-ref -> (actor id, handle), constructor still running
+    inflight: dict = {}                   # result-ref -> (actor id, unit)
+    next_id = iter(range(1 << 30))
 
-    def submit(slot: int) -> None:
-        unit = queue.pop(0)
-        inflight[actors[slot].run.remote(*unit)] = (slot, unit)
+    def start_actor() -> None:
+        handle = SamplerActor.options(**options).remote(payload_ref, threads, config.device)
+        starting[handle.pid.remote()] = (next(next_id), handle)
+
+    def lose(actor_id: int, unit: Optional[tuple], exc: Exception) -> None:
+        report.actor_failures += 1
+        handle = live.pop(actor_id, None)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+        if unit is not None:
+            failures[unit] = failures.get(unit, 0) + 1
+            log.warning("actor running %s chains %s died (%s); re-queuing it from its last checkpoint",
+                        unit[0], list(unit[1]), type(exc).__name__)
+            if failures[unit] >= max_unit_failures:
+                raise SamplingFailed(f"unit {unit[0]} chains {list(unit[1])} lost {failures[unit]} actors; "
+                                     f"giving up (see the Ray logs for why the workers died)") from exc
+            queue.insert(0, unit)
+        start_actor()                     # replacement; used once it is constructed (it may wait for resources)
 
     try:
-        for slot in range(n_actors):
-            if queue:
-                submit(slot)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=poll_s)
+        for _ in range(min(rc.num_actors, len(todo))):
+            start_actor()
+        while queue or inflight:
+            while idle and queue:
+                actor_id = idle.pop()
+                unit = queue.pop(0)
+                inflight[live[actor_id].run.remote(*unit)] = (actor_id, unit)
+            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=poll_s)
             progress.update()
             if on_poll is not None:
                 on_poll(store)
             for ref in ready:
-                slot, unit = inflight.pop(ref)
+                if ref in starting:
+                    actor_id, handle = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                        if report.actor_failures >= max_unit_failures * max(1, len(todo)):
+                            raise SamplingFailed("sampler actors keep dying while starting; see the Ray logs") from exc
+                        lose(actor_id, None, exc)
+                        continue
+                    live[actor_id] = handle
+                    idle.append(actor_id)
+                    continue
+                actor_id, unit = inflight.pop(ref)
                 try:
                     report.units_run.append(ray.get(ref))
+                    idle.append(actor_id)
                 except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
-                    report.actor_failures += 1
-                    failures[unit] = failures.get(unit, 0) + 1
-                    log.warning("actor running %s chains %s died (%s); re-queuing from its last checkpoint",
-                                unit[0], list(unit[1]), type(exc).__name__)
-                    if failures[unit] >= max_unit_failures:
-                        raise SamplingFailed(f"unit {unit[0]} chains {list(unit[1])} lost {failures[unit]} actors; "
-                                             f"giving up (see the Ray logs for why the workers died)") from exc
-                    ray.kill(actors[slot], no_restart=True)
-                    actors[slot] = new_actor()
-                    queue.insert(0, unit)
-                if queue:
-                    submit(slot)
+                    lose(actor_id, unit, exc)
         progress.update(final=True)
         if on_poll is not None:
             on_poll(store)
     finally:
-        for a in actors:
-            ray.kill(a, no_restart=True)
+        for handle in list(live.values()) + [h for _, h in starting.values()]:
+            ray.kill(handle, no_restart=True)
     report.seconds = time.perf_counter() - t0
     done = sum(len(u["chains"]) * (L.n_draws - u["resumed_at"]) for u in report.units_run)
     report.draws_per_second = done / report.seconds if report.seconds > 0 else 0.0

@@ -49,7 +49,7 @@ def tiny_problem(seed: int = 0):
     return make_problem(model, ids[:16], ids[16:20], ids[20:23])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     import ray
 
