@@ -22,14 +22,15 @@ Non-obvious choices:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from spectro.components import Component
+from spectro.components import Component, resolve_components
 from spectro.config import SamplerConfig
 from spectro.observables import mean_loss, token_losses
 from spectro.sgld import SGLD, SGLDHyper, SGLDState, build
@@ -43,32 +44,49 @@ def chain_seed(run_seed: int, component: str, chain: int, stream: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def lm_components(model: torch.nn.Module, names: Sequence[str]) -> list[Component]:
+    return resolve_components(model, list(names))
+
+
 @dataclass(frozen=True)
 class Problem:
-    model: torch.nn.Module          # frozen at w*, eval mode, requires_grad False
-    train_ids: torch.Tensor         # (n_train, seq) SGLD minibatch pool
-    sampling_ids: torch.Tensor      # (n_sampling, seq) fixed set for sampling_loss
-    probe_ids: torch.Tensor         # (n_probe, seq) probe contexts
-    init_loss: float                # mean sampling-set loss at w*
+    """What every unit of a run shares. For a language model the data are
+    token ids (contexts, seq) and the losses are `observables.mean_loss` /
+    `observables.token_losses`; tests plug in other models (e.g. linear
+    regression, whose posterior is known in closed form) through the same
+    fields, so the service, store and estimator are exercised unchanged."""
 
-    @property
-    def n_probe_tokens(self) -> int:
-        return self.probe_ids.shape[0] * (self.probe_ids.shape[1] - 1)
+    model: torch.nn.Module          # frozen at w*, eval mode, requires_grad False
+    train_ids: torch.Tensor         # (n_train, ...) SGLD minibatch pool
+    sampling_ids: torch.Tensor      # (n_sampling, ...) fixed set for sampling_loss
+    probe_ids: torch.Tensor         # (n_probe, ...) probe examples
+    init_loss: float                # mean sampling-set loss at w*
+    n_probe_tokens: int
+    loss: Callable = mean_loss                   # (model, params, batch) -> scalar mean loss
+    per_token: Callable = token_losses           # (model, params, data) -> (n, k) per-token losses
+    components: Callable = lm_components         # (model, names) -> list[Component]
 
     @property
     def device(self) -> torch.device:
         return self.train_ids.device
 
+    def to(self, device: str | torch.device) -> "Problem":
+        return dataclasses.replace(self, model=self.model.to(device), train_ids=self.train_ids.to(device),
+                                   sampling_ids=self.sampling_ids.to(device), probe_ids=self.probe_ids.to(device))
+
 
 def make_problem(model: torch.nn.Module, train_ids: torch.Tensor, sampling_ids: torch.Tensor,
-                 probe_ids: torch.Tensor, device: str | torch.device = "cpu") -> Problem:
+                 probe_ids: torch.Tensor, device: str | torch.device = "cpu", *, loss: Callable = mean_loss,
+                 per_token: Callable = token_losses, components: Callable = lm_components) -> Problem:
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     sampling_ids = sampling_ids.to(device)
-    init = token_losses(model, {}, sampling_ids).double().mean().item()
-    return Problem(model=model, train_ids=train_ids.to(device), sampling_ids=sampling_ids,
-                   probe_ids=probe_ids.to(device), init_loss=init)
+    probe_ids = probe_ids.to(device)
+    init = per_token(model, {}, sampling_ids).double().mean().item()
+    n_probe = int(per_token(model, {}, probe_ids[:1]).numel()) * probe_ids.shape[0]
+    return Problem(model=model, train_ids=train_ids.to(device), sampling_ids=sampling_ids, probe_ids=probe_ids,
+                   init_loss=init, n_probe_tokens=n_probe, loss=loss, per_token=per_token, components=components)
 
 
 @dataclass
@@ -108,8 +126,8 @@ class UnitRunner:
         hyper = SGLDHyper(step_size=config.step_size, nbeta=config.nbeta, gamma=config.gamma,
                           noise_level=config.noise_level, precondition=config.precondition,
                           rmsprop_alpha=config.rmsprop_alpha, rmsprop_eps=config.rmsprop_eps)
-        model = problem.model
-        self.sgld: SGLD = build(hyper, anchor, masks, lambda p, ids: mean_loss(model, p, ids), config.chain_mode)
+        model, loss = problem.model, problem.loss
+        self.sgld: SGLD = build(hyper, anchor, masks, lambda p, batch: loss(model, p, batch), config.chain_mode)
 
     @property
     def n_chains(self) -> int:
@@ -157,12 +175,12 @@ class UnitRunner:
             if diverged_at[c] >= 0:
                 continue
             params = {n: p[c] for n, p in sg.params.items()}
-            s = token_losses(self.problem.model, params, self.problem.sampling_ids).double().mean().item()
+            s = self.problem.per_token(self.problem.model, params, self.problem.sampling_ids).double().mean().item()
             if not np.isfinite(s) or s > bound:
                 diverged_at[c] = state.draw
                 continue
             sampling[c] = s
-            probe[c] = token_losses(self.problem.model, params, self.problem.probe_ids).reshape(-1).cpu().numpy()
+            probe[c] = self.problem.per_token(self.problem.model, params, self.problem.probe_ids).reshape(-1).cpu().numpy()
         diverged = diverged_at >= 0
         sampling[diverged] = np.nan
         probe[diverged] = np.nan

@@ -4,7 +4,7 @@ A unit is (component, chain group). The driver plans every unit of a run
 (each component plus `full`), skips units the store says are complete, and
 hands the rest to actors as they free up, at most one in flight per actor
 (`ray.wait`). Each actor loads the model once in `__init__` from a payload
-`ray.put` once by the driver (weights as numpy arrays, the fixed data, the
+`ray.put` once by the driver (the problem: model at w*, the fixed data; the
 sampler config), then streams every unit's draws into `samples.zarr`.
 
 Non-obvious choices:
@@ -41,7 +41,6 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from spectro.components import resolve_components
 from spectro.config import SamplerConfig, SpectroConfig
 from spectro.errors import SpectroError
 from spectro.sampling import Problem, UnitRunner
@@ -63,7 +62,7 @@ def checkpoint_path(checkpoint_dir: Path, component: str, chains: Sequence[int])
 def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: Sequence[int],
              sampler: SamplerConfig, run_seed: int, checkpoint_dir: Path) -> dict:
     """Sample one unit into the store, resuming from its checkpoint if present."""
-    component = resolve_components(problem.model, [component_name])[0]
+    component = problem.components(problem.model, [component_name])[0]
     runner = UnitRunner(problem, component, chains, sampler, run_seed)
     ckpt_file = checkpoint_path(checkpoint_dir, component_name, chains)
     if ckpt_file.exists():
@@ -96,12 +95,8 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
 
 @dataclass(frozen=True)
 class Payload:
-    model_config: dict                    # transformers config.to_dict()
-    state: dict                           # name -> np.ndarray (float32 weights at w*)
-    train_ids: np.ndarray                 # (n_train, seq)
-    sampling_ids: np.ndarray              # (n_sampling, seq)
-    probe_ids: np.ndarray                 # (n_probe, seq)
-    init_loss: float
+    """Everything an actor needs, `ray.put` once per run."""
+    problem: Problem                      # on the CPU; the actor moves it to its device
     sampler: SamplerConfig
     run_seed: int
     store_path: str
@@ -110,27 +105,8 @@ class Payload:
 
 def make_payload(problem: Problem, sampler: SamplerConfig, run_seed: int, store_path: Path,
                  checkpoint_dir: Path) -> Payload:
-    model = problem.model
-    return Payload(model_config=model.config.to_dict(),
-                   state={k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
-                   train_ids=problem.train_ids.cpu().numpy(), sampling_ids=problem.sampling_ids.cpu().numpy(),
-                   probe_ids=problem.probe_ids.cpu().numpy(), init_loss=problem.init_loss, sampler=sampler,
-                   run_seed=run_seed, store_path=str(store_path), checkpoint_dir=str(checkpoint_dir))
-
-
-def problem_from_payload(p: Payload, device: str) -> Problem:
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    config = GPTNeoXConfig.from_dict(p.model_config)
-    config._attn_implementation = "eager"
-    model = GPTNeoXForCausalLM(config)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in p.state.items()}, strict=True)
-    model = model.to(device=device, dtype=torch.float32).eval()
-    for q in model.parameters():
-        q.requires_grad_(False)
-    t = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731
-    return Problem(model=model, train_ids=t(p.train_ids), sampling_ids=t(p.sampling_ids),
-                   probe_ids=t(p.probe_ids), init_loss=p.init_loss)
+    return Payload(problem=problem.to("cpu"), sampler=sampler, run_seed=run_seed, store_path=str(store_path),
+                   checkpoint_dir=str(checkpoint_dir))
 
 
 def resolve_device(device: str) -> str:
@@ -147,7 +123,7 @@ class SamplerActor:
         torch.set_num_threads(max(1, torch_threads))
         self.device = resolve_device(device)
         self.payload = payload
-        self.problem = problem_from_payload(payload, self.device)
+        self.problem = payload.problem.to(self.device)
         self.store = SampleStore.open(Path(payload.store_path), mode="r+")
 
     def pid(self) -> int:
