@@ -251,7 +251,8 @@ def read_jsonl(path: str | Path, field: str = "text", source: str | None = None)
         raise DataError(f"jsonl file {p} does not exist; check the path")
     text = _decode_utf8(p.read_bytes(), f"jsonl file {p}")
     docs = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines would also split inside JSON strings holding U+2028
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -379,6 +380,17 @@ class ContextSet:
     sources: tuple[str, ...]  # per context
     doc_names: tuple[str, ...]  # per context
     offsets: tuple[int, ...]  # per context: token offset of the window inside its document
+
+    def __post_init__(self) -> None:
+        ids = self.input_ids
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype != torch.int64:
+            raise DataError("ContextSet.input_ids must be a 2-D int64 tensor (n_contexts, seq_len)")
+        n = ids.shape[0]
+        if not len(self.sources) == len(self.doc_names) == len(self.offsets) == n:
+            raise DataError(
+                f"ContextSet has {n} rows but {len(self.sources)} sources, {len(self.doc_names)} doc_names "
+                f"and {len(self.offsets)} offsets; they must match one per context"
+            )
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
