@@ -4,12 +4,17 @@ Everything goes into Hydra's output directory; the work is `spectro.cli.main`.
 """
 
 import sys
+from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+# Under `ray job submit --working-dir .` the package may not be installed on the
+# cluster: the repository root (the job's working dir) is importable either way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spectro.cli import main as spectro_main
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from spectro.cli import main as spectro_main  # noqa: E402
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

@@ -33,7 +33,7 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
     created = _fresh_dir(run_dir)
     try:
         config = to_config(cfg)
-        prepared = pipeline.prepare(config)
+        prepared = pipeline.prepare(config) if config.stage in ("all", "sample") else None
     except SpectroError as exc:
         print(f"spectro: error: {exc}", file=sys.stderr)
         if created and run_dir.exists():

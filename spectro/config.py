@@ -71,6 +71,9 @@ class SamplerConfig:
 @dataclass
 class EstimatorConfig:
     form: str = "peer"                  # "peer" (devinterp-compatible) | "covariance"
+    rhat_threshold: float = 1.1         # components above it are flagged "not mixed"
+    partial: bool = False               # True: estimate from an unfinished store (explicitly marked partial)
+    tokens_per_block: int = 0           # 0: one store token chunk per Ray Data task
 
 
 @dataclass
@@ -100,11 +103,13 @@ class SpectroConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     device: str = "auto"                # "auto" | "cpu" | "cuda" | "cuda:N"
+    stage: str = "all"                  # "all" | "sample" | "susceptibilities"
     fresh: bool = False                 # True: discard an existing run directory's samples
 
 
 # Keys whose change does not alter any stored number, so a resumed run may differ in them.
-RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "sampler.checkpoint_every")
+RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator")
+STAGES = ("all", "sample", "susceptibilities")
 
 
 def to_config(cfg: DictConfig | dict | SpectroConfig | None = None) -> SpectroConfig:
@@ -170,6 +175,11 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(not dup, "components", comps, f"lists {dup} more than once", "list each component once")
     _require(c.estimator.form in ("peer", "covariance"), "estimator.form", c.estimator.form,
              "must be 'peer' or 'covariance'", "pick one of those")
+    _require(c.estimator.rhat_threshold > 1, "estimator.rhat_threshold", c.estimator.rhat_threshold,
+             "must be > 1", "e.g. estimator.rhat_threshold=1.1")
+    _require(c.estimator.tokens_per_block >= 0, "estimator.tokens_per_block", c.estimator.tokens_per_block,
+             "must be >= 0", "0 uses one store chunk per task")
+    _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     _require(c.ray.num_actors >= 1, "ray.num_actors", c.ray.num_actors, "must be >= 1", "e.g. ray.num_actors=2")
     _require(c.ray.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", c.ray.num_cpus_per_actor, "must be > 0", "e.g. 1")
     _require(c.ray.num_gpus_per_actor >= 0, "ray.num_gpus_per_actor", c.ray.num_gpus_per_actor, "must be >= 0", "e.g. 0 or 1")

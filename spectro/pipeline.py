@@ -124,11 +124,37 @@ def open_store(p: Prepared, run_dir: Path) -> SampleStore:
 
 
 def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = None) -> dict:
-    """Execute the sampling stage into `run_dir`; returns a summary dict."""
+    """Execute the configured stages in `run_dir`; returns a summary dict.
+
+    `stage=all` runs sample -> susceptibilities; a single stage runs alone on
+    an existing run directory (the susceptibilities stage needs no model).
+    """
+    import os
+
     from spectro import service
 
     run_dir = Path(run_dir)
-    p = prepared or prepare(config)
+    stages = ("sample", "susceptibilities") if config.stage == "all" else (config.stage,)
+    need = int(np.ceil(config.ray.num_actors * config.ray.num_cpus_per_actor))
+    started = service.ensure_ray(config.ray.address, num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
+    summary: dict = {"run_dir": str(run_dir)}
+    try:
+        if "sample" in stages:
+            summary["sample"] = run_sampling(config, run_dir, prepared or prepare(config))
+        if "susceptibilities" in stages:
+            summary["susceptibilities"] = run_susceptibilities(config, run_dir)
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_sampling(config: SpectroConfig, run_dir: Path, p: Prepared) -> dict:
+    from spectro import service
+    from spectro.monitor import Monitor
+
     run_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(p, run_dir)          # refuses a store made with another config
     (run_dir / "config.json").write_text(json.dumps(as_dict(p.config), indent=2))
@@ -136,28 +162,34 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
     if p.config.fresh and (run_dir / "checkpoints").exists():
         import shutil
         shutil.rmtree(run_dir / "checkpoints")
-    import os
-    need = int(np.ceil(config.ray.num_actors * config.ray.num_cpus_per_actor))
-    started = service.ensure_ray(config.ray.address, num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
-    from spectro.monitor import Monitor
-
     monitor = Monitor(config.wandb, run_dir, as_dict(p.config), nbeta=p.config.sampler.nbeta)
-    try:
-        report = service.sample(p.problem, store, p.config, run_dir / "checkpoints", on_poll=monitor.poll)
-        per_component = monitor.finish(store)
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
+    report = service.sample(p.problem, store, p.config, run_dir / "checkpoints", on_poll=monitor.poll)
+    per_component = monitor.finish(store)
     diverged = store.diverged_at()
     n_div = int((diverged >= 0).sum())
     if n_div:
         comps = store.layout.components
         where = [f"{comps[c]} chain {k} at draw {diverged[c, k]}" for c, k in zip(*np.nonzero(diverged >= 0))]
         log.warning("%d chain(s) diverged and will be excluded from estimates: %s", n_div, "; ".join(where))
-    summary = {"run_dir": str(run_dir), "units_run": len(report.units_run), "units_skipped": report.units_skipped,
-               "actor_failures": report.actor_failures, "seconds": round(report.seconds, 2),
-               "draws_per_second": round(report.draws_per_second, 3), "diverged_chains": n_div,
-               "init_loss": p.problem.init_loss, "complete": store.complete(), "components": per_component}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return {"units_run": len(report.units_run), "units_skipped": report.units_skipped,
+            "actor_failures": report.actor_failures, "seconds": round(report.seconds, 2),
+            "draws_per_second": round(report.draws_per_second, 3), "diverged_chains": n_div,
+            "init_loss": p.problem.init_loss, "complete": store.complete(), "components": per_component}
+
+
+def run_susceptibilities(config: SpectroConfig, run_dir: Path) -> dict:
+    """The covariance job; nβ is the one the samples were drawn with (from the store)."""
+    import time
+
+    from spectro import susceptibilities
+
+    store = SampleStore.open(run_dir / "samples.zarr")
+    nbeta = float(store.attrs["config"]["sampler"]["nbeta"])
+    e = config.estimator
+    t0 = time.perf_counter()
+    out = susceptibilities.compute(run_dir, form=e.form, nbeta=nbeta, rhat_threshold=e.rhat_threshold,
+                                   partial=e.partial, tokens_per_block=e.tokens_per_block or None)
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    if out["not_mixed"]:
+        log.warning("chains have not mixed (R-hat > %s) for: %s", e.rhat_threshold, ", ".join(out["not_mixed"]))
+    return out

@@ -1,0 +1,138 @@
+"""The main job from the command line on the embedded default: bad input
+fails before any work with one clear message and no run directory left;
+a small run writes samples and susceptibilities; a driver killed mid-run
+resumes to bit-identical results."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import xarray as xr
+from hydra import compose, initialize_config_dir
+
+from spectro import cli
+from spectro.store import SampleStore
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["components=[l0h1,l2.mlp]", "sampler.num_chains=2", "sampler.chain_group=2", "sampler.num_draws=8",
+         "sampler.checkpoint_every=2", "data.n_probe_contexts=8", "data.n_train_contexts=64",
+         "data.n_sampling_contexts=8", "ray.num_actors=2"]
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.source=/nonexistent/model/dir"], r"does not exist"),
+    (["components=[l0h1,l9h9]"], r"l9h9"),
+    (["sampler.step_size=0"], r"sampler.step_size must be a positive finite number"),
+    (["sampler.nbeta=-1"], r"sampler.nbeta must be positive"),
+    (["data.seq_len=4096"], r"4096.*exceeds.*256"),
+    (["data=files", "data.corpus.paths=[EMPTY]"], r"corpus has only 0"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, capsys, overrides, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    overrides = [o.replace("EMPTY", str(empty)) for o in overrides]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".hydra").mkdir()                 # what Hydra writes before calling us
+    code = cli.main(compose_cfg(overrides), run_dir)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("spectro: error: ") and len(err.strip().splitlines()) == 1, err
+    import re
+    assert re.search(message, err), err
+    assert not run_dir.exists(), "a failed start must not leave a run directory behind"
+
+
+def run_job(run_dir, extra=(), **popen):
+    cmd = [sys.executable, str(ROOT / "jobs" / "run.py"), f"hydra.run.dir={run_dir}", *SMALL, *extra]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    proc = run_job(run_dir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return run_dir
+
+
+def test_main_job_writes_samples_and_susceptibilities(finished_run):
+    run_dir = finished_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sample"]["complete"] and summary["sample"]["diverged_chains"] == 0
+    store = SampleStore.open(run_dir / "samples.zarr")
+    assert store.layout.components == ("full", "l0h1", "l2.mlp")
+    assert store.read("probe_loss").shape == (3, 2, 8, 8 * 63)
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert prov["model"]["source"] == "embedded" and set(prov["model"]["files"]) >= {"model.safetensors", "config.json"}
+    assert len(prov["data"]["content_hash"]) == 64
+    # the trained model predicts far better than chance (ln 4096 = 8.3 nats)
+    assert 1.0 < store.init_loss < 4.5
+    ds = xr.open_zarr(run_dir / "susceptibilities.zarr", consolidated=False)
+    assert ds["chi"].shape == (8 * 63, 3) and np.isfinite(ds["chi"].values).all()
+    assert np.isfinite(ds["chi_se"].values).all() and (ds["chi_se"].values > 0).all()
+    assert set(ds["token_source"].values) == {"code", "prose"}
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["sampler"]["nbeta"] == pytest.approx(16 / np.log(16))
+
+
+def _kill_tree(proc):
+    parent = psutil.Process(proc.pid)
+    family = [parent] + parent.children(recursive=True)
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+def test_driver_killed_mid_run_resumes_bit_identical(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_job(run_dir)
+    total = 3 * 2 * 8
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = int(SampleStore.open(run_dir / "samples.zarr").progress().sum())
+        except Exception:
+            done = 0
+        if 0 < done < total:
+            _kill_tree(proc)
+            killed_at = done
+            break
+        time.sleep(0.05)
+    assert killed_at is not None, "the run finished before it could be killed"
+    again = run_job(run_dir)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    a, b = SampleStore.open(finished_run / "samples.zarr"), SampleStore.open(run_dir / "samples.zarr")
+    for name in ("sampling_loss", "probe_loss", "diverged_at", "step_loss", "distance"):
+        assert a.read(name).tobytes() == b.read(name).tobytes(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sample"]["units_skipped"] + summary["sample"]["units_run"] == 3
+
+
+def test_changed_config_on_existing_run_dir_is_refused(finished_run, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "run.py"), f"hydra.run.dir={finished_run}", *SMALL,
+                           "sampler.gamma=123", "stage=sample"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert proc.returncode == 2
+    assert "keys that differ: sampler.gamma" in proc.stderr
+    assert (finished_run / "samples.zarr").exists()      # never removed

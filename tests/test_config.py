@@ -1,0 +1,65 @@
+"""Every config in conf/ composes and validates; bad values get one clear
+ConfigError naming the key."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from spectro.config import SpectroConfig, to_config
+from spectro.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_cfg(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def group_options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "data", "sampler"])
+def test_every_group_option_composes_and_validates(group):
+    for option in group_options(group):
+        overrides = [f"{group}={option}"]
+        if group == "model" and option == "local":
+            overrides.append("model.source=/some/dir")
+        if group == "data" and option == "files":
+            overrides.append("data.corpus.paths=[a.txt]")
+        cfg = to_config(compose_cfg(overrides))
+        assert isinstance(cfg, SpectroConfig)
+        assert cfg.sampler.nbeta > 0
+
+
+def test_default_config_resolves_nbeta():
+    cfg = to_config(compose_cfg())
+    import math
+    assert cfg.sampler.nbeta == pytest.approx(cfg.sampler.batch_size / math.log(cfg.sampler.batch_size))
+    assert cfg.model.source == "embedded"
+    assert to_config(compose_cfg(["sampler.nbeta=30"])).sampler.nbeta == 30
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampler.step_size=-1e-4", r"sampler.step_size must be a positive finite number \(got -0.0001\)"),
+    ("sampler.step_size=0", r"sampler.step_size must be a positive"),
+    ("sampler.nbeta=-3", r"sampler.nbeta must be positive \(got -3.0\)"),
+    ("sampler.gamma=-1", r"sampler.gamma must be >= 0"),
+    ("sampler.num_chains=1", r"sampler.num_chains must be >= 2"),
+    ("sampler.precondition=adam", r"sampler.precondition must be 'none' or 'rmsprop'"),
+    ("data.seq_len=1", r"data.seq_len must be >= 2"),
+    ("components=[l0h1,l0h1]", r"components lists \['l0h1'\] more than once"),
+    ("estimator.form=other", r"estimator.form must be 'peer' or 'covariance'"),
+    ("wandb.mode=sometimes", r"wandb.mode must be offline, online or disabled"),
+    ("sampler.step_size=fast", r"sampler.step_size"),
+])
+def test_bad_values_raise_config_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        to_config(compose_cfg([override]))
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigError, match="bogus"):
+        to_config({"sampler": {"bogus": 1}})
