@@ -49,14 +49,14 @@ class DataConfig:
 
 @dataclass
 class SamplerConfig:
-    step_size: float = 1e-4             # epsilon
+    step_size: float = 1e-3             # epsilon
     nbeta: Optional[float] = None       # inverse temperature; null -> B / ln B
     gamma: float = 300.0                # localization strength
     noise_level: float = 1.0            # sigma
     batch_size: int = 16
     num_chains: int = 4
-    num_draws: int = 50
-    burnin: int = 0
+    num_draws: int = 20
+    burnin: int = 20
     steps_between_draws: int = 1
     precondition: str = "none"          # "none" | "rmsprop"
     rmsprop_alpha: float = 0.99
@@ -79,7 +79,7 @@ class EstimatorConfig:
 @dataclass
 class RayConfig:
     address: Optional[str] = None       # None: start a local instance; "auto" or "ray://..." to join
-    num_actors: int = 1
+    num_actors: int = 2
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     torch_threads: int = 0              # 0: match num_cpus_per_actor

@@ -63,3 +63,15 @@ def test_bad_values_raise_config_error(override, message):
 def test_unknown_key_is_rejected():
     with pytest.raises(ConfigError, match="bogus"):
         to_config({"sampler": {"bogus": 1}})
+
+
+def test_yaml_defaults_equal_dataclass_defaults():
+    """conf/ and the schema must not drift apart: a run without Hydra (the
+    library API) uses the same settings as `python jobs/run.py`."""
+    from omegaconf import OmegaConf
+
+    from spectro.config import as_dict
+
+    composed = as_dict(to_config(compose_cfg()))
+    plain = as_dict(to_config({}))
+    assert composed == plain
