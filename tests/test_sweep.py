@@ -1,0 +1,82 @@
+"""A Hydra multirun over sampler hyperparameters (4 settings, basic sweeper)
+completes, each job in its own directory and its own wandb run in one group,
+and the sweep summary tabulates them and names a recommended setting with
+reasons."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spectro.sweep import Thresholds, recommend
+from tests.wandb_reader import records, wait_complete
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["experiment=smoke", "components=[l0h1]", "sampler.num_draws=4", "sampler.checkpoint_every=2",
+        "sampler.burnin=2", "data.n_probe_contexts=4", "wandb.mode=offline"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "multirun"
+    cmd = [sys.executable, str(ROOT / "jobs" / "run.py"), "-m", *TINY,
+           "sampler.step_size=5e-4,2e-3", "sampler.gamma=100,1000", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return sweep_dir
+
+
+def test_each_job_has_its_own_run_dir_and_wandb_run_in_one_group(sweep):
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "config.json").exists())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    settings = {(json.loads((j / "config.json").read_text())["sampler"]["step_size"],
+                 json.loads((j / "config.json").read_text())["sampler"]["gamma"]) for j in jobs}
+    assert settings == {(5e-4, 100.0), (5e-4, 1000.0), (2e-3, 100.0), (2e-3, 1000.0)}
+    groups = set()
+    for j in jobs:
+        assert (j / "samples.zarr").exists() and (j / "susceptibilities.zarr").exists()
+        files = glob.glob(str(j / "wandb" / "offline-run-*" / "run-*.wandb"))
+        assert len(files) == 1
+        wait_complete(files[0])
+        run = next(r.run for r in records(files[0]) if r.WhichOneof("record_type") == "run")
+        groups.add(run.run_group)
+    assert groups == {f"sweep-{sweep.name}"}
+
+
+def test_sweep_summary_names_a_recommended_setting_with_reasons(sweep):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep_summary.py"), str(sweep), "--ess-min", "2",
+                           "--rhat-max", "2.0", "--llc-spread-max", "1.0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert len([l for l in out.splitlines() if l.startswith("| ")]) == 5   # header + 4 settings
+    assert "Recommended: job" in out or "No setting passed" in out
+    result = json.loads((sweep / "sweep_summary.json").read_text())
+    assert len(result["jobs"]) == 4 and all(r["status"] == "ok" for r in result["jobs"])
+    rec = result["recommendation"]
+    assert rec["job"] in {"0", "1", "2", "3"} and rec["reasons"]
+    for r in result["jobs"]:
+        assert r["llc_full"] == r["llc_full"] and r["ess_min"] > 0     # real numbers, not NaN
+    if rec["passed"]:
+        best = max((r for r in result["jobs"] if r["passed"]), key=lambda r: r["ess_min"])
+        assert rec["job"] == best["job"]
+
+
+def row(job, step, ess, failures=(), llc=1.0):
+    return {"job": job, "status": "ok", "setting": {"step_size": step}, "passed": not failures,
+            "failures": list(failures), "ess_min": ess, "llc_full": llc, "llc_full_std": 0.1, "rhat_max": 1.01}
+
+
+def test_recommendation_rules():
+    rec = recommend([row("0", 1e-4, 50), row("1", 1e-3, 80), row("2", 1e-2, 200, ["2 diverged chain(s)"])])
+    assert rec["passed"] and rec["job"] == "1"                          # best ESS among passing, not the diverging one
+    assert any("highest minimum bulk ESS" in r for r in rec["reasons"])
+    rec = recommend([row("0", 1e-4, 50, ["a", "b"]), row("1", 1e-3, 80, ["R-hat > 1.1 for 3/5 components"])])
+    assert not rec["passed"] and rec["job"] == "1" and "R-hat > 1.1 for 3/5 components" in rec["reasons"]
+    rec = recommend([row("0", 1e-3, 80), row("1", 1e-4, 80)])
+    assert rec["job"] == "1"                                              # tie: the smaller step
