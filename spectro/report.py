@@ -1,0 +1,908 @@
+"""`report.html`: one self-contained page a researcher can browse.
+
+`write_report(run_dir)` reads a run directory (config.json, provenance.json,
+summary.json, samples.zarr, susceptibilities.zarr, clusters.json, modes.json)
+and writes `<run_dir>/report.html` with, in order:
+
+1. run configuration and provenance (model, file hashes, corpus, versions);
+2. sampling diagnostics per component (LLC, R-hat, ESS, divergences), rows
+   flagged where the chains have not mixed;
+3. per-chain traces of phi = sampling_loss - init_loss (inline SVG);
+4. the mode spectrum and each mode's component loadings and extreme tokens;
+5. a 2-D map of tokens (PCA of the clustering features) coloured by cluster,
+   drawn on a canvas with a hover tooltip;
+6. the cluster gallery: cards rendered by a small script from data embedded
+   as JSON, with paging, token-text search and a minimum-size filter.
+
+Static parts (header, tables, SVG charts) are rendered here; the map and the
+gallery are rendered in the browser from `<script type="application/json">`.
+CSS and JS live in `spectro/assets/report/` and are inlined: the page loads
+nothing from the network.
+
+Non-obvious choices:
+- Every string from the run (token texts, config values) is HTML-escaped
+  here or in the script; the embedded JSON has `<`, `>`, `&`, U+2028/9
+  escaped so no token text can close the `<script>` element.
+- Non-finite numbers become `null` in the embedded JSON (JSON.parse rejects
+  NaN) and `–` in tables.
+- The map's features are those of the clustering (DESIGN 1.6): each component
+  column of chi z-scored, then each token row L2-normalized; the map is their
+  first two principal components. Above `MAP_MAX_POINTS` tokens the map is a
+  seeded subsample that keeps at least `MAP_MIN_PER_CLUSTER` members of every
+  cluster, and the page says so.
+- Example contexts are the most typical members of a cluster (highest cosine
+  to the cluster's mean feature row), distinct token texts first. Their text is
+  assembled from the probe tokens' own decoded texts (`token_text`) of the
+  neighbouring positions; position 0 of a context is not a probe token, so its
+  text comes from another occurrence of the same token id, or from the
+  model's tokenizer file when that is at hand, else it is shown as `⟨id⟩`.
+- Missing inputs (clusters.json, modes.json, susceptibilities.zarr, ...) are
+  reported in the page and the sections that need them are skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("spectro")
+
+ASSETS = Path(__file__).parent / "assets" / "report"
+MAP_MAX_POINTS = 20_000
+MAP_MIN_PER_CLUSTER = 25
+SEARCH_TEXTS_PER_CLUSTER = 300   # distinct member texts kept per cluster for search
+TOP_TOKENS_SHOWN = 12
+CONTEXT_LEFT, CONTEXT_RIGHT = 12, 6
+MAX_MODES_SHOWN = 20
+MAX_SPECTRUM_BARS = 48
+TRACE_MAX_POINTS = 400
+
+# Section ids and headings, in page order (tests check them).
+SECTIONS = (
+    ("run", "Run configuration and provenance"),
+    ("diagnostics", "Sampling diagnostics"),
+    ("traces", "Chain traces"),
+    ("modes", "Mode spectrum"),
+    ("map", "Token map"),
+    ("clusters", "Cluster gallery"),
+)
+_TITLE = dict(SECTIONS)
+
+CHAIN_COLOURS = ("#3b6fb6", "#2a9d8f", "#8e6bbf", "#e09f3e", "#5c8001", "#c05780", "#457b9d", "#9c6644")
+DIVERGED_COLOUR = "#c62828"
+POS_COLOUR, NEG_COLOUR = "#3b6fb6", "#d0643a"
+
+
+# --------------------------------------------------------------------------- #
+# entry point
+# --------------------------------------------------------------------------- #
+
+
+def write_report(run_dir: Path, *, max_contexts: int = 8, page_size: int = 25) -> Path:
+    """Write `<run_dir>/report.html` from whatever the run directory holds; returns its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        from spectro.errors import ConfigError
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    if max_contexts < 1 or page_size < 1:
+        raise ValueError(f"max_contexts and page_size must be >= 1; got {max_contexts}, {page_size}")
+    run = _Run.load(run_dir)
+    page = _render(run, max_contexts=max_contexts, page_size=page_size)
+    out = run_dir / "report.html"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    log.info("report written to %s (%.1f kB)", out, out.stat().st_size / 1024)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# loading
+# --------------------------------------------------------------------------- #
+
+
+def _read_json(path: Path, notes: list[str]) -> Optional[Any]:
+    if not path.exists():
+        notes.append(f"{path.name} not found")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        notes.append(f"{path.name} could not be read ({e})")
+        return None
+
+
+class _Run:
+    """Everything the report needs, each part optional."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.notes: list[str] = []           # missing/odd inputs, shown at the top
+        self.config = self.provenance = self.summary = self.clusters = self.modes = None
+        self.samples = None                  # SampleStore
+        self.sus = None                      # xarray Dataset
+        # per-token table (token,)
+        self.text: list[str] = []
+        self.context = self.position = self.token_id = None
+        self.source: list[str] = []
+        self.probe_ids = None                # (context, position)
+        self.contexts = None                 # _Contexts, built on first use
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "_Run":
+        r = cls(run_dir)
+        r.config = _read_json(run_dir / "config.json", r.notes)
+        r.provenance = _read_json(run_dir / "provenance.json", r.notes)
+        r.summary = _read_json(run_dir / "summary.json", r.notes)
+        r.clusters = _read_json(run_dir / "clusters.json", r.notes)
+        r.modes = _read_json(run_dir / "modes.json", r.notes)
+        if (run_dir / "samples.zarr").exists():
+            from spectro.store import SampleStore
+            r.samples = SampleStore.open(run_dir / "samples.zarr")
+        else:
+            r.notes.append("samples.zarr not found")
+        if (run_dir / "susceptibilities.zarr").exists():
+            import xarray as xr
+            r.sus = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
+        else:
+            r.notes.append("susceptibilities.zarr not found")
+        r._load_tokens()
+        return r
+
+    def _load_tokens(self) -> None:
+        if self.samples is not None:
+            rd = self.samples.read
+            self.text = [str(t) for t in rd("token_text").tolist()]
+            self.source = [str(t) for t in rd("token_source").tolist()]
+            self.context = np.asarray(rd("token_context"), dtype=np.int64)
+            self.position = np.asarray(rd("token_position"), dtype=np.int64)
+            self.token_id = np.asarray(rd("token_id"), dtype=np.int64)
+            self.probe_ids = np.asarray(rd("probe_input_ids"), dtype=np.int64)
+        elif self.sus is not None:
+            s = self.sus
+            self.text = [str(t) for t in s["token_text"].values.tolist()]
+            self.source = [str(t) for t in s["token_source"].values.tolist()]
+            self.context = np.asarray(s["token_context"].values, dtype=np.int64)
+            self.position = np.asarray(s["token_position"].values, dtype=np.int64)
+            self.token_id = np.asarray(s["token_id"].values, dtype=np.int64) if "token_id" in s else None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.text)
+
+    def init_loss(self) -> Optional[float]:
+        if self.samples is not None:
+            return float(self.samples.init_loss)
+        if self.provenance and "init_loss" in self.provenance:
+            return float(self.provenance["init_loss"])
+        return None
+
+
+# --------------------------------------------------------------------------- #
+# small helpers
+# --------------------------------------------------------------------------- #
+
+_e = html.escape
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return _e(str(x))
+    if not math.isfinite(v):
+        return "–" if math.isnan(v) else ("∞" if v > 0 else "−∞")
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 10 ** -digits):
+        return f"{v:.{digits}g}"
+    return f"{v:.{digits}f}"
+
+
+def _vis(s: str) -> str:
+    """HTML for a token text with whitespace made visible."""
+    if s == "":
+        return '<span class="ws">∅</span>'
+    out = []
+    for ch in s:
+        if ch == " ":
+            out.append('<span class="ws">·</span>')
+        elif ch == "\n":
+            out.append('<span class="ws">⏎</span>')
+        elif ch == "\t":
+            out.append('<span class="ws">⇥</span>')
+        elif ch == "\r":
+            out.append('<span class="ws">␍</span>')
+        else:
+            out.append(_e(ch))
+    return "".join(out)
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: numpy scalars/arrays to Python, non-finite floats to None."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    if isinstance(x, (np.bool_, bool)):
+        return bool(x)
+    if isinstance(x, (np.integer, int)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if x is None or isinstance(x, str):
+        return x
+    return str(x)
+
+
+def _script_json(obj: Any) -> str:
+    """JSON for a <script type="application/json"> body: cannot close the element."""
+    s = json.dumps(_clean(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return (s.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _pretty_json(obj: Any) -> str:
+    return _e(json.dumps(_clean(obj), indent=2, ensure_ascii=False))
+
+
+def _notice(text: str) -> str:
+    return f'<div class="notice">{_e(text)}</div>'
+
+
+def _bar_svg(values: Sequence[float], labels: Sequence[str], *, width: int = 520, height: int = 84,
+             unit: str = "") -> str:
+    """Signed bar chart (positive up, negative down) with rotated labels; per-chart scale."""
+    v = np.array([np.nan if x is None else float(x) for x in values], dtype=np.float64)
+    n = len(v)
+    if n == 0:
+        return ""
+    m = float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 0.0
+    m = m if m > 0 else 1.0
+    longest = max((len(s) for s in labels), default=1)
+    fs = 10 if n <= 16 else 9
+    rot = -90 if n > 24 else -60
+    lab_h = int(min(70, 8 + 0.62 * fs * longest))
+    pad_l, pad_r, top = 40, 6, 6
+    W, H = width, height + lab_h
+    plot_w = W - pad_l - pad_r
+    step = min(plot_w / n, 34.0)            # few components: narrow bars on the left
+    bw = max(1.0, step * 0.72)
+    mid = top + height / 2
+    half = height / 2 - 2
+    parts = [f'<svg class="bars" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img">',
+             f'<line class="axis" x1="{pad_l}" x2="{pad_l + step * n:.1f}" y1="{mid:.1f}" y2="{mid:.1f}"/>',
+             f'<text class="tick" x="{pad_l - 4}" y="{top + 8}" text-anchor="end">+{_fmt(m, 2)}</text>',
+             f'<text class="tick" x="{pad_l - 4}" y="{top + height}" text-anchor="end">−{_fmt(m, 2)}</text>']
+    for i, (x, name) in enumerate(zip(v, labels)):
+        cx = pad_l + step * (i + 0.5)
+        if np.isfinite(x):
+            h = abs(x) / m * half
+            y = mid - h if x >= 0 else mid
+            colour = POS_COLOUR if x >= 0 else NEG_COLOUR
+            parts.append(f'<rect x="{cx - bw / 2:.1f}" y="{y:.1f}" width="{bw:.1f}" height="{max(h, 0.5):.1f}" '
+                         f'fill="{colour}"><title>{_e(name)}: {_fmt(x)}{_e(unit)}</title></rect>')
+        ly = top + height + 6
+        parts.append(f'<text class="lab" font-size="{fs}" transform="translate({cx + 3:.1f},{ly}) rotate({rot})" '
+                     f'text-anchor="end">{_e(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------- #
+# sections
+# --------------------------------------------------------------------------- #
+
+
+def _section(key: str, body: str, lead: str = "") -> str:
+    lead_html = f'<p class="lead">{lead}</p>' if lead else ""
+    return f'<section id="{key}"><h2>{_e(_TITLE[key])}</h2>{lead_html}{body}</section>'
+
+
+def _kv_table(rows: Sequence[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f'<table class="kv">{body}</table>'
+
+
+def _run_section(run: _Run) -> str:
+    p = run.provenance or {}
+    model = p.get("model") or {}
+    data = p.get("data") or {}
+    blocks = []
+    if model:
+        rows = [("source", _e(str(model.get("source")))), ("id", _e(str(model.get("id")))),
+                ("revision", _e(str(model.get("revision") or "–"))), ("architecture", _e(str(model.get("architecture", "–")))),
+                ("parameters", _e(f"{model['n_parameters']:,}") if isinstance(model.get("n_parameters"), int) else "–")]
+        if model.get("path"):
+            rows.append(("path", f"<code>{_e(str(model['path']))}</code>"))
+        blocks.append(f'<div class="panel"><h3>Model</h3>{_kv_table(rows)}</div>')
+        files = model.get("files") or {}
+        if files:
+            frows = [(name, f'<code class="hash">{_e(str(h))}</code>') for name, h in sorted(files.items())]
+            blocks.append(f'<div class="panel"><h3>Model files (sha256)</h3>{_kv_table(frows)}</div>')
+    if data:
+        rows = [("corpus", _e(str(data.get("description", "–")))),
+                ("content hash", f'<code class="hash">{_e(str(data.get("content_hash", "–")))}</code>'),
+                ("documents", _e(str(data.get("n_documents", "–")))),
+                ("sources", _e(", ".join(map(str, data.get("sources") or []))))]
+        if "n_probe_tokens" in p:
+            rows.append(("probe tokens", _e(f"{p['n_probe_tokens']:,}")))
+        if "init_loss" in p:
+            rows.append(("loss at w*", _fmt(p["init_loss"], 4)))
+        blocks.append(f'<div class="panel"><h3>Data</h3>{_kv_table(rows)}</div>')
+    versions = [(k, _e(str(p[k]))) for k in ("spectro", "python", "torch", "transformers", "ray", "zarr") if k in p]
+    if versions:
+        blocks.append(f'<div class="panel"><h3>Versions</h3>{_kv_table(versions)}</div>')
+    body = f'<div class="panels">{"".join(blocks)}</div>' if blocks else _notice("provenance.json not found")
+    if run.config is not None:
+        s = run.config.get("sampler", {}) if isinstance(run.config, dict) else {}
+        brief = ", ".join(f"{k} {f'{s[k]:.4g}' if isinstance(s[k], float) else _e(str(s[k]))}"
+                          for k in ("step_size", "nbeta", "gamma", "num_chains", "num_draws", "burnin")
+                          if k in s)
+        body += (f'<details><summary>Resolved config <span class="muted">({brief})</span></summary>'
+                 f'<pre class="json">{_pretty_json(run.config)}</pre></details>')
+    else:
+        body += _notice("config.json not found")
+    if run.provenance is not None:
+        body += (f'<details><summary>Full provenance</summary>'
+                 f'<pre class="json">{_pretty_json(run.provenance)}</pre></details>')
+    if run.summary is not None:
+        body += (f'<details><summary>Run summary (summary.json)</summary>'
+                 f'<pre class="json">{_pretty_json(run.summary)}</pre></details>')
+    return _section("run", body)
+
+
+def _diagnostics_section(run: _Run) -> str:
+    s = run.sus
+    if s is None:
+        return _section("diagnostics", _notice("susceptibilities.zarr not found: no diagnostics; run the "
+                                               "susceptibilities stage."))
+    comps = [str(c) for c in s["component"].values.tolist()]
+
+    def col(name, dtype=float):
+        return s[name].values if name in s else np.full(len(comps), np.nan if dtype is float else -1)
+
+    llc_m, llc_s, rhat, ess = col("llc_mean"), col("llc_std"), col("rhat"), col("ess_bulk")
+    used, ndiv = col("n_chains_used", int), col("n_diverged", int)
+    not_mixed = s["not_mixed"].values if "not_mixed" in s else np.zeros(len(comps), bool)
+    n_chains = run.samples.layout.n_chains if run.samples is not None else None
+    thr = s.attrs.get("rhat_threshold")
+    rows = []
+    for i, c in enumerate(comps):
+        flag = bool(not_mixed[i])
+        status = '<span class="flag-text">not mixed</span>' if flag else '<span class="ok-text">ok</span>'
+        if int(used[i]) == 0:
+            status = '<span class="flag-text">no chains</span>'
+        chains = f"{int(used[i])}" + (f" / {n_chains}" if n_chains is not None else "")
+        rows.append(
+            f'<tr class="{"flagged" if flag else ""}" data-component="{_e(c)}"><td><code>{_e(c)}</code></td>'
+            f'<td class="num">{_fmt(llc_m[i])} <span class="muted">± {_fmt(llc_s[i])}</span></td>'
+            f'<td class="num">{_fmt(rhat[i])}</td><td class="num">{_fmt(ess[i], 1)}</td>'
+            f'<td class="num{" bad" if int(ndiv[i]) > 0 else ""}">{int(ndiv[i])}</td>'
+            f'<td class="num">{chains}</td><td>{status}</td></tr>')
+    table = ('<table class="diag"><thead><tr><th>component</th><th>LLC mean ± std</th><th>R-hat</th>'
+             '<th>bulk ESS</th><th>divergences</th><th>chains used</th><th>status</th></tr></thead>'
+             f'<tbody>{"".join(rows)}</tbody></table>')
+    n_flag = int(np.sum(not_mixed))
+    bits = [f"{len(comps)} components", f"estimator form <code>{_e(str(s.attrs.get('form', '–')))}</code>",
+            f"nβ = {_fmt(s.attrs.get('nbeta'), 3)}"]
+    if thr is not None:
+        bits.append(f"flagged “not mixed” where R-hat &gt; {_fmt(thr, 2)}")
+    lead = "; ".join(bits) + "."
+    extra = ""
+    if n_flag:
+        extra += _notice(f"{n_flag} of {len(comps)} components have chains that have not mixed; their "
+                         "susceptibilities are less reliable (longer chains, more burn-in or a smaller step help).")
+    excluded = s.attrs.get("excluded_chains") or []
+    if excluded:
+        extra += _notice(f"{len(excluded)} diverged chain(s) excluded from the estimates: "
+                         + ", ".join(map(str, excluded)))
+    if s.attrs.get("partial"):
+        extra += _notice("partial estimate: computed from an incomplete sample store.")
+    sample = (run.summary or {}).get("sample") if isinstance(run.summary, dict) else None
+    if isinstance(sample, dict) and "seconds" in sample:
+        lead += (f" Sampling took {_fmt(sample.get('seconds'), 1)} s "
+                 f"({_fmt(sample.get('draws_per_second'), 2)} draws/s).")
+    return _section("diagnostics", extra + table, lead)
+
+
+def _sparkline(phi: np.ndarray, diverged: np.ndarray, *, width: int = 300, height: int = 90) -> str:
+    """phi (chain, draw): one polyline per chain on a shared y-range."""
+    n_chain, n_draw = phi.shape
+    stride = max(1, int(math.ceil(n_draw / TRACE_MAX_POINTS)))
+    finite = phi[np.isfinite(phi)]
+    if finite.size == 0:
+        return '<div class="muted small">no finite draws yet</div>'
+    lo, hi = float(np.min(finite)), float(np.max(finite))
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad_l, pad_b, top = 46, 14, 6
+    pw, ph = width - pad_l - 4, height - pad_b - top
+
+    def xy(d, v):
+        x = pad_l + (d / max(n_draw - 1, 1)) * pw
+        y = top + (1 - (v - lo) / (hi - lo)) * ph
+        return x, y
+
+    parts = [f'<svg class="spark" viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
+             f'<rect x="{pad_l}" y="{top}" width="{pw}" height="{ph}" class="plotbg"/>',
+             f'<text class="tick" x="{pad_l - 3}" y="{top + 8}" text-anchor="end">{_fmt(hi, 3)}</text>',
+             f'<text class="tick" x="{pad_l - 3}" y="{top + ph}" text-anchor="end">{_fmt(lo, 3)}</text>',
+             f'<text class="tick" x="{pad_l}" y="{height - 2}">0</text>',
+             f'<text class="tick" x="{width - 4}" y="{height - 2}" text-anchor="end">draw {n_draw - 1}</text>']
+    if lo < 0 < hi:
+        _, y0 = xy(0, 0.0)
+        parts.append(f'<line class="zero" x1="{pad_l}" x2="{pad_l + pw}" y1="{y0:.1f}" y2="{y0:.1f}"/>')
+    order = [k for k in range(n_chain) if diverged[k] < 0] + [k for k in range(n_chain) if diverged[k] >= 0]
+    for k in order:
+        div = int(diverged[k])
+        colour = DIVERGED_COLOUR if div >= 0 else CHAIN_COLOURS[k % len(CHAIN_COLOURS)]
+        idx = np.arange(0, n_draw, stride)
+        if n_draw - 1 not in idx:
+            idx = np.append(idx, n_draw - 1)
+        pts, segs = [], []
+        for d in idx:
+            v = phi[k, d]
+            if np.isfinite(v):
+                pts.append("%.1f,%.1f" % xy(d, v))
+            elif pts:
+                segs.append(pts)
+                pts = []
+        if pts:
+            segs.append(pts)
+        cls = "line diverged" if div >= 0 else "line"
+        title = f"chain {k}" + (f" (diverged at draw {div})" if div >= 0 else "")
+        for seg in segs:
+            if len(seg) == 1:
+                x, y = seg[0].split(",")
+                parts.append(f'<circle cx="{x}" cy="{y}" r="1.5" fill="{colour}"><title>{title}</title></circle>')
+            else:
+                parts.append(f'<polyline class="{cls}" stroke="{colour}" points="{" ".join(seg)}">'
+                             f'<title>{title}</title></polyline>')
+        if div >= 0:
+            fin = np.nonzero(np.isfinite(phi[k, : div + 1]))[0]
+            if fin.size:
+                x, y = xy(int(fin[-1]), float(phi[k, fin[-1]]))
+                parts.append(f'<text class="xmark" x="{x:.1f}" y="{y + 4:.1f}" text-anchor="middle" '
+                             f'fill="{DIVERGED_COLOUR}">✕<title>{title}</title></text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _traces_section(run: _Run) -> str:
+    if run.samples is None:
+        return _section("traces", _notice("samples.zarr not found: no traces."))
+    st = run.samples
+    comps = list(st.layout.components)
+    loss = np.asarray(st.read("sampling_loss"), dtype=np.float64)    # (component, chain, draw)
+    phi = loss - float(st.init_loss)
+    diverged = np.asarray(st.diverged_at())
+    cards = []
+    for ci, c in enumerate(comps):
+        n_div = int((diverged[ci] >= 0).sum())
+        fin = phi[ci][np.isfinite(phi[ci])]
+        mean = _fmt(float(fin.mean()), 4) if fin.size else "–"
+        note = f' <span class="flag-text">{n_div} diverged</span>' if n_div else ""
+        legend = " ".join(
+            f'<span class="chip-chain" style="--c:{DIVERGED_COLOUR if diverged[ci, k] >= 0 else CHAIN_COLOURS[k % len(CHAIN_COLOURS)]}">'
+            f'{k}{" ✕" if diverged[ci, k] >= 0 else ""}</span>'
+            for k in range(phi.shape[1]))
+        cards.append(f'<div class="trace"><div class="trace-h"><code>{_e(c)}</code>'
+                     f'<span class="muted small">mean φ {mean}</span>{note}</div>'
+                     f'{_sparkline(phi[ci], diverged[ci])}<div class="small muted">chains {legend}</div></div>')
+    lead = (f"φ = sampling_loss − init_loss (init_loss = {_fmt(st.init_loss, 4)}) at every draw, one line per "
+            "chain; diverged chains in red, ✕ at their last finite draw.")
+    return _section("traces", f'<div class="traces">{"".join(cards)}</div>', lead)
+
+
+def _spectrum_svg(share: Sequence[float], cum: Sequence[float], *, width: int = 760, height: int = 200) -> str:
+    share = [0.0 if x is None else float(x) for x in share][:MAX_SPECTRUM_BARS]
+    cum = [0.0 if x is None else float(x) for x in cum][: len(share)]
+    n = len(share)
+    if n == 0:
+        return ""
+    pad_l, pad_r, top, pad_b = 44, 44, 10, 26
+    pw, ph = width - pad_l - pad_r, height - top - pad_b
+    m = max(max(share), 1e-12)
+    step = min(pw / n, 40.0)
+    bw = step * 0.7
+    parts = [f'<svg class="spectrum" viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
+             f'<line class="axis" x1="{pad_l}" x2="{pad_l + step * n:.1f}" y1="{top + ph}" y2="{top + ph}"/>',
+             f'<text class="tick" x="{pad_l - 4}" y="{top + 8}" text-anchor="end">{100 * m:.1f}%</text>',
+             f'<text class="tick" x="{pad_l - 4}" y="{top + ph}" text-anchor="end">0</text>',
+             f'<text class="tick cum" x="{pad_l + step * n + 4:.1f}" y="{top + 8}">100%</text>',
+             f'<text class="tick cum" x="{pad_l + step * n + 4:.1f}" y="{top + ph}">0%</text>',
+             f'<text class="tick" x="{pad_l + step * n / 2:.1f}" y="{height - 2}" text-anchor="middle">mode</text>']
+    for i, x in enumerate(share):
+        h = x / m * ph
+        parts.append(f'<rect x="{pad_l + i * step + (step - bw) / 2:.1f}" y="{top + ph - h:.1f}" width="{bw:.1f}" '
+                     f'height="{max(h, 0.5):.1f}" fill="{POS_COLOUR}"><title>mode {i}: {100 * x:.2f}% of variance'
+                     f'{f", cumulative {100 * cum[i]:.1f}%" if i < len(cum) else ""}</title></rect>')
+        if n <= 24 or i % 5 == 0:
+            parts.append(f'<text class="tick" x="{pad_l + (i + 0.5) * step:.1f}" y="{top + ph + 11}" '
+                         f'text-anchor="middle">{i}</text>')
+    if cum:
+        pts = " ".join(f"{pad_l + (i + 0.5) * step:.1f},{top + ph - c * ph:.1f}" for i, c in enumerate(cum))
+        parts.append(f'<polyline class="cumline" points="{pts}"/>')
+        parts.extend(f'<circle class="cumdot" cx="{pad_l + (i + 0.5) * step:.1f}" cy="{top + ph - c * ph:.1f}" r="2">'
+                     f'<title>cumulative {100 * c:.1f}% after mode {i}</title></circle>' for i, c in enumerate(cum))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _token_chip(run: _Run, entry: Any) -> str:
+    if not isinstance(entry, dict):             # tolerate [text, score] pairs
+        entry = {"text": entry[0], "score": entry[1]} if isinstance(entry, (list, tuple)) and len(entry) >= 2 \
+            else {"text": str(entry)}
+    text = entry.get("text")
+    idx = entry.get("token", entry.get("index"))
+    if text is None and isinstance(idx, int) and 0 <= idx < run.n_tokens:
+        text = run.text[idx]
+    title = ""
+    if isinstance(idx, int) and 0 <= idx < run.n_tokens and run.context is not None:
+        left, tok, right = _Contexts.of(run).snippet(idx)
+        title = f' title="{_e(left + "[" + tok + "]" + right)}"'
+    score = f'<span class="cnt">{_fmt(entry.get("score"), 2)}</span>' if "score" in entry else ""
+    return f'<span class="chip"{title}><span class="tok">{_vis(str(text))}</span>{score}</span>'
+
+
+def _modes_section(run: _Run) -> str:
+    m = run.modes
+    if not isinstance(m, dict):
+        return _section("modes", _notice("modes.json not found: no mode spectrum; run the clusters stage."))
+    share = m.get("variance_share") or []
+    cum = m.get("cumulative_share") or list(np.cumsum([x or 0.0 for x in share]))
+    modes = m.get("modes") or []
+    lead = ""
+    if share:
+        k = min(len(modes) or 5, len(cum))
+        lead = (f"Singular-value spectrum of the standardized susceptibility matrix: {len(share)} modes; "
+                f"the top {k} explain {100 * float(cum[k - 1] or 0):.1f}% of the variance. "
+                "Bars: share of variance per mode; line: cumulative share (right axis).")
+        if len(share) > MAX_SPECTRUM_BARS:
+            lead += f" The first {MAX_SPECTRUM_BARS} modes are drawn."
+    cards = []
+    comp_names = m.get("components") or (run.clusters or {}).get("components") or []
+    for i, mode in enumerate(modes[:MAX_MODES_SHOWN]):
+        loadings = mode.get("loadings") or {}
+        if isinstance(loadings, dict):
+            names, vals = list(loadings.keys()), list(loadings.values())
+        else:                                   # a plain list aligned with the components
+            vals = list(loadings)
+            names = [str(x) for x in comp_names] if len(comp_names) == len(vals) else [str(j) for j in range(len(vals))]
+        if mode.get("share") is None and i < len(share):
+            mode = dict(mode, share=share[mode.get("index", i)] if isinstance(mode.get("index"), int)
+                        and mode["index"] < len(share) else share[i])
+        pos = "".join(_token_chip(run, t) for t in (mode.get("top_positive") or [])[:10])
+        neg = "".join(_token_chip(run, t) for t in (mode.get("top_negative") or [])[:10])
+        share_txt = f'{100 * float(mode["share"]):.1f}% of variance' if mode.get("share") is not None else ""
+        cards.append(f'<div class="mode"><h3>Mode {_e(str(mode.get("index", "?")))} '
+                     f'<span class="muted small">{share_txt}</span></h3>'
+                     f'<div class="small muted">component loadings</div>{_bar_svg(vals, names, width=560 if len(names) > 12 else 440, height=70)}'
+                     f'<div class="toks"><div><span class="small muted">top + </span>{pos or "–"}</div>'
+                     f'<div><span class="small muted">top − </span>{neg or "–"}</div></div></div>')
+    more = (f'<p class="muted small">{len(modes) - MAX_MODES_SHOWN} further modes in modes.json are not shown.</p>'
+            if len(modes) > MAX_MODES_SHOWN else "")
+    body = _spectrum_svg(share, cum) + (f'<div class="modes">{"".join(cards)}</div>' if cards else "") + more
+    return _section("modes", body, lead)
+
+
+def _map_section(run: _Run, info: dict) -> str:
+    body = ('<div class="map-wrap"><div class="map-bar"><span id="map-legend"></span>'
+            '<button type="button" id="map-clear" hidden>clear highlight</button></div>'
+            '<canvas id="map-canvas" width="1200" height="560"></canvas><div id="map-tip" hidden></div></div>')
+    if not info:
+        return _section("map", _notice("no map: susceptibilities.zarr not found."))
+    lead = (f"First two principal components ({100 * info['pc_share'][0]:.1f}% and {100 * info['pc_share'][1]:.1f}% "
+            "of variance) of the clustering features (chi per component z-scored, rows L2-normalized), "
+            "coloured by cluster; noise in grey. Hover a point for its token; click it to open its cluster.")
+    if info["subsampled"]:
+        lead += (f" <b>Subsampled:</b> {info['shown']:,} of {info['n']:,} tokens are drawn (seeded; every cluster "
+                 f"keeps at least {MAP_MIN_PER_CLUSTER} members).")
+    if not info["has_labels"]:
+        lead += " No cluster labels (clusters.json missing or inconsistent): all points grey."
+    return _section("map", body, lead)
+
+
+def _gallery_section(run: _Run, gallery: Optional[dict]) -> str:
+    if gallery is None:
+        return _section("clusters", _notice("clusters.json not found: no clusters to show; run the clusters stage."))
+    c = run.clusters
+    n_clusters = len(gallery["clusters"])
+    n_noise = c.get("n_noise")
+    n_tok = c.get("n_tokens", run.n_tokens)
+    method = c.get("method", "?")
+    params = c.get("params") or {}
+    ptxt = ", ".join(f"{_e(str(k))}={_e(json.dumps(_clean(v)))}" for k, v in params.items())
+    lead = (f"<b>{n_clusters} clusters</b> over {n_tok:,} tokens ({_e(str(n_noise))} noise) by "
+            f"<code>{_e(str(method))}</code>{f' ({ptxt})' if ptxt else ''}. Largest first. Each card: size, "
+            "conductance (lower is a cleaner cut), mean z-scored χ per component, top tokens, source mix and "
+            "typical contexts with the token highlighted.")
+    if any(len(g["texts"]) >= SEARCH_TEXTS_PER_CLUSTER for g in gallery["clusters"]):
+        lead += (f" Search looks at the {SEARCH_TEXTS_PER_CLUSTER} most frequent distinct token texts of each "
+                 "cluster.")
+    controls = ('<div class="controls">'
+                '<input type="search" id="q" placeholder="Search token text, e.g. def  or  ⏎  or  #12 for a cluster id" '
+                'autocomplete="off" spellcheck="false">'
+                '<label>min size <input type="number" id="minsize" min="0" value="0"></label>'
+                '<label>sort <select id="sort"><option value="size">size (largest first)</option>'
+                '<option value="cond">conductance (lowest first)</option><option value="id">id</option></select></label>'
+                '<span id="count" class="muted"></span></div>'
+                '<div class="pager" id="pager-top"></div><div id="cards" class="cards"></div>'
+                '<div class="pager" id="pager-bot"></div>'
+                '<noscript><div class="notice">The gallery needs JavaScript.</div></noscript>')
+    return _section("clusters", controls, lead)
+
+
+# --------------------------------------------------------------------------- #
+# tokens, features, contexts
+# --------------------------------------------------------------------------- #
+
+
+class _Contexts:
+    """Text of every (context, position) from the probe tokens' decoded texts."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        n_ctx = int(run.context.max()) + 1 if run.context is not None and run.context.size else 0
+        seq = int(run.position.max()) + 1 if run.position is not None and run.position.size else 0
+        if run.probe_ids is not None:
+            n_ctx, seq = max(n_ctx, run.probe_ids.shape[0]), max(seq, run.probe_ids.shape[1])
+        grid = np.full((n_ctx, seq), None, dtype=object)
+        if run.n_tokens:
+            grid[run.context, run.position] = np.array(run.text, dtype=object)
+        if run.probe_ids is not None and run.token_id is not None:
+            missing = np.argwhere(grid[: run.probe_ids.shape[0], : run.probe_ids.shape[1]] == None)  # noqa: E711
+            if missing.size:
+                text_of = dict(zip(run.token_id.tolist(), run.text))
+                ids = run.probe_ids[missing[:, 0], missing[:, 1]].tolist()
+                unknown = sorted({i for i in ids if i not in text_of})
+                text_of.update(self._decode(unknown))
+                for (c, p), i in zip(missing.tolist(), ids):
+                    grid[c, p] = text_of.get(i, f"⟨{i}⟩")
+        self.grid = grid
+
+    def _decode(self, ids: list[int]) -> dict[int, str]:
+        if not ids:
+            return {}
+        path = ((self.run.provenance or {}).get("model") or {}).get("path")
+        tok_file = Path(path) / "tokenizer.json" if path else None
+        if tok_file is None or not tok_file.exists():
+            return {}
+        try:
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(str(tok_file))
+            return dict(zip(ids, tok.decode_batch([[i] for i in ids], skip_special_tokens=False)))
+        except Exception as e:  # a display nicety; never fail the report on it
+            log.warning("report: could not decode context tokens with %s: %s", tok_file, e)
+            return {}
+
+    @classmethod
+    def of(cls, run: _Run) -> "_Contexts":
+        if run.contexts is None:
+            run.contexts = cls(run)
+        return run.contexts
+
+    def snippet(self, token: int) -> tuple[str, str, str]:
+        c, p = int(self.run.context[token]), int(self.run.position[token])
+        row = self.grid[c]
+        left = "".join(t or "" for t in row[max(0, p - CONTEXT_LEFT): p])
+        right = "".join(t or "" for t in row[p + 1: p + 1 + CONTEXT_RIGHT])
+        return left, self.run.text[token], right
+
+
+def _features(run: _Run, names: Optional[Sequence[str]]) -> tuple[list[str], Optional[np.ndarray], Optional[np.ndarray]]:
+    """(component names, z-scored chi (token, comp), rows L2-normalized) for the clustering components."""
+    if run.sus is None:
+        return [], None, None
+    all_names = [str(c) for c in run.sus["component"].values.tolist()]
+    if names and all(n in all_names for n in names):
+        use = list(names)
+    else:
+        use = [n for n in all_names if n != "full"] or all_names
+    chi = np.asarray(run.sus["chi"].values, dtype=np.float64)[:, [all_names.index(n) for n in use]]
+    mu = np.nanmean(chi, axis=0) if chi.size else np.zeros(len(use))
+    sd = np.nanstd(chi, axis=0) if chi.size else np.ones(len(use))
+    sd = np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)
+    z = np.nan_to_num((chi - mu) / sd, nan=0.0, posinf=0.0, neginf=0.0)
+    norm = np.linalg.norm(z, axis=1, keepdims=True)
+    zn = z / np.where(norm > 0, norm, 1.0)
+    return use, z, zn
+
+
+def _labels(run: _Run, n: int) -> Optional[np.ndarray]:
+    c = run.clusters
+    if not isinstance(c, dict):
+        return None
+    labels = c.get("labels")
+    if labels is None:
+        labels = np.full(n, -1, dtype=np.int64)
+        for cl in c.get("clusters") or []:
+            members = cl.get("members")
+            if members is None:
+                return None
+            labels[np.asarray(members, dtype=np.int64)] = int(cl["id"])
+        return labels
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (n,):
+        run.notes.append(f"clusters.json has {labels.shape[0]} labels but the run has {n} tokens; "
+                         "cluster labels are not used for the map or the contexts")
+        return None
+    return labels
+
+
+def _map_data(run: _Run, zn: Optional[np.ndarray], labels: Optional[np.ndarray]) -> tuple[dict, dict]:
+    """(embedded map data, info for the caption)."""
+    if zn is None or zn.shape[0] == 0:
+        return {}, {}
+    n = zn.shape[0]
+    x = zn - zn.mean(axis=0)
+    cov = x.T @ x                                    # (comp, comp): no N x N
+    vals, vecs = np.linalg.eigh(cov)
+    order = np.argsort(vals)[::-1]
+    vals, vecs = vals[order], vecs[:, order]
+    if vecs.shape[1] < 2:
+        vecs = np.hstack([vecs, np.zeros((vecs.shape[0], 2 - vecs.shape[1]))])
+        vals = np.append(vals, np.zeros(2 - len(vals)))
+    xy = x @ vecs[:, :2]
+    total = float(vals.sum()) or 1.0
+    lab = labels if labels is not None else np.full(n, -1, dtype=np.int64)
+    keep = np.arange(n)
+    if n > MAP_MAX_POINTS:
+        rng = np.random.default_rng(0)
+        chosen = np.zeros(n, bool)
+        for cid in np.unique(lab[lab >= 0]):
+            members = np.nonzero(lab == cid)[0]
+            chosen[rng.choice(members, min(MAP_MIN_PER_CLUSTER, members.size), replace=False)] = True
+        rest = np.nonzero(~chosen)[0]
+        extra = max(0, MAP_MAX_POINTS - int(chosen.sum()))
+        chosen[rng.choice(rest, min(extra, rest.size), replace=False)] = True
+        keep = np.nonzero(chosen)[0]
+    pts = xy[keep]
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    q = np.round((pts - lo) / span * 10000).astype(np.int64)
+    texts = [run.text[i] for i in keep]
+    uniq = sorted(set(texts))
+    tix = {t: i for i, t in enumerate(uniq)}
+    srcs = sorted(set(run.source)) if run.source else []
+    six = {s: i for i, s in enumerate(srcs)}
+    data = {"x": q[:, 0], "y": q[:, 1], "lab": lab[keep], "tok": keep, "tt": uniq,
+            "ti": [tix[t] for t in texts], "si": [six[run.source[i]] for i in keep] if srcs else [],
+            "ctx": run.context[keep] if run.context is not None else [],
+            "pos": run.position[keep] if run.position is not None else []}
+    info = {"n": n, "shown": int(keep.size), "subsampled": bool(keep.size < n),
+            "pc_share": [float(vals[0] / total), float(vals[1] / total)], "has_labels": labels is not None}
+    return data, info
+
+
+def _gallery_data(run: _Run, names: list[str], z: Optional[np.ndarray], zn: Optional[np.ndarray],
+                  labels: Optional[np.ndarray], max_contexts: int) -> Optional[dict]:
+    c = run.clusters
+    if not isinstance(c, dict):
+        return None
+    sources = sorted(set(run.source)) if run.source else []
+    ctx = _Contexts.of(run) if run.n_tokens and run.context is not None else None
+    comp_names = list(c.get("components") or names)
+    out = []
+    for cl in c.get("clusters") or []:
+        cid = int(cl["id"])
+        members = cl.get("members")
+        if members is not None:
+            members = np.asarray(members, dtype=np.int64)
+        elif labels is not None:
+            members = np.nonzero(labels == cid)[0]
+        if members is not None and members.size and (members.max() >= run.n_tokens or members.min() < 0):
+            run.notes.append(f"cluster {cid} has member indices outside the run's {run.n_tokens} tokens")
+            members = None
+        size = int(cl.get("size", members.size if members is not None else 0))
+        profile = cl.get("profile")
+        if profile is None and members is not None and z is not None and members.size:
+            profile = z[members].mean(axis=0).tolist()
+        member_texts = [run.text[i] for i in members] if members is not None else []
+        counts = Counter(member_texts)
+        top = cl.get("top_tokens") or [[t, k] for t, k in counts.most_common(TOP_TOKENS_SHOWN)]
+        src = cl.get("sources")
+        if src is None and members is not None:
+            src = dict(Counter(run.source[i] for i in members))
+        src = src or {}
+        for s in src:
+            if s not in sources:
+                sources.append(s)
+        texts = [t for t, _ in counts.most_common(SEARCH_TEXTS_PER_CLUSTER)] or [str(t[0]) for t in top]
+        examples = []
+        if members is not None and members.size and ctx is not None:
+            if zn is not None:
+                centre = zn[members].mean(axis=0)
+                score = zn[members] @ centre
+                ranked = members[np.argsort(-score, kind="stable")]
+            else:
+                ranked = members
+            picked, seen = [], set()
+            for i in ranked:                        # distinct token texts first
+                if len(picked) >= max_contexts:
+                    break
+                t = run.text[i]
+                if t not in seen:
+                    seen.add(t)
+                    picked.append(int(i))
+            for i in ranked:
+                if len(picked) >= max_contexts:
+                    break
+                if int(i) not in picked:
+                    picked.append(int(i))
+            for i in picked:
+                left, tok, right = ctx.snippet(i)
+                examples.append([left, tok, right, sources.index(run.source[i]) if run.source else -1,
+                                 int(run.context[i]), int(run.position[i])])
+        out.append({"id": cid, "size": size, "cond": cl.get("conductance"), "profile": profile or [],
+                    "top": [[str(t), int(k)] for t, k in top[:TOP_TOKENS_SHOWN]],
+                    "src": [int(src.get(s, 0)) for s in sources], "texts": texts, "ex": examples})
+    for o in out:      # sources may have grown while looping
+        o["src"] += [0] * (len(sources) - len(o["src"]))
+    out.sort(key=lambda o: (-o["size"], o["id"]))
+    return {"components": comp_names, "sources": sources, "clusters": out, "n_noise": c.get("n_noise")}
+
+
+# --------------------------------------------------------------------------- #
+# page
+# --------------------------------------------------------------------------- #
+
+
+def _asset(name: str) -> str:
+    text = (ASSETS / name).read_text(encoding="utf-8")
+    for bad in ("</script", "<script", "<!--", "</style"):   # would end or confuse the inline element
+        if bad in text.lower():
+            raise ValueError(f"report asset {name} contains {bad!r}; it cannot be inlined")
+    return text
+
+
+def _render(run: _Run, *, max_contexts: int, page_size: int) -> str:
+    names_hint = run.clusters.get("components") if isinstance(run.clusters, dict) else None
+    names, z, zn = _features(run, names_hint)
+    n = z.shape[0] if z is not None else run.n_tokens
+    labels = _labels(run, n)
+    map_data, map_info = _map_data(run, zn, labels)
+    gallery = _gallery_data(run, names, z, zn, labels, max_contexts)
+    sections = [_run_section(run), _diagnostics_section(run), _traces_section(run), _modes_section(run),
+                _map_section(run, map_info), _gallery_section(run, gallery)]
+    payload = {"page_size": page_size, "gallery": gallery, "map": map_data or None,
+               "sources": (gallery or {}).get("sources") or sorted(set(run.source))}
+    model = ((run.provenance or {}).get("model") or {})
+    model_txt = model.get("id") or model.get("source") or "unknown model"
+    n_comp = len(run.samples.layout.components) if run.samples is not None else len(names)
+    facts = [f"model <b>{_e(str(model_txt))}</b>" + (f" @ {_e(str(model['revision']))}" if model.get("revision") else ""),
+             f"{run.n_tokens:,} probe tokens", f"{n_comp} components (incl. full)" if run.samples is not None
+             else f"{n_comp} components"]
+    if gallery is not None:
+        facts.append(f"{len(gallery['clusters'])} clusters")
+    generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    notes = "".join(_notice(f"Missing or inconsistent input: {t}.") for t in run.notes)
+    nav = "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t in SECTIONS)
+    title = f"spectro report — {run.run_dir.name}"
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{_e(title)}</title><style>{_asset('report.css')}</style></head><body>"
+        f'<nav class="top"><span class="brand">spectro</span>{nav}</nav>'
+        f'<main><header class="page"><h1>{_e(title)}</h1>'
+        f'<p class="facts">{" · ".join(facts)} · <span class="muted">generated {generated} from '
+        f'<code>{_e(str(run.run_dir))}</code></span></p>'
+        f'<div id="js-errors" class="notice error" hidden></div>{notes}</header>'
+        + "".join(sections)
+        + "</main>"
+        f'<script type="application/json" id="report-data">{_script_json(payload)}</script>'
+        f"<script>{_asset('report.js')}</script></body></html>\n"
+    )

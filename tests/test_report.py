@@ -1,0 +1,382 @@
+"""report.html: one self-contained page built from a real (small) run.
+
+The run directory comes from the real pipeline (embedded model, Ray actors,
+covariance job), once per module. clusters.json/modes.json come from
+`spectro.clusters` when it exists; until then from `standin_clusters` /
+`standin_modes` below: a k-means stand-in that writes the documented schema
+(a test fixture, not the product).
+
+One token text is rewritten to `</script><b>"x'&amp;` in the stores so the
+page must escape it everywhere. The headless-browser test loads the page in
+Debian's Chromium and reads its console log, the DOM after scripts ran, and a
+screenshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+
+DANGER = "</script><b>\"x'&amp;"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+# --------------------------------------------------------------------------- #
+# fixture run
+# --------------------------------------------------------------------------- #
+
+
+def _features(chi: np.ndarray) -> np.ndarray:
+    sd = chi.std(axis=0)
+    z = (chi - chi.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    n = np.linalg.norm(z, axis=1, keepdims=True)
+    return z / np.where(n > 0, n, 1.0)
+
+
+def standin_clusters(run_dir: Path, k: int = 7, seed: int = 0) -> dict:
+    """k-means on the clustering features; the farthest 10% become noise. Fixture only."""
+    import xarray as xr
+
+    ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
+    comps = [str(c) for c in ds["component"].values.tolist() if str(c) != "full"]
+    chi = ds["chi"].sel(component=comps).values.astype(np.float64)
+    texts = [str(t) for t in ds["token_text"].values.tolist()]
+    sources = [str(t) for t in ds["token_source"].values.tolist()]
+    sd = chi.std(axis=0)
+    z = (chi - chi.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    x = _features(chi)
+    rng = np.random.default_rng(seed)
+    centres = x[rng.choice(len(x), k, replace=False)]
+    for _ in range(30):
+        lab = np.argmax(x @ centres.T, axis=1)
+        centres = np.stack([x[lab == j].mean(axis=0) if np.any(lab == j) else centres[j] for j in range(k)])
+        centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
+    sim = np.sum(x * centres[lab], axis=1)
+    lab = np.where(sim < np.quantile(sim, 0.1), -1, lab)
+    w = np.clip(x @ x.T, 0, None)
+    np.fill_diagonal(w, 0)
+    deg = w.sum(axis=1)
+    sizes = Counter(lab[lab >= 0].tolist())
+    order = [j for j, _ in sizes.most_common()]
+    relabel = {old: new for new, old in enumerate(order)}
+    labels = np.array([relabel.get(int(v), -1) for v in lab])
+    clusters = []
+    for cid in range(len(order)):
+        m = np.nonzero(labels == cid)[0]
+        inside = np.zeros(len(x), bool)
+        inside[m] = True
+        cut = w[inside][:, ~inside].sum()
+        vol = min(deg[inside].sum(), deg[~inside].sum())
+        clusters.append({"id": cid, "size": int(m.size), "conductance": float(cut / vol) if vol > 0 else 1.0,
+                         "profile": z[m].mean(axis=0).tolist(), "profile_raw": chi[m].mean(axis=0).tolist(),
+                         "top_tokens": [[t, c] for t, c in Counter(texts[i] for i in m).most_common(10)],
+                         "sources": dict(Counter(sources[i] for i in m)), "members": m.tolist()})
+    out = {"method": "kmeans-standin", "params": {"k": k, "seed": seed}, "components": comps,
+           "n_tokens": len(texts), "n_clusters": len(clusters), "n_noise": int((labels < 0).sum()),
+           "labels": labels.tolist(), "clusters": clusters}
+    (run_dir / "clusters.json").write_text(json.dumps(out))
+    return out
+
+
+def standin_modes(run_dir: Path, n_modes: int = 4) -> dict:
+    import xarray as xr
+
+    ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
+    comps = [str(c) for c in ds["component"].values.tolist() if str(c) != "full"]
+    chi = ds["chi"].sel(component=comps).values.astype(np.float64)
+    texts = [str(t) for t in ds["token_text"].values.tolist()]
+    sd = chi.std(axis=0)
+    z = (chi - chi.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    u, s, vt = np.linalg.svd(z, full_matrices=False)
+    share = s ** 2 / np.sum(s ** 2)
+    modes = []
+    for i in range(min(n_modes, len(s))):
+        score = u[:, i] * s[i]
+        hi, lo = np.argsort(-score)[:8], np.argsort(score)[:8]
+        modes.append({"index": i, "share": float(share[i]),
+                      "loadings": {c: float(v) for c, v in zip(comps, vt[i])},
+                      "top_positive": [{"token": int(t), "text": texts[t], "score": float(score[t])} for t in hi],
+                      "top_negative": [{"token": int(t), "text": texts[t], "score": float(score[t])} for t in lo]})
+    out = {"singular_values": s.tolist(), "variance_share": share.tolist(),
+           "cumulative_share": np.cumsum(share).tolist(), "modes": modes, "extra_key_from_the_future": True}
+    (run_dir / "modes.json").write_text(json.dumps(out))
+    return out
+
+
+def make_dangerous(run_dir: Path) -> str:
+    """Rewrite every occurrence of the most common token text to DANGER in both stores."""
+    import zarr
+
+    g = zarr.open_group(str(run_dir / "samples.zarr"), mode="r+")
+    texts = [str(t) for t in g["token_text"][:].tolist()]
+    common = Counter(texts).most_common(1)[0][0]
+    new = np.array([DANGER if t == common else t for t in texts], dtype=g["token_text"][:].dtype)
+    g["token_text"][:] = new
+    s = zarr.open_group(str(run_dir / "susceptibilities.zarr"), mode="r+")
+    assert [str(t) for t in s["token_text"][:].tolist()] == texts
+    s["token_text"][:] = new
+    assert [str(t) for t in g["token_text"][:].tolist()].count(DANGER) == texts.count(common)
+    return common
+
+
+def build_run(run_dir: Path) -> Path:
+    from spectro import pipeline
+    from spectro.config import to_config
+
+    cfg = to_config({"components": ["l0h1", "l1.mlp", "l2h0", "l3h3"],
+                     "sampler": {"num_chains": 2, "num_draws": 4, "chain_group": 2, "checkpoint_every": 2,
+                                 "burnin": 0},
+                     "data": {"n_probe_contexts": 8, "n_train_contexts": 64, "n_sampling_contexts": 8},
+                     "ray": {"num_actors": 2}})
+    pipeline.run(cfg, run_dir)
+    return run_dir
+
+
+def cluster_and_modes(run_dir: Path) -> str:
+    """The product's clustering (which also writes modes.json) when it is there; else the stand-ins."""
+    try:
+        from spectro.clusters import cluster_run
+    except ImportError:
+        standin_clusters(run_dir)
+        standin_modes(run_dir)
+        return "standin"
+    cluster_run(run_dir)
+    if not (run_dir / "modes.json").exists():
+        standin_modes(run_dir)
+    return "spectro.clusters"
+
+
+@pytest.fixture(scope="module")
+def ray_own():
+    """Like conftest's ray_local, but always a fresh local instance: a bare ray.init() joins a cluster that
+    someone started with `ray start` on this machine (address="local" never does)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_own, tmp_path_factory):
+    d = build_run(tmp_path_factory.mktemp("report") / "run")
+    make_dangerous(d)
+    cluster_and_modes(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def report(run_dir):
+    from spectro.report import write_report
+
+    path = write_report(run_dir, page_size=4)
+    return path, path.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- #
+# the page as text
+# --------------------------------------------------------------------------- #
+
+
+def test_self_contained_no_network(report, run_dir):
+    from spectro.report import ASSETS
+
+    path, page = report
+    assert path.name == "report.html" and page.startswith("<!DOCTYPE html>")
+    # nothing is pulled in: attributes hold in-page anchors only, no CSS url()/@import, no external elements
+    refs = re.findall(r"""\b(?:src|href|srcset|action|poster|xlink:href)\s*=\s*["']?([^"'\s>]*)""", page, flags=re.I)
+    assert refs and all(r.startswith("#") for r in refs), refs
+    assert not re.search(r"url\(|@import|<link\b|<iframe\b|<img\b|<object\b|<embed\b|fetch\(|XMLHttpRequest",
+                         page, flags=re.I)
+    assert page.count("<script") == 2      # the JSON data and the inlined script, neither with src=
+    for asset in ASSETS.iterdir():          # the templates themselves name no network address
+        assert "http:" not in asset.read_text() and "https:" not in asset.read_text()
+    # the page names none at all unless the run's own text does (token texts may quote a URL)
+    import xarray as xr
+    texts = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)["token_text"].values.tolist()
+    if not any("//" in str(t) for t in texts):
+        assert "http://" not in page and "https://" not in page
+
+
+def test_sections_diagnostics_and_counts(report, run_dir):
+    from spectro.report import SECTIONS
+    from spectro.store import SampleStore
+
+    _, page = report
+    for key, title in SECTIONS:
+        assert f'<section id="{key}"><h2>{title}</h2>' in page
+    comps = SampleStore.open(run_dir / "samples.zarr").layout.components
+    rows = re.findall(r'<tr class="[a-z]*" data-component="([^"]+)">', page)
+    assert rows == list(comps)
+    clusters = json.loads((run_dir / "clusters.json").read_text())
+    assert f"<b>{len(clusters['clusters'])} clusters</b>" in page
+    traces = page.split('<section id="traces">')[1].split("</section>")[0]
+    assert traces.count('<svg class="spark"') == len(comps)
+    assert traces.count('<polyline class="line"') == len(comps) * 2     # 2 healthy chains each
+    # rows flagged where not mixed, with text
+    import xarray as xr
+    ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
+    flagged = [str(c) for c, f in zip(ds["component"].values, ds["not_mixed"].values) if f]
+    for c in flagged:
+        row = re.search(rf'<tr class="flagged" data-component="{re.escape(c)}">.*?</tr>', page)
+        assert row and "not mixed" in row.group(0)
+    # provenance and config are there
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    for h in prov["model"]["files"].values():
+        assert h in page
+    assert prov["data"]["content_hash"] in page
+
+
+def test_dangerous_token_text_is_escaped(report):
+    _, page = report
+    assert "</script><b>" not in page
+    assert "<b>\"x" not in page
+    data = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, flags=re.S)
+    payload = json.loads(data.group(1))
+    texts = {t for c in payload["gallery"]["clusters"] for t, _ in c["top"]}
+    assert DANGER in texts                  # it survives the round trip as data
+    assert "&lt;/script&gt;&lt;b&gt;" in page  # and static parts (modes) show it escaped
+
+
+def test_missing_cluster_outputs_render_what_they_can(run_dir, tmp_path):
+    from spectro.report import write_report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report.html"))
+    (d / "clusters.json").unlink()
+    (d / "modes.json").unlink()
+    page = write_report(d).read_text(encoding="utf-8")
+    assert "clusters.json not found" in page and "modes.json not found" in page
+    assert 'data-component="l0h1"' in page and '<svg class="spark"' in page
+    assert '"gallery":null' in page
+
+
+def test_diverged_chain_and_mixing_flags(run_dir, tmp_path):
+    import zarr
+
+    from spectro.report import write_report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report.html"))
+    g = zarr.open_group(str(d / "samples.zarr"), mode="r+")
+    g["diverged_at"][2, 1] = 2                          # l1.mlp chain 1 diverged at draw 2
+    g["sampling_loss"][2, 1, 3] = np.nan
+    s = zarr.open_group(str(d / "susceptibilities.zarr"), mode="r+")
+    mixed = np.array(s["not_mixed"][:])
+    mixed[:] = True
+    mixed[1] = False                                    # only l0h1 mixed
+    s["not_mixed"][:] = mixed
+    page = write_report(d).read_text(encoding="utf-8")
+    traces = page.split('<section id="traces">')[1].split("</section>")[0]
+    assert traces.count('class="line diverged"') == 1 and "1 diverged" in traces and "✕" in traces
+    assert "diverged at draw 2" in traces
+    ok_row = re.search(r'<tr class="" data-component="l0h1">.*?</tr>', page).group(0)
+    assert "not mixed" not in ok_row and ">ok<" in ok_row
+    bad_row = re.search(r'<tr class="flagged" data-component="l1.mlp">.*?</tr>', page).group(0)
+    assert "not mixed" in bad_row
+    assert "4 of 5 components have chains that have not mixed" in page
+
+
+# --------------------------------------------------------------------------- #
+# the page in a browser
+# --------------------------------------------------------------------------- #
+
+
+def _chromium(page: Path, tmp: Path, *mode: str, query: str = "") -> subprocess.CompletedProcess:
+    args = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp}", "--enable-logging=stderr", "--v=0", "--hide-scrollbars",
+            "--window-size=1400,2400", *mode, page.resolve().as_uri() + query]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def _console(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ":CONSOLE" in ln or "Uncaught" in ln]
+
+
+def _dom(path: Path, tmp: Path, query: str = "") -> str:
+    out = _chromium(path, tmp, "--dump-dom", query=query)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _console(out.stderr) == []       # the page logs nothing: any console line is an error
+    return out.stdout
+
+
+def _cards(dom: str) -> list[str]:
+    return re.findall(r'<article class="card" id="cluster-(\d+)"', dom)
+
+
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                                  "(apt-get install -y chromium)")
+
+
+@needs_chromium
+def test_headless_chromium_renders_gallery(report, run_dir, tmp_path):
+    path, _ = report
+    clusters = json.loads((run_dir / "clusters.json").read_text())["clusters"]
+    dom = _dom(path, tmp_path / "p1")
+    shown = min(4, len(clusters))           # page_size=4, largest first
+    by_size = sorted(clusters, key=lambda c: (-c["size"], c["id"]))
+    assert _cards(dom) == [str(c["id"]) for c in by_size[:shown]]
+    assert f'data-rendered="{shown}"' in dom
+    assert 'id="js-errors" class="notice error" hidden' in dom
+    if len(clusters) > 4:
+        assert f"page 1 of {-(-len(clusters) // 4)}" in dom
+    assert "<canvas" in dom and 'class="lg"' in dom   # the map legend was built
+
+    # the top of the page, and the map + gallery with the sections above folded (?fold=...)
+    keep = os.environ.get("SPECTRO_REPORT_SCREENSHOTS")     # a folder to keep them in, for a look
+    for name, query in [("report-top.png", ""), ("report-gallery.png", "?fold=run,diagnostics,traces,modes")]:
+        shot = tmp_path / name
+        out = _chromium(path, tmp_path / "p2", f"--screenshot={shot}", query=query)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert _console(out.stderr) == []
+        assert shot.exists() and shot.stat().st_size > 20_000
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, Path(keep) / name)
+    folded = _dom(path, tmp_path / "p2", "?fold=run,diagnostics,traces,modes")
+    assert folded.count('class="folded"') == 4 and len(_cards(folded)) == shown
+
+
+@needs_chromium
+def test_headless_search_and_min_size(report, run_dir, tmp_path):
+    path, _ = report
+    c = json.loads((run_dir / "clusters.json").read_text())
+    labels = np.asarray(c["labels"])
+    import xarray as xr
+    texts = np.array([str(t) for t in xr.open_zarr(str(run_dir / "susceptibilities.zarr"),
+                                                   consolidated=False)["token_text"].values.tolist()], dtype=object)
+    # search by token text: exactly the clusters with a member whose text contains it (the dangerous one)
+    want = sorted({int(x) for x in labels[(labels >= 0) & (texts == DANGER)]})
+    assert want, "the dangerous text should be in some cluster"
+    dom = _dom(path, tmp_path / "p3", "?q=" + quote("</script>"))
+    got = _cards(dom)
+    if len(want) <= 4:
+        assert sorted(map(int, got)) == want
+    else:
+        assert len(got) == 4 and set(map(int, got)) <= set(want)
+    cards = dom.split('id="cards"')[1].split('id="pager-bot"')[0]
+    assert "&lt;/script&gt;&lt;b&gt;" in cards and "<b>\"x" not in dom   # shown as text, never as markup
+    assert 'class="chip hit"' in cards
+    # minimum size
+    sizes = sorted((cl["size"] for cl in c["clusters"]), reverse=True)
+    cut = sizes[min(2, len(sizes) - 1)]
+    dom = _dom(path, tmp_path / "p4", f"?min={cut}&page=1")
+    n = sum(s >= cut for s in sizes)
+    assert len(_cards(dom)) == min(n, 4)
+    assert (f"{n} of {len(sizes)} clusters match" in dom) if n < len(sizes) else True
+    # by cluster id
+    cid = c["clusters"][-1]["id"]
+    assert _cards(_dom(path, tmp_path / "p5", "?q=" + quote(f"#{cid}"))) == [str(cid)]
