@@ -59,7 +59,7 @@ def main():
 
     from spectro.susceptibilities import compute
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     for T in (args.tokens, args.tokens * args.factor):
         with tempfile.TemporaryDirectory() as d:

@@ -34,7 +34,7 @@ def main() -> None:
     from spectro import pipeline
     from spectro.config import to_config
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results: dict[int, list[float]] = {1: [], 2: []}
     tokens = None
     for rep in range(args.repeats):

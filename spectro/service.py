@@ -184,11 +184,12 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     """Connect to (or start) Ray. Returns True if this call started it."""
     if ray.is_initialized():
         return False
-    kwargs = dict(include_dashboard=False, log_to_driver=True)
-    if address:
-        ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+    if address or os.environ.get("RAY_ADDRESS"):
+        # join a cluster (also how a `ray job submit` driver finds its cluster)
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # "local": a private instance even if `ray start` left a cluster on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     return True
 
 
