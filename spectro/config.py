@@ -77,6 +77,28 @@ class EstimatorConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Mirrors spectro.clusters.ClusterParams (DESIGN 1.6)."""
+    method: str = "conductance"         # "conductance" | "leiden" | "spectral"
+    k: int = 15                         # nearest neighbours per token (cosine)
+    alpha: float = 0.15                 # personalised-PageRank teleport probability
+    epsilon: float = 1e-4               # push tolerance
+    max_conductance: float = 0.3        # accept a local cluster at or below this conductance
+    min_size: int = 5
+    max_size: int = 0                   # 0: no limit
+    resolution: float = 1.0             # Leiden
+    n_clusters: int = 0                 # spectral; 0: by eigengap
+    seed: int = 0
+    exact_knn_below: int = 20000        # exact kNN below this many tokens, approximate above
+
+
+@dataclass
+class ReportConfig:
+    max_contexts: int = 8               # example contexts per cluster card
+    page_size: int = 25                 # cluster cards per page
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None       # None: start a local instance; "auto" or "ray://..." to join
     num_actors: int = 2
@@ -100,16 +122,18 @@ class SpectroConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     components: list[str] = field(default_factory=lambda: ["all"])
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    clustering: ClusterConfig = field(default_factory=ClusterConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     device: str = "auto"                # "auto" | "cpu" | "cuda" | "cuda:N"
-    stage: str = "all"                  # "all" | "sample" | "susceptibilities"
+    stage: str = "all"                  # "all" | "sample" | "susceptibilities" | "clusters" | "report"
     fresh: bool = False                 # True: discard an existing run directory's samples
 
 
 # Keys whose change does not alter any stored number, so a resumed run may differ in them.
-RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator")
-STAGES = ("all", "sample", "susceptibilities")
+RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report")
+STAGES = ("all", "sample", "susceptibilities", "clusters", "report")
 
 
 def to_config(cfg: DictConfig | dict | SpectroConfig | None = None) -> SpectroConfig:
@@ -179,6 +203,20 @@ def validate(c: SpectroConfig) -> SpectroConfig:
              "must be > 1", "e.g. estimator.rhat_threshold=1.1")
     _require(c.estimator.tokens_per_block >= 0, "estimator.tokens_per_block", c.estimator.tokens_per_block,
              "must be >= 0", "0 uses one store chunk per task")
+    k = c.clustering
+    _require(k.method in ("conductance", "leiden", "spectral"), "clustering.method", k.method,
+             "must be conductance, leiden or spectral", "pick one of those")
+    _require(k.k >= 2, "clustering.k", k.k, "must be >= 2", "e.g. clustering.k=15")
+    _require(0 < k.alpha < 1, "clustering.alpha", k.alpha, "must be in (0, 1)", "e.g. clustering.alpha=0.15")
+    _require(k.epsilon > 0, "clustering.epsilon", k.epsilon, "must be > 0", "e.g. clustering.epsilon=1e-4")
+    _require(0 < k.max_conductance <= 1, "clustering.max_conductance", k.max_conductance, "must be in (0, 1]",
+             "e.g. clustering.max_conductance=0.3")
+    _require(k.min_size >= 1, "clustering.min_size", k.min_size, "must be >= 1", "e.g. clustering.min_size=5")
+    _require(k.max_size >= 0, "clustering.max_size", k.max_size, "must be >= 0", "0 means no limit")
+    _require(k.resolution > 0, "clustering.resolution", k.resolution, "must be > 0", "e.g. 1.0")
+    _require(k.n_clusters >= 0, "clustering.n_clusters", k.n_clusters, "must be >= 0", "0 picks by eigengap")
+    _require(c.report.max_contexts >= 1 and c.report.page_size >= 1, "report", as_dict_safe(c.report),
+             "needs max_contexts >= 1 and page_size >= 1", "e.g. report.page_size=25")
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     _require(c.ray.num_actors >= 1, "ray.num_actors", c.ray.num_actors, "must be >= 1", "e.g. ray.num_actors=2")
     _require(c.ray.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", c.ray.num_cpus_per_actor, "must be > 0", "e.g. 1")
@@ -191,6 +229,10 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     if s.nbeta is None:
         c = dataclasses.replace(c, sampler=dataclasses.replace(s, nbeta=s.batch_size / math.log(s.batch_size)))
     return c
+
+
+def as_dict_safe(x) -> dict:
+    return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else dict(x)
 
 
 def as_dict(c: SpectroConfig) -> dict:

@@ -126,15 +126,15 @@ def open_store(p: Prepared, run_dir: Path) -> SampleStore:
 def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = None) -> dict:
     """Execute the configured stages in `run_dir`; returns a summary dict.
 
-    `stage=all` runs sample -> susceptibilities; a single stage runs alone on
-    an existing run directory (the susceptibilities stage needs no model).
+    `stage=all` runs sample -> susceptibilities -> clusters -> report; a single
+    stage runs alone on an existing run directory (only `sample` needs the model).
     """
     import os
 
     from spectro import service
 
     run_dir = Path(run_dir)
-    stages = ("sample", "susceptibilities") if config.stage == "all" else (config.stage,)
+    stages = ("sample", "susceptibilities", "clusters", "report") if config.stage == "all" else (config.stage,)
     need = int(np.ceil(config.ray.num_actors * config.ray.num_cpus_per_actor))
     started = service.ensure_ray(config.ray.address, num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
     summary: dict = {"run_dir": str(run_dir)}
@@ -147,8 +147,34 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
         if started:
             import ray
             ray.shutdown()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if "clusters" in stages:
+        summary["clusters"] = run_clusters(config, run_dir)
+    if "report" in stages:
+        summary["report"] = run_report(config, run_dir)
+    previous = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    (run_dir / "summary.json").write_text(json.dumps({**previous, **summary}, indent=2))
     return summary
+
+
+def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
+    """Cluster the susceptibility matrix (DESIGN 1.6) and compute its modes (1.8)."""
+    import dataclasses
+    import time
+
+    from spectro.clusters import ClusterParams, cluster_run
+
+    t0 = time.perf_counter()
+    out = cluster_run(run_dir, ClusterParams(**dataclasses.asdict(config.clustering)))
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def run_report(config: SpectroConfig, run_dir: Path) -> dict:
+    from spectro.report import write_report
+
+    path = write_report(run_dir, max_contexts=config.report.max_contexts, page_size=config.report.page_size)
+    log.info("report: %s", path)
+    return {"path": str(path)}
 
 
 def run_sampling(config: SpectroConfig, run_dir: Path, p: Prepared) -> dict:

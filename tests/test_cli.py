@@ -89,6 +89,13 @@ def test_main_job_writes_samples_and_susceptibilities(finished_run):
     assert set(ds["token_source"].values) == {"code", "prose"}
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["sampler"]["nbeta"] == pytest.approx(16 / np.log(16))
+    # clusters and report (stage=all)
+    clusters = json.loads((run_dir / "clusters.json").read_text())
+    assert len(clusters["labels"]) == 8 * 63 and clusters["components"] == ["l0h1", "l2.mlp"]
+    assert sum(c["size"] for c in clusters["clusters"]) + clusters["n_noise"] == 8 * 63
+    assert (run_dir / "modes.json").exists()
+    html = (run_dir / "report.html").read_text()
+    assert "l2.mlp" in html and "https://" not in html
 
 
 def _kill_tree(proc):

@@ -21,7 +21,7 @@ def group_options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["model", "data", "sampler", "experiment"])
+@pytest.mark.parametrize("group", ["model", "data", "sampler", "clustering", "experiment"])
 def test_every_group_option_composes_and_validates(group):
     for option in group_options(group):
         overrides = [f"{group}={option}"]

@@ -82,6 +82,7 @@ def test_smoke_job_submitted_through_the_jobs_api(ray_head, tmp_path):
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["sample"]["complete"] and summary["sample"]["units_run"] == 3
-    assert (run_dir / "susceptibilities.zarr").exists() and (run_dir / "samples.zarr").exists()
+    for name in ("samples.zarr", "susceptibilities.zarr", "clusters.json", "modes.json", "report.html"):
+        assert (run_dir / name).exists(), name
     # the job ran as a driver on the submitted cluster, not on a private local instance
     assert "Connecting to existing Ray cluster" in logs or "connected to Ray cluster" in logs.lower()
