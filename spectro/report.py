@@ -89,12 +89,14 @@ POS_COLOUR, NEG_COLOUR = "#3b6fb6", "#d0643a"
 
 def write_report(run_dir: Path, *, max_contexts: int = 8, page_size: int = 25) -> Path:
     """Write `<run_dir>/report.html` from whatever the run directory holds; returns its path."""
+    from spectro.errors import ConfigError
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        from spectro.errors import ConfigError
-        raise ConfigError(f"run directory {run_dir} does not exist")
-    if max_contexts < 1 or page_size < 1:
-        raise ValueError(f"max_contexts and page_size must be >= 1; got {max_contexts}, {page_size}")
+        raise ConfigError(f"run directory {run_dir} does not exist; pass the run's directory")
+    for name, v in (("max_contexts", max_contexts), ("page_size", page_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     run = _Run.load(run_dir)
     page = _render(run, max_contexts=max_contexts, page_size=page_size)
     out = run_dir / "report.html"
@@ -178,13 +180,6 @@ class _Run:
     @property
     def n_tokens(self) -> int:
         return len(self.text)
-
-    def init_loss(self) -> Optional[float]:
-        if self.samples is not None:
-            return float(self.samples.init_loss)
-        if self.provenance and "init_loss" in self.provenance:
-            return float(self.provenance["init_loss"])
-        return None
 
 
 # --------------------------------------------------------------------------- #
@@ -582,15 +577,16 @@ def _modes_section(run: _Run) -> str:
         else:                                   # a plain list aligned with the components
             vals = list(loadings)
             names = [str(x) for x in comp_names] if len(comp_names) == len(vals) else [str(j) for j in range(len(vals))]
-        if mode.get("share") is None and i < len(share):
-            mode = dict(mode, share=share[mode.get("index", i)] if isinstance(mode.get("index"), int)
-                        and mode["index"] < len(share) else share[i])
+        idx, mshare = mode.get("index", i), mode.get("share")
+        if mshare is None and isinstance(idx, int) and 0 <= idx < len(share):
+            mshare = share[idx]
         pos = "".join(_token_chip(run, t) for t in (mode.get("top_positive") or [])[:10])
         neg = "".join(_token_chip(run, t) for t in (mode.get("top_negative") or [])[:10])
-        share_txt = f'{100 * float(mode["share"]):.1f}% of variance' if mode.get("share") is not None else ""
-        cards.append(f'<div class="mode"><h3>Mode {_e(str(mode.get("index", "?")))} '
+        share_txt = f'{100 * float(mshare):.1f}% of variance' if mshare is not None else ""
+        cards.append(f'<div class="mode"><h3>Mode {_e(str(idx))} '
                      f'<span class="muted small">{share_txt}</span></h3>'
-                     f'<div class="small muted">component loadings</div>{_bar_svg(vals, names, width=560 if len(names) > 12 else 440, height=70)}'
+                     '<div class="small muted">component loadings</div>'
+                     f'{_bar_svg(vals, names, width=560 if len(names) > 12 else 440, height=70)}'
                      f'<div class="toks"><div><span class="small muted">top + </span>{pos or "–"}</div>'
                      f'<div><span class="small muted">top − </span>{neg or "–"}</div></div></div>')
     more = (f'<p class="muted small">{len(modes) - MAX_MODES_SHOWN} further modes in modes.json are not shown.</p>'
@@ -622,7 +618,8 @@ def _gallery_section(run: _Run, gallery: Optional[dict]) -> str:
     c = run.clusters
     n_clusters = len(gallery["clusters"])
     n_noise = c.get("n_noise")
-    n_tok = c.get("n_tokens", run.n_tokens)
+    n_tok = c.get("n_tokens")
+    n_tok = int(n_tok) if isinstance(n_tok, (int, float)) else run.n_tokens
     method = c.get("method", "?")
     params = c.get("params") or {}
     ptxt = ", ".join(f"{_e(str(k))}={_e(json.dumps(_clean(v)))}" for k, v in params.items())
@@ -713,10 +710,14 @@ def _features(run: _Run, names: Optional[Sequence[str]]) -> tuple[list[str], Opt
     else:
         use = [n for n in all_names if n != "full"] or all_names
     chi = np.asarray(run.sus["chi"].values, dtype=np.float64)[:, [all_names.index(n) for n in use]]
-    mu = np.nanmean(chi, axis=0) if chi.size else np.zeros(len(use))
-    sd = np.nanstd(chi, axis=0) if chi.size else np.ones(len(use))
+    chi = np.where(np.isfinite(chi), chi, np.nan)
+    mu, sd = np.zeros(len(use)), np.ones(len(use))
+    has = np.isfinite(chi).any(axis=0)           # a component without estimates contributes zeros
+    if chi.shape[0] and has.any():
+        mu[has] = np.nanmean(chi[:, has], axis=0)
+        sd[has] = np.nanstd(chi[:, has], axis=0)
     sd = np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)
-    z = np.nan_to_num((chi - mu) / sd, nan=0.0, posinf=0.0, neginf=0.0)
+    z = np.nan_to_num((chi - mu) / sd, nan=0.0)
     norm = np.linalg.norm(z, axis=1, keepdims=True)
     zn = z / np.where(norm > 0, norm, 1.0)
     return use, z, zn

@@ -28,6 +28,7 @@ import pytest
 
 DANGER = "</script><b>\"x'&amp;"
 CHROMIUM = Path("/usr/bin/chromium")
+PAGE = 3                                   # cards per page in the fixture report: paging is exercised
 
 
 # --------------------------------------------------------------------------- #
@@ -136,8 +137,10 @@ def build_run(run_dir: Path) -> Path:
                      "sampler": {"num_chains": 2, "num_draws": 4, "chain_group": 2, "checkpoint_every": 2,
                                  "burnin": 0},
                      "data": {"n_probe_contexts": 8, "n_train_contexts": 64, "n_sampling_contexts": 8},
-                     "ray": {"num_actors": 2}})
-    pipeline.run(cfg, run_dir)
+                     "ray": {"num_actors": 2}, "report": {"page_size": PAGE}})
+    pipeline.run(cfg, run_dir)          # stage=all: sample -> susceptibilities -> clusters -> report
+    if (run_dir / "report.html").exists():
+        (run_dir / "report.html").rename(run_dir / "report.pipeline.html")
     return run_dir
 
 
@@ -181,7 +184,7 @@ def run_dir(ray_own, tmp_path_factory):
 def report(run_dir):
     from spectro.report import write_report
 
-    path = write_report(run_dir, page_size=4)
+    path = write_report(run_dir, page_size=PAGE)
     return path, path.read_text(encoding="utf-8")
 
 
@@ -250,11 +253,20 @@ def test_dangerous_token_text_is_escaped(report):
     assert "&lt;/script&gt;&lt;b&gt;" in page  # and static parts (modes) show it escaped
 
 
+def test_pipeline_report_stage_wrote_the_page(run_dir):
+    from spectro.report import SECTIONS
+
+    page = (run_dir / "report.pipeline.html").read_text(encoding="utf-8")
+    assert all(f'<section id="{key}"><h2>{title}</h2>' in page for key, title in SECTIONS)
+    payload = json.loads(re.search(r'id="report-data">(.*?)</script>', page, flags=re.S).group(1))
+    assert payload["page_size"] == PAGE and payload["gallery"] is not None and payload["map"] is not None
+
+
 def test_missing_cluster_outputs_render_what_they_can(run_dir, tmp_path):
     from spectro.report import write_report
 
     d = tmp_path / "run"
-    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report.html"))
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
     (d / "clusters.json").unlink()
     (d / "modes.json").unlink()
     page = write_report(d).read_text(encoding="utf-8")
@@ -263,13 +275,47 @@ def test_missing_cluster_outputs_render_what_they_can(run_dir, tmp_path):
     assert '"gallery":null' in page
 
 
+def test_sparse_schema_and_nan_estimates(run_dir, tmp_path):
+    """clusters.json with labels but no members/profiles/top tokens, list loadings, extra keys, and a
+    component whose estimates are all NaN: the page still renders every section, and its data parses."""
+    import zarr
+
+    from spectro.report import write_report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    full = json.loads((d / "clusters.json").read_text())
+    sparse = {"labels": full["labels"], "components": full["components"], "new_key": {"x": 1},
+              "clusters": [{"id": c["id"], "size": c["size"], "conductance": None} for c in full["clusters"]]}
+    (d / "clusters.json").write_text(json.dumps(sparse))
+    (d / "modes.json").write_text(json.dumps({"variance_share": [0.6, 0.4], "modes": [
+        {"index": 0, "loadings": [0.5, -0.5, 0.1, 0.0], "top_positive": [["a<b", 1.0]], "top_negative": []}]}))
+    s = zarr.open_group(str(d / "susceptibilities.zarr"), mode="r+")
+    chi = np.array(s["chi"][:])
+    chi[:, 2] = np.nan
+    s["chi"][:] = chi
+    llc = np.array(s["llc_mean"][:])
+    llc[2] = np.nan
+    s["llc_mean"][:] = llc
+    page = write_report(d).read_text(encoding="utf-8")
+    data = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, flags=re.S)
+    payload = json.loads(data.group(1))     # strict JSON: no NaN
+    g = payload["gallery"]["clusters"]
+    assert [c["id"] for c in g] == [c["id"] for c in sorted(full["clusters"], key=lambda c: (-c["size"], c["id"]))]
+    assert all(c["top"] and c["ex"] and len(c["profile"]) == len(full["components"]) for c in g)
+    assert all(c["cond"] is None for c in g)
+    assert "a&lt;b" in page and "Mode 0" in page and "60.0% of variance" in page
+    row = re.search(r'data-component="l1.mlp">.*?</tr>', page).group(0)
+    assert "<td class=\"num\">– <span" in row
+
+
 def test_diverged_chain_and_mixing_flags(run_dir, tmp_path):
     import zarr
 
     from spectro.report import write_report
 
     d = tmp_path / "run"
-    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report.html"))
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
     g = zarr.open_group(str(d / "samples.zarr"), mode="r+")
     g["diverged_at"][2, 1] = 2                          # l1.mlp chain 1 diverged at draw 2
     g["sampling_loss"][2, 1, 3] = np.nan
@@ -326,13 +372,13 @@ def test_headless_chromium_renders_gallery(report, run_dir, tmp_path):
     path, _ = report
     clusters = json.loads((run_dir / "clusters.json").read_text())["clusters"]
     dom = _dom(path, tmp_path / "p1")
-    shown = min(4, len(clusters))           # page_size=4, largest first
+    shown = min(PAGE, len(clusters))        # largest first
     by_size = sorted(clusters, key=lambda c: (-c["size"], c["id"]))
     assert _cards(dom) == [str(c["id"]) for c in by_size[:shown]]
     assert f'data-rendered="{shown}"' in dom
     assert 'id="js-errors" class="notice error" hidden' in dom
-    if len(clusters) > 4:
-        assert f"page 1 of {-(-len(clusters) // 4)}" in dom
+    if len(clusters) > PAGE:
+        assert f"page 1 of {-(-len(clusters) // PAGE)}" in dom
     assert "<canvas" in dom and 'class="lg"' in dom   # the map legend was built
 
     # the top of the page, and the map + gallery with the sections above folded (?fold=...)
@@ -350,6 +396,55 @@ def test_headless_chromium_renders_gallery(report, run_dir, tmp_path):
     assert folded.count('class="folded"') == 4 and len(_cards(folded)) == shown
 
 
+PROBE_JS = """<script>
+// test probe, appended to a copy of the page: hover and click a map point, type a search, page on
+(function () {
+  var out = {}, D = JSON.parse(document.getElementById("report-data").textContent), M = D.map;
+  var canvas = document.getElementById("map-canvas"), r = canvas.getBoundingClientRect();
+  var i = M.lab.findIndex(function (l) { return l >= 0; });
+  var x = r.left + 18 + M.x[i] / 10000 * (r.width - 36), y = r.top + 18 + (1 - M.y[i] / 10000) * (r.height - 36);
+  canvas.dispatchEvent(new MouseEvent("mousemove", {clientX: x, clientY: y, bubbles: true}));
+  var tip = document.getElementById("map-tip");
+  out.tipHidden = tip.hidden; out.tip = tip.textContent; out.tipText = M.tt[M.ti[i]]; out.tipLabel = M.lab[i];
+  canvas.dispatchEvent(new MouseEvent("click", {clientX: x, clientY: y, bubbles: true}));
+  out.afterClick = Array.prototype.map.call(document.querySelectorAll("#cards article"), function (a) { return a.id; });
+  out.query = document.getElementById("q").value;
+  document.querySelector("#cards button.onmap").click();
+  out.clearShown = !document.getElementById("map-clear").hidden;
+  var q = document.getElementById("q");
+  q.value = ""; q.dispatchEvent(new Event("input"));
+  setTimeout(function () {
+    out.afterClear = document.querySelectorAll("#cards article").length;
+    var next = document.querySelector("#pager-top button[data-p='1']");
+    if (next) { next.click(); out.page2 = document.querySelectorAll("#cards article").length; }
+    var pre = document.createElement("pre"); pre.id = "probe-out"; pre.textContent = JSON.stringify(out);
+    document.body.appendChild(pre);
+  }, 400);
+})();
+</script>"""
+
+
+@needs_chromium
+def test_headless_map_hover_click_and_paging(report, run_dir, tmp_path):
+    path, page = report
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", PROBE_JS + "</body>"), encoding="utf-8")
+    out = _chromium(probe, tmp_path / "p6", "--dump-dom", "--virtual-time-budget=3000")
+    assert out.returncode == 0 and _console(out.stderr) == [], out.stderr[-2000:]
+    found = re.search(r'<pre id="probe-out">(.*?)</pre>', out.stdout, flags=re.S)
+    assert found, "the probe did not finish"
+    import html as html_mod
+    res = json.loads(html_mod.unescape(found.group(1)))
+    vis = res["tipText"].replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+    assert not res["tipHidden"] and vis in res["tip"] and f"cluster #{res['tipLabel']}" in res["tip"]
+    assert res["afterClick"] == [f"cluster-{res['tipLabel']}"] and res["query"] == f"#{res['tipLabel']}"
+    assert res["clearShown"]
+    n = len(json.loads((run_dir / "clusters.json").read_text())["clusters"])
+    assert res["afterClear"] == min(PAGE, n)
+    if n > PAGE:
+        assert res["page2"] == min(PAGE, n - PAGE)
+
+
 @needs_chromium
 def test_headless_search_and_min_size(report, run_dir, tmp_path):
     path, _ = report
@@ -363,10 +458,10 @@ def test_headless_search_and_min_size(report, run_dir, tmp_path):
     assert want, "the dangerous text should be in some cluster"
     dom = _dom(path, tmp_path / "p3", "?q=" + quote("</script>"))
     got = _cards(dom)
-    if len(want) <= 4:
+    if len(want) <= PAGE:
         assert sorted(map(int, got)) == want
     else:
-        assert len(got) == 4 and set(map(int, got)) <= set(want)
+        assert len(got) == PAGE and set(map(int, got)) <= set(want)
     cards = dom.split('id="cards"')[1].split('id="pager-bot"')[0]
     assert "&lt;/script&gt;&lt;b&gt;" in cards and "<b>\"x" not in dom   # shown as text, never as markup
     assert 'class="chip hit"' in cards
@@ -375,7 +470,7 @@ def test_headless_search_and_min_size(report, run_dir, tmp_path):
     cut = sizes[min(2, len(sizes) - 1)]
     dom = _dom(path, tmp_path / "p4", f"?min={cut}&page=1")
     n = sum(s >= cut for s in sizes)
-    assert len(_cards(dom)) == min(n, 4)
+    assert len(_cards(dom)) == min(n, PAGE)
     assert (f"{n} of {len(sizes)} clusters match" in dom) if n < len(sizes) else True
     # by cluster id
     cid = c["clusters"][-1]["id"]
