@@ -7,47 +7,65 @@ Non-obvious choices:
   with zero variance becomes 0), then each token row is L2-normalised, so a
   dot product is a cosine similarity. A row that is all zero after z-scoring
   has no direction: it gets no edges and ends up as noise.
-- kNN graph: exact (blocked matrix products, torch `topk`) below
-  `exact_knn_below` tokens. Above it, an inverted-file search written here:
-  seeded spherical k-means puts the tokens in about 2*sqrt(N) cells and each
-  cell's tokens are compared with the tokens of the `_IVF_PROBE` cells whose
-  centroids are nearest its own (probing per cell, not per token, so the
-  work is a few hundred dense products). It is deterministic for a seed,
-  needs no extra dependency, and its recall is measured in
-  `benchmarks/bench_clusters.py`. Pairs are chosen in float32 and their
-  weights recomputed in float64.
-- Symmetrisation is the union: an edge exists if either token is among the
-  other's k nearest, with weight the cosine similarity (the same both ways),
-  clipped at 0 (non-positive edges are dropped). No self loops.
-- Conductance method: the seed order is static (weighted degree, highest
-  first, ties by index); a node that has been a seed is never a seed again.
-  PPR is the non-lazy Andersen-Chung-Lang push (p += alpha r; r spreads
-  (1 - alpha) r along the random walk) run to r(u) < epsilon deg(u) on the
-  *whole* graph, so it does not depend on what has been assigned. Pushes are
-  synchronous over all active nodes (numpy, local: only touched nodes are
-  read), and several seeds are pushed together in one flat (seed, node)
-  index space. Because PPR ignores assignments, pushing the next seeds
-  ahead of time gives exactly the sequential result; a pre-pushed seed that
-  was absorbed before its turn is skipped (the batch size adapts to how many
-  are).
-- The sweep ranks the touched nodes that are not yet in a cluster by
-  p(v)/deg(v) and takes the prefix of minimum conductance among prefixes of
-  min_size..max_size nodes. Conductance is always measured in the whole
-  graph, so edges into earlier clusters count as cut. A seed whose best
-  prefix is above `max_conductance` is marked noise; it may still be
-  absorbed by a later cluster. Whatever no cluster absorbs is noise (-1).
-- Local clusters have a size ceiling: the push touches a volume of at most
-  1/(epsilon alpha), about 1/(epsilon alpha mean degree) tokens (some 3,000
-  at the defaults). Lower epsilon to find larger clusters.
-- Leiden (igraph + leidenalg, RB configuration model, `resolution`, seeded)
-  and spectral (top eigenvectors of D^-1/2 W D^-1/2 by `eigsh`, rows
-  normalised, seeded k-means++; the number of clusters by the largest
-  eigengap among the first `_SPECTRAL_MAX_EIG` when n_clusters is 0) label
-  every token; communities smaller than min_size are relabelled noise.
+- kNN: exact (blocked products, torch `topk`) below `exact_knn_below`
+  tokens. Above, an inverted-file search written here (deterministic for a
+  seed, no extra dependency): seeded spherical k-means puts the tokens in
+  about 2 sqrt(N) cells; each cell's tokens are compared with the tokens of
+  the `_IVF_PROBE` cells whose centroids are nearest its own (probing per
+  cell, so the work is a few hundred dense products, run on one torch thread:
+  for products this small, threads cost more than they give). Recall is
+  measured by `benchmarks/bench_clusters.py`. Pairs are chosen in float32,
+  similarities recomputed in float64.
+- Graph: the union symmetrisation (an edge if either token is among the
+  other's k nearest), weight the cosine similarity (the same both ways),
+  non-positive weights dropped, no self loops.
+- Outliers (`outlier_ratio`, all methods): a token's density is its mean
+  similarity to its k nearest; a token whose density is below outlier_ratio
+  times that of its densest neighbour hangs off a cluster rather than
+  belonging to it. Conductance alone cannot reject such tokens (a token whose
+  edges all lead into a set always lowers the set's conductance), so they are
+  labelled noise. They stay in the graph, so conductances are unchanged.
+- Conductance method, seeds: a static order (weighted degree, highest first,
+  ties by index); each token is a seed at most once; outliers never are.
+- PPR: the non-lazy Andersen-Chung-Lang push (p += alpha r; (1 - alpha) r
+  spreads along the random walk) until r(u) < epsilon deg(u), synchronous
+  over all active nodes (vectorised numpy, local: only touched nodes are
+  read). The first push of a seed runs on the whole graph, so it does not
+  depend on what is assigned; several seeds are therefore pushed together
+  in one flat (seed, node) index space ahead of their turn, which gives
+  exactly the sequential result (a seed absorbed before its turn is skipped,
+  and the batch size adapts to how many are).
+- Sweep: the free tokens (in no cluster, not outliers) with p > 0, by
+  p(v)/deg(v); conductance of every prefix, incrementally, always in the
+  whole graph (edges into earlier clusters count as cut). The cut is the
+  smallest prefix of min_size..max_size tokens at or below max_conductance
+  that is the bottom of a valley of the profile (nothing lower from half
+  its size up to where the profile has doubled, or twice its size); if none,
+  the global minimum. Taking the first valley rather than the global minimum
+  keeps two adjacent clusters from being merged because their union has a
+  lower conductance than either.
+- Resolution: a push with tolerance epsilon cannot resolve a cluster of
+  volume much above 1/epsilon. While the residual left on free tokens exceeds
+  `_PPR_RESOLVE` and at least half the cut weight borders free tokens (a
+  cut that borders clusters and outliers is not limited by the push), the
+  seed is pushed again with epsilon / 4 (tokens already in clusters are sinks
+  in these pushes, which keeps leftover seeds cheap), for as long as the
+  cut's conductance keeps falling by 10%.
+- Polish: an accepted cut is improved greedily: moving one token across the
+  cut lowers conductance phi iff its share of weight into the set is below
+  (a member) or above (a free outsider) (1 - phi)/2; all such moves are made
+  together while phi falls. A seed whose cut is above max_conductance is
+  noise; it may still be absorbed by a later cluster. Whatever no cluster
+  absorbs is noise (-1).
+- Leiden (igraph + leidenalg, RB configuration model, `resolution`, seeded,
+  leidenalg's default 2 iterations) and spectral (top eigenvectors of
+  D^-1/2 W D^-1/2 by `eigsh`, rows normalised, seeded k-means++; the number
+  of clusters by the largest eigengap among the first `_SPECTRAL_MAX_EIG`
+  when n_clusters is 0) label every token but the outliers; communities
+  smaller than min_size become noise too.
 - Every method's clusters are renumbered largest first (ties by smallest
   member) and their conductances recomputed the same way, so methods compare.
-- Conductance of a set with no edge volume on one side (e.g. isolated
-  tokens) is reported as 1.0: there is no evidence of a cluster.
+  Conductance of a set with no edge volume on one side is reported as 1.0.
 """
 
 from __future__ import annotations
@@ -72,7 +90,8 @@ log = logging.getLogger("spectro.clusters")
 METHODS = ("conductance", "leiden", "spectral")
 _IVF_CELLS_PER_SQRT_N = 2.0     # cells = this * sqrt(N)
 _IVF_PROBE = 32                 # cells compared with each cell (its own included)
-_IVF_KMEANS_ITERS = 12
+_IVF_KMEANS_ITERS = 10
+_IVF_KMEANS_SAMPLE = 32         # k-means runs on this many tokens per cell
 _KNN_BLOCK_FLOATS = 2 ** 24     # similarity entries held at once (64 MB in float32)
 _PPR_MAX_BATCH = 64             # seeds pushed together, at most
 _PPR_MAX_SLOTS = 10_000_000     # batch x tokens, at most (memory of the flat push arrays)
@@ -101,7 +120,7 @@ class ClusterParams:
     n_clusters: int = 0             # spectral; 0: pick by eigengap
     seed: int = 0
     exact_knn_below: int = 20000    # exact kNN below this many tokens, approximate above
-    outlier_ratio: float = 0.85     # noise if relative kNN density is below this (all methods); 0: off
+    outlier_ratio: float = 0.8      # noise if relative kNN density is below this (all methods); 0: off
 
     def __post_init__(self):
         def integer(name, lo):
@@ -166,7 +185,12 @@ def knn_lists(X: np.ndarray, k: int, seed: int = 0, exact_below: int = 20000) ->
     if n < exact_below:
         nbr = _exact_knn(Xf, k)
     else:
-        nbr = _ivf_knn(Xf, k, np.random.default_rng(seed))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)            # many small products: threads cost more than they give
+        try:
+            nbr = _ivf_knn(Xf, k, np.random.default_rng(seed))
+        finally:
+            torch.set_num_threads(threads)
     sim = np.empty(nbr.shape)
     step = max(1, _KNN_BLOCK_FLOATS // (8 * k * X.shape[1]))   # bounded (rows, k, d) gathers
     for s in range(0, n, step):
@@ -190,12 +214,13 @@ def _graph(nbr: np.ndarray, sim: np.ndarray) -> sp.csr_matrix:
 
 
 def relative_density(nbr: np.ndarray, sim: np.ndarray) -> np.ndarray:
-    """Each token's mean similarity to its k nearest, over the same mean averaged over those
-    neighbours (a local-outlier-factor-like ratio: about 1 inside a cluster, low for a token
-    hanging off clusters it is not part of)."""
-    s = np.where(nbr >= 0, np.maximum(sim, 0.0), 0.0).sum(axis=1) / np.maximum((nbr >= 0).sum(axis=1), 1)
-    around = np.where(nbr >= 0, s[np.maximum(nbr, 0)], 0.0).sum(axis=1) / np.maximum((nbr >= 0).sum(axis=1), 1)
-    return np.divide(s, around, out=np.zeros_like(s), where=around > 0)
+    """Each token's mean similarity to its k nearest over the same quantity of its densest
+    neighbour: about 1 inside a cluster, low for a token hanging off a cluster it is not
+    part of (its nearest tokens are much closer to each other than to it)."""
+    valid = nbr >= 0
+    s = np.where(valid, np.maximum(sim, 0.0), 0.0).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
+    densest = np.where(valid, s[np.maximum(nbr, 0)], 0.0).max(axis=1)
+    return np.divide(s, densest, out=np.ones_like(s), where=densest > 0)
 
 
 def _exact_knn(Xf, k: int) -> np.ndarray:
@@ -250,7 +275,7 @@ def _spherical_kmeans(Xf, n_cells: int, rng: np.random.Generator):
     import torch
 
     n = Xf.shape[0]
-    sample = Xf[torch.from_numpy(np.sort(rng.choice(n, size=min(n, 64 * n_cells), replace=False)))]
+    sample = Xf[torch.from_numpy(np.sort(rng.choice(n, size=min(n, _IVF_KMEANS_SAMPLE * n_cells), replace=False)))]
     cent = sample[torch.from_numpy(rng.choice(sample.shape[0], size=n_cells, replace=False))].clone()
     for _ in range(_IVF_KMEANS_ITERS):
         a = torch.argmax(sample @ cent.T, dim=1)
@@ -489,23 +514,19 @@ def _range(table: list, op, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def _first_reaching(maxs: list, start: np.ndarray, end: np.ndarray, threshold: np.ndarray) -> np.ndarray:
-    """For each i the first r in [start, end] with x[r] >= threshold (binary search on range
-    maxima), else end; start > end gives end."""
-    found = np.full(start.size, -1)
-    live = start <= end
-    lo, hi = start.copy(), end.copy()
-    has = np.zeros(start.size, dtype=bool)
-    has[live] = _range(maxs, np.maximum, start[live], end[live]) >= threshold[live]
-    lo, hi = lo[has], hi[has]
-    idx = np.flatnonzero(has)
-    s0, t = start[has], threshold[has]
-    while idx.size and (lo < hi).any():
+    """For each i the first r in [start, end] with x[r] >= threshold, else end (also when
+    start > end): a vectorised binary search on range maxima."""
+    out = end.copy()
+    live = np.flatnonzero(start <= end)
+    live = live[_range(maxs, np.maximum, start[live], end[live]) >= threshold[live]]
+    lo, hi = start[live], end[live]
+    while (lo < hi).any():
         mid = (lo + hi) // 2
-        go_left = _range(maxs, np.maximum, s0, mid) >= t
-        hi = np.where(go_left, mid, hi)
-        lo = np.where(go_left, lo, mid + 1)
-    found[idx] = lo
-    return np.where(found >= 0, found, end)
+        left = _range(maxs, np.maximum, start[live], mid) >= threshold[live]
+        hi = np.where(left, mid, hi)
+        lo = np.where(left, lo, mid + 1)
+    out[live] = lo
+    return out
 
 
 def _refine(W, deg, vol_total, members, free, min_size, max_size):
@@ -566,9 +587,10 @@ def leiden_clusters(W: sp.csr_matrix, params: ClusterParams) -> tuple[np.ndarray
         import igraph as ig
         import leidenalg
     except ImportError as e:
-        raise ConfigError("method 'leiden' needs the packages igraph and leidenalg: pip install igraph leidenalg") from e
+        raise ConfigError("method 'leiden' needs the packages igraph and leidenalg: "
+                          "pip install igraph leidenalg") from e
     upper = sp.triu(sp.csr_matrix(W), k=1).tocoo()
-    g = ig.Graph(n=W.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist(), directed=False)
+    g = ig.Graph(n=W.shape[0], edges=np.column_stack([upper.row, upper.col]), directed=False)
     g.es["weight"] = upper.data.tolist()
     part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, weights="weight",
                                     resolution_parameter=float(params.resolution), seed=int(params.seed))
@@ -662,16 +684,9 @@ def cluster(chi: np.ndarray, params: ClusterParams = ClusterParams()) -> Cluster
         raise ConfigError(f"ClusterParams.k={params.k} nearest neighbours need at least {params.k + 1} tokens, "
                           f"got {n}; lower k")
     t0 = time.perf_counter()
-    nbr, sim = knn_lists(X, params.k, params.seed, params.exact_knn_below)
-    W = _graph(nbr, sim)
-    outlier = relative_density(nbr, sim) < params.outlier_ratio
+    W, outlier = token_graph(X, params)
     t1 = time.perf_counter()
-    if params.method == "conductance":
-        raw, _ = conductance_clusters(W, params, exclude=outlier)
-    else:
-        raw, _ = _METHOD_FUNCS[params.method](W, params)
-        raw = np.where(outlier, -1, raw)
-    labels = _canonical(raw, params.min_size)
+    labels = cluster_graph(W, outlier, params)
     t2 = time.perf_counter()
     n_clusters = int(labels.max()) + 1 if (labels >= 0).any() else 0
     phi = _conductances(W, labels, n_clusters)
@@ -680,8 +695,25 @@ def cluster(chi: np.ndarray, params: ClusterParams = ClusterParams()) -> Cluster
                 for c in range(n_clusters)]
     deg = np.diff(W.indptr)
     stats = {"n_tokens": int(n), "n_edges": int(W.nnz // 2), "knn": "exact" if n < params.exact_knn_below else "ivf",
-             "n_isolated": int((deg == 0).sum()), "n_outliers": int(outlier.sum()), "knn_seconds": t1 - t0, "cluster_seconds": t2 - t1}
+             "n_isolated": int((deg == 0).sum()), "n_outliers": int(outlier.sum()),
+             "knn_seconds": t1 - t0, "cluster_seconds": t2 - t1}
     return Clustering(labels=labels, clusters=clusters, params=params, graph_stats=stats)
+
+
+def token_graph(X: np.ndarray, params: ClusterParams) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The kNN graph of the feature rows X and the outlier mask (module notes)."""
+    nbr, sim = knn_lists(X, params.k, params.seed, params.exact_knn_below)
+    return _graph(nbr, sim), relative_density(nbr, sim) < params.outlier_ratio
+
+
+def cluster_graph(W: sp.csr_matrix, outlier: np.ndarray, params: ClusterParams) -> np.ndarray:
+    """Labels by `params.method` on graph W, outliers -1, clusters numbered largest first."""
+    if params.method == "conductance":
+        raw, _ = conductance_clusters(W, params, exclude=outlier)
+    else:
+        raw, _ = _METHOD_FUNCS[params.method](W, params)
+        raw = np.where(outlier, -1, raw)
+    return _canonical(raw, params.min_size)
 
 
 def _canonical(raw: np.ndarray, min_size: int) -> np.ndarray:
