@@ -11,8 +11,8 @@ import scipy.sparse as sp
 
 from spectro.clusters import (ClusterParams, Clustering, _pick_cut, adjusted_rand_index, cluster, cluster_run,
                               conductance, conductance_clusters, features, knn_graph, knn_lists, planted_partition,
-                              write_clusters)
-from spectro.errors import ConfigError, DataError
+                              relative_density, write_clusters)
+from spectro.errors import ConfigError, DataError, StoreError
 
 
 def two_triangles() -> sp.csr_matrix:
@@ -111,6 +111,14 @@ def test_knn_graph_exact_and_approximate():
     assert np.array_equal(nbr_ivf, knn_lists(X, k, seed=0, exact_below=0)[0])     # seeded
 
 
+def test_relative_density_hand_example():
+    # token 0's neighbours are 1 and 2 (mean similarity 0.5); 1 and 2 are close to each other (0.9)
+    nbr = np.array([[1, 2], [2, 0], [1, 0]])
+    sim = np.array([[0.5, 0.5], [0.9, 0.5], [0.9, 0.5]])
+    # densities 0.5, 0.7, 0.7: token 0 is 0.5 / 0.7 of its densest neighbour, 1 and 2 are 0.7 / 0.7
+    assert np.allclose(relative_density(nbr, sim), [0.5 / 0.7, 1.0, 1.0])
+
+
 # ------------------------------------------------------- planted partitions
 
 @pytest.fixture(scope="module")
@@ -137,6 +145,14 @@ def test_planted_partition_recovered(planted, method, min_ari, min_noise):
     for c in result.clusters:
         assert np.array_equal(c["members"], np.flatnonzero(result.labels == c["id"]))
         assert c["conductance"] == pytest.approx(conductance(W, c["members"]), abs=1e-9)
+
+
+def test_without_the_outlier_step_groups_are_still_recovered(planted):
+    chi, groups = planted
+    result = cluster(chi, ClusterParams(outlier_ratio=0.0))
+    grouped = groups >= 0
+    assert result.graph_stats["n_outliers"] == 0
+    assert adjusted_rand_index(groups[grouped], result.labels[grouped]) >= 0.9
 
 
 def test_max_size_and_min_size_are_respected(planted):
@@ -214,7 +230,8 @@ def test_write_clusters_json_round_trip(tmp_path, planted):
         assert set(c) == CLUSTER_KEYS and c["id"] == i
         assert c["members"] == sorted(c["members"]) and c["size"] == len(c["members"])
         assert all(doc["labels"][m] == i for m in c["members"])
-        assert np.allclose(c["profile"], z[c["members"]].mean(0)) and np.allclose(c["profile_raw"], chi[c["members"]].mean(0))
+        assert np.allclose(c["profile"], z[c["members"]].mean(0))
+        assert np.allclose(c["profile_raw"], chi[c["members"]].mean(0))
         assert len(c["top_tokens"]) <= 3 and all(isinstance(t, str) and isinstance(k, int) for t, k in c["top_tokens"])
         counts = [k for _, k in c["top_tokens"]]
         assert counts == sorted(counts, reverse=True)
@@ -234,12 +251,12 @@ def test_cluster_run_reads_the_store_drops_full_and_empty_components(tmp_path, p
     full = chi.sum(axis=1, keepdims=True)
     dead = np.full((n, 1), np.nan)                 # a component with no usable chain
     values = np.concatenate([chi, full, dead], axis=1)
-    comps = names + ["full", "l9h9"]
+    comps = np.array(names + ["full", "l9h9"], dtype=object)
     ds = xr.Dataset(
         {"chi": (("token", "component"), values), "chi_se": (("token", "component"), np.abs(values) * 0.1)},
         coords={"component": comps, "token": np.arange(n),
-                "token_text": ("token", [f"t{g}" for g in groups[:900]]),
-                "token_source": ("token", ["code" if g % 2 else "prose" for g in groups[:900]]),
+                "token_text": ("token", np.array([f"t{g}" for g in groups[:900]], dtype=object)),
+                "token_source": ("token", np.array(["code" if g % 2 else "prose" for g in groups[:900]], dtype=object)),
                 "token_context": ("token", np.arange(n) // 10), "token_position": ("token", np.arange(n) % 10),
                 "token_id": ("token", np.arange(n) % 50)})
     ds.to_zarr(tmp_path / "susceptibilities.zarr", consolidated=False)
@@ -250,7 +267,7 @@ def test_cluster_run_reads_the_store_drops_full_and_empty_components(tmp_path, p
     assert summary["n_clusters"] == doc["n_clusters"] >= 3
     modes = json.loads((tmp_path / "modes.json").read_text())
     assert modes["components"] == names and len(modes["modes"]) == 8
-    with pytest.raises(Exception, match="susceptibilities"):
+    with pytest.raises(StoreError, match="no susceptibilities"):
         cluster_run(tmp_path / "nowhere", ClusterParams())
 
 
