@@ -90,6 +90,7 @@ class ClusterConfig:
     n_clusters: int = 0                 # spectral; 0: by eigengap
     seed: int = 0
     exact_knn_below: int = 20000        # exact kNN below this many tokens, approximate above
+    outlier_ratio: float = 0.8          # noise if mean kNN similarity < ratio x densest neighbour's; 0: off
 
 
 @dataclass
@@ -214,6 +215,8 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(k.min_size >= 1, "clustering.min_size", k.min_size, "must be >= 1", "e.g. clustering.min_size=5")
     _require(k.max_size >= 0, "clustering.max_size", k.max_size, "must be >= 0", "0 means no limit")
     _require(k.resolution > 0, "clustering.resolution", k.resolution, "must be > 0", "e.g. 1.0")
+    _require(0 <= k.outlier_ratio < 1, "clustering.outlier_ratio", k.outlier_ratio, "must be in [0, 1)",
+             "e.g. clustering.outlier_ratio=0.8, or 0 to turn the outlier step off")
     _require(k.n_clusters >= 0, "clustering.n_clusters", k.n_clusters, "must be >= 0", "0 picks by eigengap")
     _require(c.report.max_contexts >= 1 and c.report.page_size >= 1, "report", as_dict_safe(c.report),
              "needs max_contexts >= 1 and page_size >= 1", "e.g. report.page_size=25")
