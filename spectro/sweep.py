@@ -102,7 +102,7 @@ def recommend(rows: list[dict]) -> dict:
     passing = [r for r in rows if r["passed"]]
     if passing:
         best = max(passing, key=lambda r: (r["ess_min"], -r["setting"]["step_size"]))
-        reasons = [f"passes every health check (no divergence, LLC > 0 everywhere, R-hat <= threshold, ESS >= minimum)",
+        reasons = ["passes every health check (no divergence, LLC > 0 everywhere, R-hat <= threshold, ESS >= minimum)",
                    f"highest minimum bulk ESS among {len(passing)} passing setting(s): {best['ess_min']:.1f}",
                    f"full-model LLC {best['llc_full']:.3f} ± {best['llc_full_std']:.3f} over chains, max R-hat {best['rhat_max']:.2f}"]
         return {"job": best["job"], "setting": best["setting"], "passed": True, "reasons": reasons}
