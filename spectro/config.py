@@ -218,7 +218,7 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(0 <= k.outlier_ratio < 1, "clustering.outlier_ratio", k.outlier_ratio, "must be in [0, 1)",
              "e.g. clustering.outlier_ratio=0.8, or 0 to turn the outlier step off")
     _require(k.n_clusters >= 0, "clustering.n_clusters", k.n_clusters, "must be >= 0", "0 picks by eigengap")
-    _require(c.report.max_contexts >= 1 and c.report.page_size >= 1, "report", as_dict_safe(c.report),
+    _require(c.report.max_contexts >= 1 and c.report.page_size >= 1, "report", dataclasses.asdict(c.report),
              "needs max_contexts >= 1 and page_size >= 1", "e.g. report.page_size=25")
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     _require(c.ray.num_actors >= 1, "ray.num_actors", c.ray.num_actors, "must be >= 1", "e.g. ray.num_actors=2")
@@ -232,10 +232,6 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     if s.nbeta is None:
         c = dataclasses.replace(c, sampler=dataclasses.replace(s, nbeta=s.batch_size / math.log(s.batch_size)))
     return c
-
-
-def as_dict_safe(x) -> dict:
-    return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else dict(x)
 
 
 def as_dict(c: SpectroConfig) -> dict:

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 from spectro import __version__
 from spectro.components import Component, resolve_components
 from spectro.config import RESUME_NEUTRAL_KEYS, SpectroConfig, as_dict
-from spectro.data import ProbeSet, load_corpus, make_contexts, make_probe_set
+from spectro.data import ContextSet, ProbeSet, load_corpus, make_contexts, make_probe_set
 from spectro.errors import ConfigError
 from spectro.model import LoadedModel, load_model
 from spectro.sampling import Problem, make_problem
@@ -88,9 +89,7 @@ def prepare(config: SpectroConfig) -> Prepared:
     return Prepared(config, loaded, components, probe, problem, corpus_info)
 
 
-def _union(a, b):
-    from spectro.data import ContextSet
-    import torch
+def _union(a: ContextSet, b: ContextSet) -> ContextSet:
     return ContextSet(input_ids=torch.cat([a.input_ids, b.input_ids]), sources=a.sources + b.sources,
                       doc_names=a.doc_names + b.doc_names, offsets=a.offsets + b.offsets)
 
@@ -103,7 +102,6 @@ def layout_for(p: Prepared) -> Layout:
 
 def provenance(p: Prepared) -> dict:
     import ray
-    import torch
     import transformers
     import zarr
     return {"spectro": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -112,12 +110,11 @@ def provenance(p: Prepared) -> dict:
             "n_probe_tokens": p.probe.n_tokens}
 
 
-def open_store(p: Prepared, run_dir: Path) -> SampleStore:
+def open_store(p: Prepared, run_dir: Path, prov: dict) -> SampleStore:
     probe = p.probe
     table = ProbeTable(input_ids=probe.contexts.input_ids.numpy(), context=probe.token_context,
                        position=probe.token_position, token_id=probe.token_id, text=probe.token_text,
                        source=probe.token_source)
-    prov = provenance(p)
     return SampleStore.create_or_open(run_dir / "samples.zarr", layout_for(p), fingerprint=fingerprint(p.config),
                                       config=as_dict(p.config), model=prov["model"], data=prov["data"],
                                       init_loss=p.problem.init_loss, probe=table, fresh=p.config.fresh)
@@ -182,9 +179,10 @@ def run_sampling(config: SpectroConfig, run_dir: Path, p: Prepared) -> dict:
     from spectro.monitor import Monitor
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(p, run_dir)          # refuses a store made with another config
+    prov = provenance(p)
+    store = open_store(p, run_dir, prov)    # refuses a store made with another config
     (run_dir / "config.json").write_text(json.dumps(as_dict(p.config), indent=2))
-    (run_dir / "provenance.json").write_text(json.dumps(provenance(p), indent=2))
+    (run_dir / "provenance.json").write_text(json.dumps(prov, indent=2))
     if p.config.fresh and (run_dir / "checkpoints").exists():
         import shutil
         shutil.rmtree(run_dir / "checkpoints")

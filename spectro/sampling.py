@@ -146,14 +146,14 @@ class UnitRunner:
                          noise_gens=self._gens("noise"), draw=0,
                          diverged_at=np.full(self.n_chains, -1, dtype=np.int64))
 
-    def _step(self, state: UnitState) -> tuple[SGLDState, torch.Tensor, object]:
+    def _step(self, sg: SGLDState, state: UnitState, diverged_at: np.ndarray):
+        """One SGLD step on fresh minibatches; diverged chains stay put."""
         pool = self.problem.train_ids
         idx = torch.stack([torch.randint(pool.shape[0], (self.config.batch_size,), generator=g, device=pool.device)
                            for g in state.data_gens])                      # (chains, batch)
         batch = pool[idx]                                                   # (chains, batch, seq)
-        active = torch.as_tensor(state.diverged_at < 0, device=pool.device)
-        new, info = self.sgld.update(state.sgld, batch, state.noise_gens, active=active)
-        return new, active, info
+        active = torch.as_tensor(diverged_at < 0, device=pool.device)
+        return self.sgld.update(sg, batch, state.noise_gens, active=active)
 
     def next_draw(self, state: UnitState) -> tuple[UnitState, Draw]:
         cfg, bound = self.config, self.problem.init_loss + self.config.divergence_bound
@@ -162,8 +162,7 @@ class UnitRunner:
         step_losses = np.zeros(self.n_chains, dtype=np.float64)
         info = None
         for _ in range(n_steps):
-            state_for_step = UnitState(sg, state.data_gens, state.noise_gens, state.draw, diverged_at)
-            sg, _active, info = self._step(state_for_step)
+            sg, info = self._step(sg, state, diverged_at)
             loss = info.loss.double().cpu().numpy()
             step_losses += loss
             bad = (~np.isfinite(loss) | (loss > bound)) & (diverged_at < 0)
