@@ -66,6 +66,8 @@ class SamplerConfig:
     divergence_bound: float = 10.0      # a chain diverges when its loss exceeds init_loss + bound (or is NaN/inf)
     checkpoint_every: int = 10          # draws between chain checkpoints
     seed: int = 0
+    probe_dtype: str = "float32"        # "float32" | "bfloat16": autocast dtype of probe/sampling-loss evaluation
+    tf32: bool = False                  # CUDA only: allow TF32 matmuls (SGLD steps and probes)
 
 
 @dataclass
@@ -104,8 +106,9 @@ class RayConfig:
     address: Optional[str] = None       # None: start a local instance; "auto" or "ray://..." to join
     num_actors: int = 2
     num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0
+    num_gpus_per_actor: Optional[float] = None  # None: 1 per actor (shared if fewer GPUs) when the cluster has GPUs, else 0
     torch_threads: int = 0              # 0: match num_cpus_per_actor
+    gpu_memory_fraction: float = 0.0    # CUDA only: cap each actor at this share of its GPU's memory; 0: no cap
 
 
 @dataclass
@@ -223,7 +226,12 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     _require(c.ray.num_actors >= 1, "ray.num_actors", c.ray.num_actors, "must be >= 1", "e.g. ray.num_actors=2")
     _require(c.ray.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", c.ray.num_cpus_per_actor, "must be > 0", "e.g. 1")
-    _require(c.ray.num_gpus_per_actor >= 0, "ray.num_gpus_per_actor", c.ray.num_gpus_per_actor, "must be >= 0", "e.g. 0 or 1")
+    _require(c.ray.num_gpus_per_actor is None or c.ray.num_gpus_per_actor >= 0, "ray.num_gpus_per_actor",
+             c.ray.num_gpus_per_actor, "must be >= 0 or null", "e.g. 0, 1, 0.5, or null to use GPUs when present")
+    _require(0 <= c.ray.gpu_memory_fraction <= 1, "ray.gpu_memory_fraction", c.ray.gpu_memory_fraction,
+             "must be in [0, 1]", "e.g. ray.gpu_memory_fraction=0.45 for two actors per GPU, or 0 for no cap")
+    _require(s.probe_dtype in ("float32", "bfloat16"), "sampler.probe_dtype", s.probe_dtype,
+             "must be float32 or bfloat16", "e.g. sampler.probe_dtype=bfloat16 (see README: effect on chi)")
     _require(c.ray.torch_threads >= 0, "ray.torch_threads", c.ray.torch_threads, "must be >= 0", "0 matches num_cpus_per_actor")
     _require(c.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", c.wandb.mode,
              "must be offline, online or disabled", "offline needs no account")

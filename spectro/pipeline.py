@@ -34,6 +34,7 @@ from spectro import __version__
 from spectro.components import Component, resolve_components
 from spectro.config import RESUME_NEUTRAL_KEYS, SpectroConfig, as_dict
 from spectro.data import ContextSet, ProbeSet, load_corpus, make_contexts, make_probe_set
+from spectro.device import resolve_device
 from spectro.errors import ConfigError
 from spectro.model import LoadedModel, load_model
 from spectro.sampling import Problem, make_problem
@@ -66,8 +67,6 @@ def fingerprint(config: SpectroConfig) -> dict:
 
 def prepare(config: SpectroConfig) -> Prepared:
     """Load and check everything; raises a SpectroError subclass on bad input."""
-    from spectro.service import resolve_device
-
     loaded = load_model(config.model.source, config.model.revision, allow_download=config.model.allow_download)
     names = [n for n in config.components if n != "full"]
     components = resolve_components(loaded.model, ["full"] + names)
@@ -81,12 +80,18 @@ def prepare(config: SpectroConfig) -> Prepared:
     probe_ctx = make_contexts(corpus, tok, d.seq_len, d.n_probe_contexts, d.seed + 2, exclude=both, **kw)
     probe = make_probe_set(probe_ctx, tok)
     problem = make_problem(loaded.model, train.input_ids, sampling.input_ids, probe_ctx.input_ids,
-                           device=resolve_device(config.device))
+                           device=driver_device(config.device))
     if not np.isfinite(problem.init_loss):
         raise ConfigError(f"the model's loss at its own weights is {problem.init_loss}; check the model files")
     corpus_info = {"description": corpus.description, "content_hash": corpus.content_hash,
                    "n_documents": len(corpus.documents), "sources": sorted({x.source for x in corpus.documents})}
     return Prepared(config, loaded, components, probe, problem, corpus_info)
+
+
+def driver_device(device: str) -> str:
+    """Where the driver evaluates init_loss: the GPU if it has one and the run uses GPUs, else the CPU
+    (a driver on a GPU-less head node must not fail a device=cuda run; the actors check their own device)."""
+    return "cpu" if device == "cpu" else resolve_device("auto")
 
 
 def _union(a: ContextSet, b: ContextSet) -> ContextSet:

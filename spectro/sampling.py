@@ -32,6 +32,7 @@ import torch
 
 from spectro.components import Component, resolve_components
 from spectro.config import SamplerConfig
+from spectro.device import eval_autocast
 from spectro.observables import mean_loss, token_losses
 from spectro.sgld import SGLD, SGLDHyper, SGLDState, build
 
@@ -174,12 +175,14 @@ class UnitRunner:
             if diverged_at[c] >= 0:
                 continue
             params = {n: p[c] for n, p in sg.params.items()}
-            s = self.problem.per_token(self.problem.model, params, self.problem.sampling_ids).double().mean().item()
-            if not np.isfinite(s) or s > bound:
-                diverged_at[c] = state.draw
-                continue
-            sampling[c] = s
-            probe[c] = self.problem.per_token(self.problem.model, params, self.problem.probe_ids).reshape(-1).cpu().numpy()
+            with eval_autocast(self.problem.device, cfg.probe_dtype):
+                s = self.problem.per_token(self.problem.model, params, self.problem.sampling_ids).double().mean().item()
+                if not np.isfinite(s) or s > bound:
+                    diverged_at[c] = state.draw
+                    continue
+                sampling[c] = s
+                probe[c] = (self.problem.per_token(self.problem.model, params, self.problem.probe_ids)
+                            .float().reshape(-1).cpu().numpy())
         diverged = diverged_at >= 0
         sampling[diverged] = np.nan
         probe[diverged] = np.nan

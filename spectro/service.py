@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from spectro.config import SamplerConfig, SpectroConfig
+from spectro.device import apply_settings, gpu_request, resolve_device
 from spectro.errors import SpectroError
 from spectro.sampling import Problem, UnitRunner
 from spectro.store import TRACE_ARRAYS, SampleStore
@@ -109,25 +111,25 @@ def make_payload(problem: Problem, sampler: SamplerConfig, run_seed: int, store_
                    checkpoint_dir=str(checkpoint_dir))
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 @ray.remote(max_restarts=0)
 class SamplerActor:
     """Holds one model replica; runs units of work into the store."""
 
-    def __init__(self, payload: Payload, torch_threads: int, device: str):
+    def __init__(self, payload: Payload, torch_threads: int, device: str, memory_fraction: float = 0.0):
         torch.set_num_threads(max(1, torch_threads))
         self.device = resolve_device(device)
+        self.settings = apply_settings(self.device, payload.sampler.tf32, memory_fraction)
         self.payload = payload
         self.problem = payload.problem.to(self.device)
         self.store = SampleStore.open(Path(payload.store_path), mode="r+")
 
     def pid(self) -> int:
         return os.getpid()
+
+    def describe(self) -> dict:
+        """Where this replica runs and what was set (device, TF32, memory cap, threads)."""
+        return {**self.settings, "threads": torch.get_num_threads(), "pid": os.getpid(),
+                "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", [])}
 
     def run(self, component: str, chains: Sequence[int]) -> dict:
         t0 = time.perf_counter()
@@ -180,6 +182,12 @@ class Progress:
         return done
 
 
+def _creation_error(exc: Exception) -> Optional[str]:
+    """The SpectroError message an actor's constructor raised, if that is why it died."""
+    found = re.findall(r"spectro\.\w+\.(\w+Error): (.+)", str(exc))
+    return f"{found[-1][0]}: {found[-1][1]}" if found else None
+
+
 def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     """Connect to (or start) Ray. Returns True if this call started it."""
     if ray.is_initialized():
@@ -208,7 +216,11 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
     rc = config.ray
     threads = rc.torch_threads or max(1, int(rc.num_cpus_per_actor))
     payload_ref = ray.put(make_payload(problem, config.sampler, config.sampler.seed, store.path, checkpoint_dir))
-    options = dict(num_cpus=rc.num_cpus_per_actor, num_gpus=rc.num_gpus_per_actor)
+    gpus = gpu_request(rc.num_gpus_per_actor, ray.cluster_resources().get("GPU", 0.0), rc.num_actors)
+    if config.device.startswith("cuda") and gpus == 0:
+        raise SamplingFailed(f"device={config.device} but the actors request no GPU (the Ray cluster has none); "
+                             f"use device=auto or device=cpu")
+    options = dict(num_cpus=rc.num_cpus_per_actor, num_gpus=gpus)
     progress = Progress(store)
     queue = list(todo)
     failures: dict[tuple, int] = {}
@@ -219,7 +231,7 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
     next_id = iter(range(1 << 30))
 
     def start_actor() -> None:
-        handle = SamplerActor.options(**options).remote(payload_ref, threads, config.device)
+        handle = SamplerActor.options(**options).remote(payload_ref, threads, config.device, rc.gpu_memory_fraction)
         starting[handle.pid.remote()] = (next(next_id), handle)
 
     def lose(actor_id: int, unit: Optional[tuple], exc: Exception) -> None:
@@ -255,6 +267,9 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
                     try:
                         ray.get(ref)
                     except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                        reason = _creation_error(exc)
+                        if reason:                # deterministic (bad device, bad config): retrying cannot help
+                            raise SamplingFailed(f"a sampler actor could not start: {reason}") from exc
                         if report.actor_failures >= max_unit_failures * max(1, len(todo)):
                             raise SamplingFailed("sampler actors keep dying while starting; see the Ray logs") from exc
                         lose(actor_id, None, exc)

@@ -1,0 +1,130 @@
+"""The GPU path on CPUs: GPU requests, per-actor settings (TF32, memory cap),
+bf16 evaluation, and a Ray cluster that declares GPUs (Ray schedules on the
+declared resource; torch then sees no CUDA, which is exactly what a CPU test
+of this logic can check). Nothing here has run on a real GPU."""
+
+import numpy as np
+import pytest
+import torch
+
+from spectro.config import SamplerConfig, to_config
+from spectro.device import apply_settings, eval_autocast, gpu_request, resolve_device
+from spectro.errors import ConfigError
+from spectro.estimator import susceptibility_from_arrays
+from tests.conftest import tiny_config, tiny_problem
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA branch")
+
+
+def test_gpu_request_auto_explicit_and_too_many():
+    assert gpu_request(None, 0.0, 2) == 0.0               # no GPUs: CPU actors
+    assert gpu_request(None, 8.0, 2) == 1.0               # enough: one each
+    assert gpu_request(None, 1.0, 4) == 0.25              # fewer GPUs than actors: an equal share
+    assert gpu_request(0.5, 1.0, 2) == 0.5
+    assert gpu_request(0, 4.0, 2) == 0.0                  # explicit CPU run on a GPU cluster
+    with pytest.raises(ConfigError, match=r"num_gpus_per_actor=1 but the Ray cluster has 0 GPUs"):
+        gpu_request(1, 0.0, 2)
+
+
+@no_cuda
+def test_cpu_settings_are_skipped_not_faked():
+    before = torch.backends.cuda.matmul.fp32_precision
+    done = apply_settings("cpu", tf32=True, memory_fraction=0.5)
+    assert done == {"device": "cpu", "tf32": "skipped (not a CUDA device)",
+                    "memory_fraction": "skipped (not a CUDA device)"}
+    assert torch.backends.cuda.matmul.fp32_precision == before      # nothing global changed
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ConfigError, match=r"device=cuda but torch sees no CUDA device.*use device=auto or device=cpu"):
+        resolve_device("cuda")
+
+
+def test_config_ranges_for_gpu_options():
+    with pytest.raises(ConfigError, match=r"ray.gpu_memory_fraction must be in \[0, 1\] \(got 1.5\)"):
+        to_config({"ray": {"gpu_memory_fraction": 1.5}})
+    with pytest.raises(ConfigError, match=r"sampler.probe_dtype must be float32 or bfloat16 \(got 'float16'\)"):
+        to_config({"sampler": {"probe_dtype": "float16"}})
+    with pytest.raises(ConfigError, match=r"ray.num_gpus_per_actor must be >= 0 or null"):
+        to_config({"ray": {"num_gpus_per_actor": -1}})
+
+
+def test_eval_autocast_selects_bf16_matmuls_only_when_asked():
+    a = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    with eval_autocast("cpu", "float32"):
+        assert (a @ a).dtype == torch.float32
+    with eval_autocast("cpu", "bfloat16"):
+        assert (a @ a).dtype == torch.bfloat16
+
+
+def _chi(config: SamplerConfig, problem):
+    """Peer-form chi (tokens,) of one component from one unit, plus the SGLD distance traces."""
+    from spectro.sampling import UnitRunner
+
+    comp = problem.components(problem.model, ["l1.mlp"])[0]
+    runner = UnitRunner(problem, comp, range(config.num_chains), config, run_seed=0)
+    state, probe, sampling, dist = runner.start(), [], [], []
+    for _ in range(config.num_draws):
+        state, d = runner.next_draw(state)
+        probe.append(d.probe_loss)
+        sampling.append(d.sampling_loss)
+        dist.append(d.distance)
+    probe = np.stack(probe, 1).astype(np.float64)          # (chains, draws, tokens)
+    sampling = np.stack(sampling, 1)                        # (chains, draws)
+    chi = susceptibility_from_arrays(sampling, probe, problem.init_loss, sampling, probe, form="covariance").chi
+    return chi, np.stack(dist, 1), probe
+
+
+def test_bf16_evaluation_moves_chi_by_rounding_only():
+    """Same chains (the SGLD steps are float32 in both), observables in bf16: the effect on chi
+    is the rounding of the losses. Measured here on a tiny model; benchmarks/bench_precision.py
+    measures it on the embedded model (README)."""
+    problem = tiny_problem()
+    base = tiny_config(num_draws=8).sampler
+    chi32, dist32, probe32 = _chi(base, problem)
+    chi16, dist16, probe16 = _chi(SamplerConfig(**{**base.__dict__, "probe_dtype": "bfloat16"}), problem)
+    np.testing.assert_array_equal(dist32, dist16)           # identical trajectories
+    assert np.abs(probe16 - probe32).max() < 0.1            # bf16 rounding of ~4-nat losses
+    assert np.abs(probe16 - probe32).max() > 0              # and it is really bf16
+    r = np.corrcoef(chi32, chi16)[0, 1]
+    assert r > 0.9, r
+
+
+@pytest.fixture(scope="module")
+def ray_with_declared_gpus():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_actors_take_declared_gpus_and_refuse_cuda_without_it(ray_with_declared_gpus, tmp_path):
+    ray = ray_with_declared_gpus
+    from spectro.service import SamplerActor, _creation_error, make_payload
+
+    from tests.test_service import make_store
+
+    problem = tiny_problem()
+    cfg = tiny_config()
+    make_store(tmp_path / "samples.zarr", problem, cfg)
+    payload = ray.put(make_payload(problem, cfg.sampler, 0, tmp_path / "samples.zarr", tmp_path))
+    gpus = gpu_request(None, ray.cluster_resources()["GPU"], 2)
+    assert gpus == 1.0
+    actors = [SamplerActor.options(num_cpus=0.5, num_gpus=gpus).remote(payload, 1, "auto", 0.4) for _ in range(2)]
+    try:
+        seen = ray.get([a.describe.remote() for a in actors], timeout=120)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    if not torch.cuda.is_available():
+        assert [s["device"] for s in seen] == ["cpu", "cpu"]
+        assert all(s["memory_fraction"] == "skipped (not a CUDA device)" for s in seen)
+    assert sorted(s["gpu_ids"][0] for s in seen) == ["0", "1"]      # one declared GPU each, not shared
+    assert all(s["threads"] == 1 for s in seen)
+    if not torch.cuda.is_available():
+        bad = SamplerActor.options(num_cpus=0.5, num_gpus=1).remote(payload, 1, "cuda", 0.0)
+        with pytest.raises(Exception) as info:
+            ray.get(bad.describe.remote(), timeout=120)
+        reason = _creation_error(info.value)
+        assert reason and reason.startswith("ConfigError: device=cuda but torch sees no CUDA device"), reason
