@@ -24,3 +24,7 @@ class ComponentError(SpectroError, ValueError):
 
 class StoreError(SpectroError):
     """A run store is missing, partial, corrupted, or belongs to another config."""
+
+
+class SAEError(SpectroError):
+    """A sparse autoencoder cannot be loaded, trained or matched (bad files, shapes or settings)."""
