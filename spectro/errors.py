@@ -28,3 +28,11 @@ class StoreError(SpectroError):
 
 class SAEError(SpectroError):
     """A sparse autoencoder cannot be loaded, trained or matched (bad files, shapes or settings)."""
+
+
+class UnsafePathError(SpectroError, ValueError):
+    """A name taken from a config or a store would write outside the run directory."""
+
+
+class DiskFullError(StoreError):
+    """The disk (or quota) holding the run directory is full; completed chunks are kept."""

@@ -35,7 +35,7 @@ from spectro.components import Component, resolve_components
 from spectro.config import RESUME_NEUTRAL_KEYS, SpectroConfig, as_dict
 from spectro.data import ContextSet, ProbeSet, load_corpus, make_contexts, make_probe_set
 from spectro.device import resolve_device
-from spectro.errors import ConfigError
+from spectro.errors import ConfigError, StoreError
 from spectro.model import LoadedModel, load_model
 from spectro.sampling import Problem, make_problem
 from spectro.store import Layout, ProbeTable, SampleStore
@@ -201,6 +201,7 @@ def run_sampling(config: SpectroConfig, run_dir: Path, p: Prepared) -> dict:
         where = [f"{comps[c]} chain {k} at draw {diverged[c, k]}" for c, k in zip(*np.nonzero(diverged >= 0))]
         log.warning("%d chain(s) diverged and will be excluded from estimates: %s", n_div, "; ".join(where))
     return {"units_run": len(report.units_run), "units_skipped": report.units_skipped,
+            "units_repaired": report.units_repaired,
             "actor_failures": report.actor_failures, "seconds": round(report.seconds, 2),
             "draws_per_second": round(report.draws_per_second, 3), "diverged_chains": n_div,
             "init_loss": p.problem.init_loss, "complete": store.complete(), "components": per_component}
@@ -213,6 +214,11 @@ def run_susceptibilities(config: SpectroConfig, run_dir: Path) -> dict:
     from spectro import susceptibilities
 
     store = SampleStore.open(run_dir / "samples.zarr")
+    bad = store.verify()                 # never read a corrupted or missing chunk as data
+    if bad:
+        where = "; ".join(f"{u['component']} chains {u['chains']}: {u['problem']}" for u in bad[:3])
+        raise StoreError(f"{len(bad)} unit(s) of {store.path} have damaged chunks ({where}); rerun the sample "
+                         f"stage (the same command with stage=sample or stage=all) to recompute them")
     nbeta = float(store.attrs["config"]["sampler"]["nbeta"])
     e = config.estimator
     t0 = time.perf_counter()

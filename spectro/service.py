@@ -20,6 +20,18 @@ Non-obvious choices:
   actor that joins once constructed (on a shrunken cluster it may never get
   resources; the run still finishes on the survivors). A unit that kills
   `max_unit_failures` actors fails the run with a clear error.
+- Before any unit runs, the driver verifies the store (`SampleStore.verify`):
+  a unit with a missing, truncated or corrupted committed chunk (crc32c) has
+  its chunks and its checkpoint deleted and is sampled again from draw 0;
+  its seeds depend only on the config, so the result is bit-identical. A
+  checkpoint that cannot be read, or a unit with committed draws but no
+  checkpoint, is treated the same way inside `run_unit`.
+- A full disk (ENOSPC/EDQUOT/EFBIG) in an actor stops the run with
+  DiskFullError; every chunk written before it is kept and checkpointed, so
+  rerunning the same command after freeing space resumes. Any other task
+  error stops the run with SamplingFailed naming the unit and the cause.
+- Checkpoint file names come from component names; `store.confined` refuses
+  one that could write outside `checkpoints/`.
 - Every actor is killed at the end (also on error): on a small node a later
   Ray Data job would otherwise wait forever for their CPUs (DESIGN 3).
 - torch threads per actor = its CPU share, so two actors on two cores do not
@@ -28,6 +40,7 @@ Non-obvious choices:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -40,13 +53,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from spectro.config import SamplerConfig, SpectroConfig
 from spectro.device import apply_settings, gpu_request, resolve_device
-from spectro.errors import SpectroError
+from spectro.errors import DiskFullError, SpectroError
 from spectro.sampling import Problem, UnitRunner
-from spectro.store import TRACE_ARRAYS, SampleStore
+from spectro.store import TRACE_ARRAYS, SampleStore, confined, disk_full
 
 log = logging.getLogger("spectro.service")
 
@@ -58,7 +71,22 @@ class SamplingFailed(SpectroError):
 # ---------------------------------------------------------------- the unit (plain Python, no Ray)
 
 def checkpoint_path(checkpoint_dir: Path, component: str, chains: Sequence[int]) -> Path:
-    return Path(checkpoint_dir) / f"{component}__c{chains[0]}-{chains[-1]}.pt"
+    return confined(Path(checkpoint_dir), f"{component}__c{int(chains[0])}-{int(chains[-1])}.pt")
+
+
+def _restore(runner: UnitRunner, store: SampleStore, ckpt_file: Path, component: str, chains: Sequence[int]):
+    """The unit's state from its checkpoint; from draw 0 (its chunks deleted) if there is none or it is unreadable."""
+    if ckpt_file.exists():
+        try:
+            return runner.restore(torch.load(ckpt_file, weights_only=True))
+        except Exception as exc:  # truncated/corrupted file: pickle, zip and key errors all mean "unusable"
+            log.warning("checkpoint %s is unreadable (%s: %s); sampling %s chains %s again from draw 0",
+                        ckpt_file, type(exc).__name__, exc, component, list(chains))
+    ci = store.component_index(component)
+    if store.progress()[ci, chains[0]:chains[-1] + 1].max() > 0:
+        store.reset_unit(component, chains)      # committed draws without a usable checkpoint: start over
+    ckpt_file.unlink(missing_ok=True)
+    return runner.start()
 
 
 def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: Sequence[int],
@@ -67,10 +95,7 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
     component = problem.components(problem.model, [component_name])[0]
     runner = UnitRunner(problem, component, chains, sampler, run_seed)
     ckpt_file = checkpoint_path(checkpoint_dir, component_name, chains)
-    if ckpt_file.exists():
-        state = runner.restore(torch.load(ckpt_file, weights_only=True))
-    else:
-        state = runner.start()
+    state = _restore(runner, store, ckpt_file, component_name, chains)
     n_draws, chunk = store.layout.n_draws, store.layout.draw_chunk
     resumed_at = state.draw
     while state.draw < n_draws:
@@ -86,7 +111,13 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
             traces={name: np.stack([getattr(d, name) for d in draws], 1) for name in TRACE_ARRAYS},
             diverged_at=state.diverged_at)
         tmp = ckpt_file.with_suffix(".tmp")
-        torch.save(runner.checkpoint(state), tmp)
+        buffer = io.BytesIO()
+        torch.save(runner.checkpoint(state), buffer)      # serialise in memory: a full disk raises a plain OSError
+        try:
+            tmp.write_bytes(buffer.getbuffer())
+        except BaseException:
+            tmp.unlink(missing_ok=True)          # e.g. disk full: leave no half-written checkpoint
+            raise
         os.replace(tmp, ckpt_file)
         store.set_progress(component_name, chains, state.draw)
     return {"component": component_name, "chains": list(chains), "resumed_at": resumed_at,
@@ -140,11 +171,27 @@ class SamplerActor:
 
 # ---------------------------------------------------------------- the driver
 
+def task_failure(unit: tuple, exc: RayTaskError, store: SampleStore) -> SpectroError:
+    """The one clear error for a unit whose task raised (the actor is alive)."""
+    original = getattr(exc, "cause", None)
+    where = f"unit {unit[0]} chains {list(unit[1])}"
+    if disk_full(original):
+        return DiskFullError(f"no space left on the device holding {store.path.parent} while writing {where}; "
+                             f"every chunk committed before it is kept. Free space (or move the run directory "
+                             f"to a larger disk) and rerun the same command to resume")
+    if isinstance(original, SpectroError):
+        return type(original)(f"{where}: {original}")
+    detail = f"{type(original).__name__}: {original}" if original is not None else str(exc).splitlines()[0]
+    return SamplingFailed(f"{where} failed ({detail}); the store keeps every committed chunk, rerun the same "
+                          f"command to resume (see the Ray logs for the traceback)")
+
+
 @dataclass
 class SamplingReport:
     units_run: list = field(default_factory=list)
     units_skipped: int = 0
     actor_failures: int = 0
+    units_repaired: list = field(default_factory=list)    # [{"component", "chains", "problem"}] re-sampled
     seconds: float = 0.0
     draws_per_second: float = 0.0
 
@@ -201,6 +248,20 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     return True
 
 
+def repair(store: SampleStore, checkpoint_dir: Path) -> list[dict]:
+    """Verify every committed chunk; reset the units with a bad one (chunks, then checkpoint).
+    Call only while no actor writes to the store."""
+    bad = store.verify(remove_partial=True)
+    for unit in bad:
+        log.warning("%s chains %s: %s; sampling this unit again from draw 0", unit["component"], unit["chains"],
+                    unit["problem"])
+        store.reset_unit(unit["component"], unit["chains"])
+        checkpoint_path(checkpoint_dir, unit["component"], unit["chains"]).unlink(missing_ok=True)
+    for leftover in Path(checkpoint_dir).glob("*.tmp"):
+        leftover.unlink()                 # a checkpoint a killed actor was writing
+    return bad
+
+
 def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoint_dir: Path, *,
            on_poll: Optional[Callable[[SampleStore], None]] = None, poll_s: float = 1.0,
            max_unit_failures: int = 3) -> SamplingReport:
@@ -209,8 +270,9 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
     L = store.layout
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    repaired = repair(store, checkpoint_dir)
     todo = [u for u in L.units() if not store.unit_done(*u)]
-    report = SamplingReport(units_skipped=len(L.units()) - len(todo))
+    report = SamplingReport(units_skipped=len(L.units()) - len(todo), units_repaired=repaired)
     if not todo:
         return report
     rc = config.ray
@@ -283,6 +345,8 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
                     idle.append(actor_id)
                 except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
                     lose(actor_id, unit, exc)
+                except RayTaskError as exc:
+                    raise task_failure(unit, exc, store) from None
         progress.update(final=True)
         if on_poll is not None:
             on_poll(store)

@@ -29,13 +29,28 @@ Non-obvious choices:
   `progress` is always on disk.
 - Every chunk carries a crc32c checksum (zstd, then crc32c): a corrupted chunk
   raises on read instead of being read as data.
+- Every chunk a unit commits is written, even when it holds only the fill
+  value (`write_empty_chunks`; zarr skips those by default): so "committed
+  but absent" always means a chunk was lost. `verify()` reads every committed
+  chunk of every unit and returns the units with a missing, truncated or
+  corrupted one; `reset_unit()` deletes that unit's chunks so it is sampled
+  again from its first draw (bit-identical: its seeds depend only on the
+  config). Nothing half-written is read: zarr writes a chunk to
+  `<chunk>.<uuid>.partial` and renames it, and `verify()` removes the
+  `.partial` leftovers of a killed writer. Format 2 = this invariant.
 - A store made with a different config is refused, naming the keys that
-  differ, unless the caller asks for a fresh start.
+  differ, unless the caller asks for a fresh start. A directory that is not
+  ours (no or another format version, missing arrays, wrong shapes, unsafe
+  component names) is refused with what is wrong.
+- Disk full (ENOSPC/EDQUOT/EFBIG) while creating the store removes the partial
+  store and raises StoreError saying so.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,11 +61,37 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from spectro.config import flat_diff
-from spectro.errors import StoreError
+from spectro.errors import DiskFullError, StoreError, UnsafePathError
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 TRACE_ARRAYS = ("step_loss", "grad_norm", "noise_norm", "distance")
+UNIT_ARRAYS = ("sampling_loss", "probe_loss", *TRACE_ARRAYS)          # (component, chain, draw[, token])
+STATE_ARRAYS = ("diverged_at", "progress")                            # (component, chain)
+PROBE_ARRAYS = ("token_context", "token_position", "token_id", "token_text", "token_source", "probe_input_ids")
 PROBE_CHUNK_BYTES = 4 << 20
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an exception (or its cause chain) is a full disk or quota."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def confined(root: Path, name: str) -> Path:
+    """`root / name` for a plain file name derived from config or store contents;
+    refuses anything that could write outside `root` (separators, `..`, absolute)."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise UnsafePathError(f"refusing to write {name!r} under {root}: a name taken from a config or store may "
+                              f"only hold letters, digits, '_', '.', '-' (no path separators or '..')")
+    path = Path(root) / name
+    if Path(root).resolve() not in path.resolve().parents:
+        raise UnsafePathError(f"refusing to write {path}: it resolves outside {Path(root).resolve()}")
+    return path
 
 
 def _compressors():
@@ -127,12 +168,20 @@ class SampleStore:
                     f"or choose another run directory")
             if store.layout != layout:
                 raise StoreError(f"{path} has layout {store.layout}, expected {layout}; pass fresh=true")
+            store.verify_probe(probe)      # rewrites probe coordinates that were corrupted
             return store
         tmp = path.with_name(path.name + ".creating")
         if tmp.exists():
             shutil.rmtree(tmp)
-        cls._create(tmp, layout, fingerprint=fingerprint, config=config, model=model, data=data,
-                    init_loss=init_loss, probe=probe)
+        try:
+            cls._create(tmp, layout, fingerprint=fingerprint, config=config, model=model, data=data,
+                        init_loss=init_loss, probe=probe)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if disk_full(exc):
+                raise DiskFullError(f"no space left on the device while creating {path} ({exc.strerror}); free space "
+                                 f"or choose a run directory on a larger disk, then rerun") from None
+            raise
         tmp.rename(path)          # the store appears whole or not at all
         return cls.open(path, mode="r+")
 
@@ -185,13 +234,37 @@ class SampleStore:
             attrs = dict(g.attrs)
         except Exception as exc:  # zarr raises several types for non-stores
             raise StoreError(f"{path} is not a readable Zarr v3 store ({type(exc).__name__}: {exc})") from None
-        if attrs.get("spectro_store") != STORE_FORMAT:
-            raise StoreError(f"{path} is not a spectro sample store (format {attrs.get('spectro_store')!r}, "
-                             f"expected {STORE_FORMAT}); point at a run directory's samples.zarr")
-        missing = [a for a in ("sampling_loss", "probe_loss", "progress", "diverged_at") if a not in g]
+        version = attrs.get("spectro_store")
+        if version is None:
+            raise StoreError(f"{path} is not a spectro sample store (it has no 'spectro_store' format attribute); "
+                             f"point at a run directory's samples.zarr")
+        if version != STORE_FORMAT:
+            raise StoreError(f"{path} is a spectro sample store of format {version!r}, but this version reads format "
+                             f"{STORE_FORMAT}; rerun with fresh=true (or the spectro version that wrote it)")
+        absent = [k for k in ("layout", "init_loss", "fingerprint", "config") if k not in attrs]
+        if absent:
+            raise StoreError(f"{path} is truncated: attributes {absent} are missing; rerun with fresh=true")
+        try:
+            store = cls(path, g)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise StoreError(f"{path} has a malformed layout attribute ({exc}); rerun with fresh=true") from None
+        L = store.layout
+        for name in L.components:
+            if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+                raise StoreError(f"{path} names a component {name!r} that is not a valid component name; "
+                                 f"this store was not written by spectro")
+        C, N, D, T = len(L.components), L.n_chains, L.n_draws, L.n_tokens
+        expected = {**{a: (C, N, D) for a in UNIT_ARRAYS}, "probe_loss": (C, N, D, T),
+                    **{a: (C, N) for a in STATE_ARRAYS}, "component": (C,),
+                    **{a: (T,) for a in PROBE_ARRAYS}, "probe_input_ids": (L.n_contexts, L.seq_len)}
+        present = set(g.array_keys())
+        missing = [a for a in expected if a not in present]
         if missing:
             raise StoreError(f"{path} is truncated: arrays {missing} are missing; rerun with fresh=true")
-        return cls(path, g)
+        wrong = [f"{a} {g[a].shape} (expected {shape})" for a, shape in expected.items() if g[a].shape != shape]
+        if wrong:
+            raise StoreError(f"{path} does not match its own layout: {', '.join(wrong)}; rerun with fresh=true")
+        return store
 
     # ---- writing (one unit owns its chunk column)
 
@@ -212,15 +285,98 @@ class SampleStore:
         if draw_start % self.layout.draw_chunk != 0 or (n != self.layout.draw_chunk and draw_start + n != self.layout.n_draws):
             raise StoreError(f"block at draw {draw_start} with {n} draws is not chunk-aligned")
         d = slice(draw_start, draw_start + n)
-        self.group["sampling_loss"][ci, c0:c1, d] = sampling_loss
-        self.group["probe_loss"][ci, c0:c1, d, :] = probe_loss
+        self._array("sampling_loss")[ci, c0:c1, d] = sampling_loss
+        self._array("probe_loss")[ci, c0:c1, d, :] = probe_loss
         for name in TRACE_ARRAYS:
-            self.group[name][ci, c0:c1, d] = traces[name]
-        self.group["diverged_at"][ci, c0:c1] = diverged_at
+            self._array(name)[ci, c0:c1, d] = traces[name]
+        self._array("diverged_at")[ci, c0:c1] = diverged_at
 
     def set_progress(self, component: str, chains: Sequence[int], n_draws: int) -> None:
         ci = self.component_index(component)
-        self.group["progress"][ci, chains[0]:chains[-1] + 1] = n_draws
+        self._array("progress")[ci, chains[0]:chains[-1] + 1] = n_draws
+
+    def _array(self, name: str) -> zarr.Array:
+        """An array that writes every chunk, also one holding only the fill value (see module doc)."""
+        return self.group[name].with_config({"write_empty_chunks": True})
+
+    # ---- integrity (resume)
+
+    def _chunk_file(self, name: str, coords: tuple[int, ...]) -> Path:
+        return self.path / name / self.group[name].metadata.encode_chunk_key(coords)
+
+    def _unit_chunks(self, ci: int, g: int, committed: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(array, chunk coords) of every chunk unit (component ci, chain group g) has committed."""
+        L = self.layout
+        n_dchunks = -(-committed // L.draw_chunk)
+        n_tchunks = -(-L.n_tokens // L.token_chunk)
+        out = [(a, (ci, g)) for a in STATE_ARRAYS]
+        for j in range(n_dchunks):
+            out += [(a, (ci, g, j)) for a in UNIT_ARRAYS if a != "probe_loss"]
+            out += [("probe_loss", (ci, g, j, t)) for t in range(n_tchunks)]
+        return out
+
+    def verify(self, *, remove_partial: bool = False) -> list[dict]:
+        """Read every committed chunk of every unit; return the units with a chunk that is
+        missing, truncated or fails its crc32c checksum, as {"component", "chains", "problem"}.
+
+        `remove_partial` also deletes `*.partial` files (a killed writer's temp chunks); only
+        call it with it set when no writer is running.
+        """
+        L = self.layout
+        if remove_partial:
+            for leftover in self.path.rglob("*.partial"):
+                leftover.unlink(missing_ok=True)
+        bad = []
+        for ci, component in enumerate(L.components):
+            for g, (_, chains) in enumerate(u for u in L.units() if u[0] == component):
+                c0, c1 = chains[0], chains[-1] + 1
+                problem = None
+                try:
+                    committed = int(self.group["progress"][ci, c0:c1].min())
+                except Exception as exc:  # crc32c mismatch (ValueError), truncated zstd frame, ...
+                    committed, problem = 0, f"progress chunk unreadable ({exc})"
+                if problem is None and committed > 0:
+                    problem = self._check_chunks(self._unit_chunks(ci, g, committed))
+                if problem is not None:
+                    bad.append({"component": component, "chains": list(chains), "problem": problem})
+        return bad
+
+    def _check_chunks(self, chunks: list[tuple[str, tuple[int, ...]]]) -> str | None:
+        """The first problem among these chunks (absent, or fails to decode), else None. Reads one chunk at a time."""
+        for name, coords in chunks:
+            if not self._chunk_file(name, coords).is_file():
+                return f"{name} chunk {coords} is missing"
+            arr = self.group[name]
+            region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, arr.chunks, arr.shape))
+            try:
+                arr[region]
+            except Exception as exc:  # crc32c mismatch (ValueError), truncated zstd frame, ...
+                return f"{name} chunk {coords} fails its checksum or is truncated ({type(exc).__name__}: {exc})"
+        return None
+
+    def reset_unit(self, component: str, chains: Sequence[int]) -> None:
+        """Delete every chunk of one unit (progress first), so it is sampled again from draw 0."""
+        ci = self.component_index(component)
+        g = chains[0] // self.layout.chain_group
+        chunks = self._unit_chunks(ci, g, self.layout.n_draws)
+        for name, coords in sorted(chunks, key=lambda nc: nc[0] != "progress"):    # progress first
+            self._chunk_file(name, coords).unlink(missing_ok=True)
+
+    def verify_probe(self, probe: ProbeTable) -> list[str]:
+        """Rewrite probe coordinate arrays that are unreadable or differ from `probe`; returns their names."""
+        want = {"token_context": probe.context, "token_position": probe.position, "token_id": probe.token_id,
+                "token_text": np.array(list(probe.text), dtype=object),
+                "token_source": np.array(list(probe.source), dtype=object), "probe_input_ids": probe.input_ids}
+        fixed = []
+        for name, values in want.items():
+            try:
+                ok = np.array_equal(self.group[name][:], values)
+            except Exception:  # unreadable chunk: rewrite it
+                ok = False
+            if not ok:
+                self._array(name)[...] = values
+                fixed.append(name)
+        return fixed
 
     # ---- reading
 
