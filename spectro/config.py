@@ -96,6 +96,28 @@ class ClusterConfig:
 
 
 @dataclass
+class SAEConfig:
+    """Sparse-autoencoder check of the clusters (DESIGN 1.7; spectro.sae)."""
+    enabled: bool = True                # stage=all runs the sae stage (after clusters, before report)
+    load: Optional[str] = None          # SAELens-layout dir (cfg.json + sae_weights.safetensors): use it, train nothing
+    site: str = "resid_post"            # "resid_post" (residual stream after block `layer`) | "mlp_out"
+    layer: int = 2
+    expansion: int = 8                  # dictionary size = expansion * d_model
+    k: int = 16                         # TopK: active latents per token
+    steps: int = 2000
+    batch_size: int = 512
+    lr: float = 1e-3
+    aux_k: int = 128                    # AuxK: dead latents that model the residual error
+    dead_after: int = 200               # steps without firing before a latent is dead
+    position: str = "predicting"        # probe token y at p: "predicting" = activation at p-1 | "token" = at p
+    active_threshold: float = 0.0       # a feature is active on a token when its activation exceeds this
+    match_threshold: float = 0.5        # a cluster matches when its best feature's F1 >= this
+    n_null: int = 200                   # random clusterings (permuted labels) for the null
+    top_contexts: int = 6               # report: contexts per feature and per cluster
+    seed: int = 0
+
+
+@dataclass
 class ReportConfig:
     max_contexts: int = 8               # example contexts per cluster card
     page_size: int = 25                 # cluster cards per page
@@ -127,6 +149,7 @@ class SpectroConfig:
     components: list[str] = field(default_factory=lambda: ["all"])
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     clustering: ClusterConfig = field(default_factory=ClusterConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -136,8 +159,8 @@ class SpectroConfig:
 
 
 # Keys whose change does not alter any stored number, so a resumed run may differ in them.
-RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report")
-STAGES = ("all", "sample", "susceptibilities", "clusters", "report")
+RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae")
+STAGES = ("all", "sample", "susceptibilities", "clusters", "sae", "report")
 
 
 def to_config(cfg: DictConfig | dict | SpectroConfig | None = None) -> SpectroConfig:
@@ -221,6 +244,24 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(0 <= k.outlier_ratio < 1, "clustering.outlier_ratio", k.outlier_ratio, "must be in [0, 1)",
              "e.g. clustering.outlier_ratio=0.8, or 0 to turn the outlier step off")
     _require(k.n_clusters >= 0, "clustering.n_clusters", k.n_clusters, "must be >= 0", "0 picks by eigengap")
+    a = c.sae
+    _require(a.site in ("resid_post", "mlp_out"), "sae.site", a.site, "must be resid_post or mlp_out",
+             "pick one of those")
+    _require(a.layer >= 0, "sae.layer", a.layer, "must be >= 0", "e.g. sae.layer=2")
+    for key in ("expansion", "k", "steps", "batch_size", "dead_after", "top_contexts"):
+        v = getattr(a, key)
+        _require(v >= 1, f"sae.{key}", v, "must be >= 1", f"set sae.{key} to a positive integer")
+    _require(finite(a.lr) and a.lr > 0, "sae.lr", a.lr, "must be a positive finite number", "e.g. sae.lr=1e-3")
+    _require(a.aux_k >= 0 and a.n_null >= 0, "sae", {"aux_k": a.aux_k, "n_null": a.n_null},
+             "needs aux_k >= 0 and n_null >= 0", "e.g. sae.aux_k=128 sae.n_null=200")
+    _require(a.position in ("predicting", "token"), "sae.position", a.position,
+             "must be 'predicting' or 'token'", "pick one of those")
+    _require(finite(a.active_threshold) and a.active_threshold >= 0, "sae.active_threshold", a.active_threshold,
+             "must be >= 0", "e.g. sae.active_threshold=0")
+    _require(finite(a.match_threshold) and 0 < a.match_threshold <= 1, "sae.match_threshold", a.match_threshold,
+             "must be in (0, 1]", "e.g. sae.match_threshold=0.5")
+    _require(a.load is None or bool(str(a.load).strip()), "sae.load", a.load, "must be a directory or null",
+             "e.g. sae.load=/path/to/sae_dir")
     _require(c.report.max_contexts >= 1 and c.report.page_size >= 1, "report", dataclasses.asdict(c.report),
              "needs max_contexts >= 1 and page_size >= 1", "e.g. report.page_size=25")
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
