@@ -173,7 +173,8 @@ def to_config(cfg: DictConfig | dict | SpectroConfig | None = None) -> SpectroCo
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
-        raise ConfigError(f"invalid config{f' at {key!r}' if key else ''}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        detail = str(exc.msg if hasattr(exc, "msg") else exc).strip().splitlines()[0]   # one line, no OmegaConf dump
+        raise ConfigError(f"invalid config{f' at {key!r}' if key else ''}: {detail}") from None
     return validate(obj)
 
 

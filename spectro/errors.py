@@ -36,3 +36,7 @@ class UnsafePathError(SpectroError, ValueError):
 
 class DiskFullError(StoreError):
     """The disk (or quota) holding the run directory is full; completed chunks are kept."""
+
+
+class DivergenceError(SpectroError):
+    """No estimate is possible: the chains it needs diverged (or produced non-finite losses)."""

@@ -19,7 +19,10 @@ Non-obvious choices:
   reads only Zarr v2 (DESIGN 3).
 - A chain that diverged is excluded entirely (all its draws), listed in the
   output's attrs, and counted in the diagnostics. A component left with no
-  usable chain gets chi = NaN *and* `n_chains_used = 0`, with a warning.
+  usable chain gets chi = NaN *and* `n_chains_used = 0`, with a warning, and
+  is listed in the attrs and the summary (`components_without_chains`). If
+  every chain of `full` diverged nothing can be estimated: DivergenceError
+  before any work. Any other non-finite chi value is an error, never written.
 - A run still in progress is refused unless `partial=True`, which uses each
   chain's committed draws and marks the output `partial` with the progress.
 - R-hat (rank-normalised, split) and bulk ESS come from arviz-stats, on
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +41,7 @@ from typing import Optional
 
 import numpy as np
 
-from spectro.errors import StoreError
+from spectro.errors import DivergenceError, StoreError
 from spectro.estimator import ChainMoments, susceptibility
 from spectro.store import SampleStore, SusceptibilityStore
 
@@ -66,6 +70,14 @@ def select_chains(store: SampleStore, partial: bool = False) -> Selection:
         raise StoreError(f"{store.path} has no '{FULL}' run; the estimator centres on it. Resample with it.")
     diverged = store.diverged_at()
     use = (diverged < 0) & (progress > 0)
+    fi = L.components.index(FULL)
+    if not use[fi].any() and (diverged[fi] >= 0).all():
+        sampler = store.attrs["config"]["sampler"]
+        raise DivergenceError(
+            f"every chain of '{FULL}' diverged (at draws {diverged[fi].tolist()}), and every estimate is centred "
+            f"on it, so no susceptibility can be computed. Lower sampler.step_size (now {sampler['step_size']}), "
+            f"raise sampler.gamma (now {sampler['gamma']}) or sampler.divergence_bound, and resample "
+            f"(fresh=true)")
     excluded = [{"component": L.components[c], "chain": int(k), "diverged_at": int(diverged[c, k])}
                 for c, k in zip(*np.nonzero(diverged >= 0))]
     return Selection(use=use, draws=np.where(use, progress, 0), excluded=excluded, partial=not store.complete())
@@ -181,6 +193,12 @@ def compute(run_dir: Path, *, form: str = "peer", nbeta: float, rhat_threshold: 
         raise StoreError("the covariance job did not return every token block; rerun the susceptibilities stage")
     diag = diagnostics(store, sel, nbeta, rhat_threshold)
     empty = [L.components[c] for c in range(len(L.components)) if diag["n_chains_used"][c] == 0]
+    expected_finite = L.n_tokens * (len(L.components) - len(empty))
+    if sum(int(r["finite"]) for r in results) != expected_finite:     # never a silent NaN/inf in chi
+        shutil.rmtree(out.path, ignore_errors=True)
+        raise DivergenceError(f"chi has {expected_finite - sum(int(r['finite']) for r in results)} non-finite values "
+                              f"for components whose chains did not diverge: their probe losses hold inf/NaN. "
+                              f"Lower sampler.step_size or raise sampler.gamma and resample (fresh=true)")
     if empty:
         log.warning("components with no usable chain (chi is NaN for them): %s", ", ".join(empty))
     attrs = {"form": form, "partial": sel.partial, "excluded_chains": sel.excluded, "nbeta": nbeta,
@@ -190,7 +208,7 @@ def compute(run_dir: Path, *, form: str = "peer", nbeta: float, rhat_threshold: 
     out.write_diagnostics(diag, attrs)
     out.commit(run_dir / "susceptibilities.zarr")
     return {"blocks": len(blocks), "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-            "excluded_chains": len(sel.excluded), "partial": sel.partial,
+            "excluded_chains": len(sel.excluded), "partial": sel.partial, "components_without_chains": empty,
             "not_mixed": [L.components[c] for c in np.nonzero(diag["not_mixed"])[0]]}
 
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, ray_local):
     """An uninterrupted run: 3 components x 2 chain groups, 6 draws in chunks of 3."""
-    problem, config = tiny_problem(), tiny_config()
+    problem, config = tiny_problem(), tiny_config(burnin=2)
     run = tmp_path_factory.mktemp("ref")
     store = make_store(run / "samples.zarr", problem, config)
     sample(problem, store, config, run / "checkpoints")
