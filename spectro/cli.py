@@ -44,5 +44,12 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
     except SpectroError as exc:
         print(f"spectro: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from spectro.store import disk_full
+        if not disk_full(exc):
+            raise
+        print(f"spectro: error: no space left on the device while writing {exc.filename or run_dir} "
+              f"({exc.strerror}); free space and rerun the same command to resume", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0

@@ -78,7 +78,11 @@ def _restore(runner: UnitRunner, store: SampleStore, ckpt_file: Path, component:
     """The unit's state from its checkpoint; from draw 0 (its chunks deleted) if there is none or it is unreadable."""
     if ckpt_file.exists():
         try:
-            return runner.restore(torch.load(ckpt_file, weights_only=True))
+            state = runner.restore(torch.load(ckpt_file, weights_only=True))
+            problem = store.check_unit(component, chains, state.draw)   # the draws before it must be on disk
+            if problem is None:
+                return state
+            log.warning("%s chains %s: %s; sampling this unit again from draw 0", component, list(chains), problem)
         except Exception as exc:  # truncated/corrupted file: pickle, zip and key errors all mean "unusable"
             log.warning("checkpoint %s is unreadable (%s: %s); sampling %s chains %s again from draw 0",
                         ckpt_file, type(exc).__name__, exc, component, list(chains))
@@ -120,6 +124,9 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
             raise
         os.replace(tmp, ckpt_file)
         store.set_progress(component_name, chains, state.draw)
+    ci = store.component_index(component_name)
+    if store.progress()[ci, chains[0]:chains[-1] + 1].min() < state.draw:
+        store.set_progress(component_name, chains, state.draw)     # killed after the last checkpoint, before this
     return {"component": component_name, "chains": list(chains), "resumed_at": resumed_at,
             "diverged_at": state.diverged_at.tolist()}
 

@@ -341,6 +341,12 @@ class SampleStore:
                     bad.append({"component": component, "chains": list(chains), "problem": problem})
         return bad
 
+    def check_unit(self, component: str, chains: Sequence[int], committed: int) -> str | None:
+        """The first problem among one unit's chunks for draws [0, committed), else None."""
+        ci = self.component_index(component)
+        chunks = self._unit_chunks(ci, chains[0] // self.layout.chain_group, committed)
+        return self._check_chunks([c for c in chunks if c[0] != "progress"])   # progress may lag the checkpoint
+
     def _check_chunks(self, chunks: list[tuple[str, tuple[int, ...]]]) -> str | None:
         """The first problem among these chunks (absent, or fails to decode), else None. Reads one chunk at a time."""
         for name, coords in chunks:
