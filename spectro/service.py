@@ -250,7 +250,10 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
         # join a cluster (also how a `ray job submit` driver finds its cluster)
         ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        # "local": a private instance even if `ray start` left a cluster on this machine
+        # "local": a private instance even if `ray start` left a cluster on this machine.
+        # Ray starts workers at nice 15 by default: on a shared node they then lose the CPU to any
+        # normal-priority process (issue 7); the sampler actors are the work, so run them at nice 0.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     return True
 
