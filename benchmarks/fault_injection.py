@@ -15,12 +15,16 @@ Real processes, real Ray, real Zarr, nothing mocked. Faults:
 - node:       a two-node Ray cluster on this machine (ray.cluster_utils.Cluster:
               a head and a worker node, each its own raylet and object store);
               the worker node is removed at a random progress point.
+- midwrite:   the store's real write path (SampleStore.write_block, what
+              actors run) in its own process, writing 4 MB chunks, frozen
+              (SIGSTOP) at random moments until it is caught with a chunk
+              half on disk (zarr's `<chunk>.<uuid>.partial`), then SIGKILLed
+              there. A chunk write is ~1 ms of a unit's seconds, so random
+              kills of the whole job almost never land inside one; this does.
 - driver:     the main job (`jobs/run.py`, a tiny local model, stage=sample)
-              as a subprocess, SIGKILLed at a random progress point; every
-              other round it is frozen (SIGSTOP) at random moments until an
-              actor is caught with a chunk half-written (a zarr `.partial`
-              temp file on disk), then killed there: kill mid-chunk-write.
-              Then the same command is rerun.
+              as a subprocess; the driver process alone is SIGKILLed at a
+              random progress point (its Ray processes may outlive it; after
+              20 s any that did are killed), then the same command is rerun.
 - covariance: the susceptibilities stage (the Ray Data job) as a subprocess,
               SIGKILLed at a random moment while its output is half made; rerun.
 
@@ -333,42 +337,6 @@ def kill_driver(proc: subprocess.Popen, grace_s: float = 20.0) -> int:
     return len(alive)
 
 
-def freeze_mid_write(proc: subprocess.Popen, store: Path, rng, tries: int = 3000) -> bool:
-    """Stop the whole job (driver + Ray) at random moments until a chunk is half on disk, then SIGKILL it all."""
-    import psutil
-    for _ in range(tries):
-        time.sleep(float(rng.uniform(0.0, 0.02)))
-        if proc.poll() is not None:
-            return False
-        family = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-        for p in family:
-            try:
-                p.send_signal(signal.SIGSTOP)
-            except psutil.Error:
-                pass
-        for p in family:
-            try:
-                while p.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
-                    time.sleep(0.0005)
-            except psutil.Error:
-                pass
-        if list(store.rglob("*.partial")):
-            for p in family:
-                try:
-                    p.send_signal(signal.SIGKILL)
-                except psutil.Error:
-                    pass
-            proc.wait(timeout=30)
-            psutil.wait_procs(family, timeout=10)
-            return True
-        for p in family:
-            try:
-                p.send_signal(signal.SIGCONT)
-            except psutil.Error:
-                pass
-    return False
-
-
 def fault_driver(rng, rounds, work, args, ref_cli, tally):
     from spectro.store import SampleStore
 
@@ -376,7 +344,6 @@ def fault_driver(rng, rounds, work, args, ref_cli, tally):
     for r in range(rounds):
         run = work / f"driver{r}"
         proc = job(run, args, "sample")
-        mid_write = r % 2 == 1
         target = int(rng.integers(1, total - 8))
         store = run / "samples.zarr"
         hit, note = False, ""
@@ -387,27 +354,78 @@ def fault_driver(rng, rounds, work, args, ref_cli, tally):
             except Exception:
                 done = 0
             if done >= target:
-                if mid_write:
-                    hit = freeze_mid_write(proc, store, rng)
-                    torn = len(list(store.rglob("*.partial")))
-                    note = f"frozen and killed with {torn} chunk(s) half-written, after {done} chain-draws"
-                else:
-                    survivors = kill_driver(proc)
-                    hit = True
-                    note = f"driver killed at {done} chain-draws; {survivors} orphaned Ray process(es) left"
+                survivors = kill_driver(proc)
+                torn = len(list(store.rglob("*.partial")))
+                hit = True
+                note = (f"killed at {done} chain-draws; {survivors} Ray process(es) outlived it by 20 s "
+                        f"and were killed; {torn} half-written chunk(s)")
                 break
             time.sleep(0.02)
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
-        out = finish(job(run, args, "sample"), "resume")
+        finish(job(run, args, "sample"), "resume")
         summary = json.loads((run / "summary.json").read_text())["sample"]
         n, same = lost(ref_cli, store_arrays(store))
-        tally.add("SIGKILL the driver" + (" mid-chunk-write" if mid_write else ""), int(hit),
-                  summary["complete"], n, same, note + f"; resume ran {summary['units_run']} unit(s), "
-                                                       f"repaired {len(summary.get('units_repaired', []))}")
+        tally.add("SIGKILL the driver (jobs/run.py)", int(hit), summary["complete"], n, same,
+                  note + f"; the rerun ran {summary['units_run']} unit(s), repaired "
+                         f"{len(summary.get('units_repaired', []))}")
         shutil.rmtree(run)
-        del out
+
+
+def expected_round(layout, rnd: int) -> dict:
+    """What the test's WRITER puts in every chunk in round `rnd` (same generator, same order)."""
+    noise = np.random.default_rng(rnd)
+    out = {}
+    for comp, chains in layout.units():
+        for d0 in range(0, layout.n_draws, layout.draw_chunk):
+            g, n = len(chains), min(layout.draw_chunk, layout.n_draws - d0)
+            out[(comp, chains[0], d0)] = (rnd + 0.5 * noise.random((g, n, layout.n_tokens))).astype(np.float32)
+    return out
+
+
+def fault_midwrite(rng, rounds, work, tally):
+    """The store's real write path (SampleStore.write_block, what actors run) in its own process,
+    frozen at random moments until caught with a chunk half on disk, then SIGKILLed there."""
+    from types import SimpleNamespace
+
+    from spectro.store import SampleStore
+    from tests.conftest import tiny_config, tiny_problem
+    from tests.test_faults import WRITER, kill_mid_write
+    from tests.test_service import make_store
+
+    problem = tiny_problem()
+    big = SimpleNamespace(probe_ids=problem.probe_ids.repeat(400, 1), init_loss=problem.init_loss)
+    store = make_store(work / "midwrite" / "samples.zarr", big, tiny_config(num_draws=4, checkpoint_every=4))
+    L = store.layout
+    for r in range(rounds):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(store.path)], cwd=ROOT, stdout=subprocess.PIPE,
+                                text=True)
+        proc.stdout.readline()
+        proc.stdout.readline()
+        hit = kill_mid_write(proc, store.path, rng)
+        proc.wait(timeout=30)
+        torn = len(list(store.path.rglob("*.partial")))
+        store = SampleStore.open(store.path, mode="r+")
+        problems = store.verify(remove_partial=True)
+        probe = store.read("probe_loss")
+        rounds_seen, bad = set(), 0
+        cache: dict = {}
+        for comp, chains in L.units():
+            ci = L.components.index(comp)
+            got = probe[ci, chains[0]:chains[-1] + 1]
+            k = int(np.floor(got.min()))
+            for cand in (k, k - 1):
+                exp = cache.setdefault(cand, expected_round(L, cand))[(comp, chains[0], 0)]
+                if exp.tobytes() == got.tobytes():
+                    rounds_seen.add(cand)
+                    break
+            else:
+                bad += 1
+        left = len(list(store.path.rglob("*.partial")))
+        tally.add("SIGKILL mid-chunk-write (store write path)", int(hit), problems == [] and left == 0, bad,
+                  bad == 0, f"{torn} half-written chunk file(s) at the kill, removed by verify; every chunk "
+                            f"bit-identical to a whole write of round(s) {sorted(rounds_seen)}")
 
 
 def fault_covariance(rng, rounds, work, args, ref_dir, ref_chi, tally):
@@ -442,7 +460,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="faults of each kind")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", default="actor,corrupt,disk,node,driver,covariance")
+    ap.add_argument("--only", default="actor,corrupt,disk,node,midwrite,driver,covariance")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     only = set(a.only.split(","))
@@ -474,6 +492,8 @@ def main() -> None:
         ray.shutdown()
         if "node" in only:
             fault_node(rng, a.rounds, work, ref, tally)
+    if "midwrite" in only:
+        fault_midwrite(rng, a.rounds, work, tally)
 
     if only & {"driver", "covariance"}:
         model_dir = tiny_snapshot(work / "model")
@@ -490,7 +510,7 @@ def main() -> None:
         print(f"reference (CLI, tiny snapshot): {ref_cli['probe_loss'].shape} probe losses, "
               f"chi {ref_chi['chi'].shape}", flush=True)
         if "driver" in only:
-            fault_driver(rng, 2 * a.rounds, work, args, ref_cli, tally)
+            fault_driver(rng, a.rounds, work, args, ref_cli, tally)
         if "covariance" in only:
             fault_covariance(rng, a.rounds, work, args, ref_cli_dir, ref_chi, tally)
 

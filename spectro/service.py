@@ -114,7 +114,7 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
             probe_loss=np.stack([d.probe_loss for d in draws], 1),                  # (chains, n, tokens)
             traces={name: np.stack([getattr(d, name) for d in draws], 1) for name in TRACE_ARRAYS},
             diverged_at=state.diverged_at)
-        tmp = ckpt_file.with_suffix(".tmp")
+        tmp = ckpt_file.with_name(f"{ckpt_file.name}.{os.getpid()}.tmp")   # unique: a killed driver's actors may linger
         buffer = io.BytesIO()
         torch.save(runner.checkpoint(state), buffer)      # serialise in memory: a full disk raises a plain OSError
         try:
@@ -268,7 +268,7 @@ def repair(store: SampleStore, checkpoint_dir: Path) -> list[dict]:
         store.reset_unit(unit["component"], unit["chains"])
         checkpoint_path(checkpoint_dir, unit["component"], unit["chains"]).unlink(missing_ok=True)
     for leftover in Path(checkpoint_dir).glob("*.tmp"):
-        leftover.unlink()                 # a checkpoint a killed actor was writing
+        leftover.unlink(missing_ok=True)                 # a checkpoint a killed actor was writing
     return bad
 
 

@@ -103,10 +103,16 @@ def test_actor_killed_mid_unit_resumes_bit_identical(reference, tmp_path, ray_lo
             prog = SampleStore.open(tmp_path / "samples.zarr").progress()
             if prog.sum() >= 2 * 3 and prog.sum() < prog.size * 6:
                 # Ray titles an actor's worker process "ray::SamplerActor..."
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if any("SamplerActor" in part for part in (proc.info["cmdline"] or [])):
-                        os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed.append(proc.info["pid"])
+                # only this test's actors (descendants of this process: our local Ray instance), never
+                # another session's on a shared machine
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        cmdline = proc.cmdline()
+                    except psutil.Error:
+                        continue
+                    if any("SamplerActor" in part for part in cmdline):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
                         return
             time.sleep(0.05)
 
