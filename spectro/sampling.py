@@ -14,6 +14,14 @@ Non-obvious choices:
   not depend on which actor ran it or which chains shared its unit.
 - Minibatches are drawn with replacement from the pool; the data position
   is therefore the data generator's state, saved with the checkpoint.
+- Lower-layer cache (issue 7): for a GPT-NeoX problem with the standard LM
+  losses and a component in layer L >= 1, the residual stream entering layer
+  L is computed once at w* for the SGLD pool, the sampling set and the probe
+  contexts; SGLD steps (minibatch = rows of the cached pool) and evaluations
+  run layers L.. only (`observables.UpperStack`). Same maths as the full
+  forward to float tolerance (tests/test_performance.py); it is rebuilt
+  identically on restore, so resumes stay bit-identical.
+  `cache_lower_layers=False` gives the plain path.
 - A chain diverges when its minibatch or sampling loss is NaN/inf or exceeds
   init_loss + divergence_bound. It stops moving; its later draws are NaN and
   flagged in `Draw.diverged`, and `diverged_at` records the first such draw so
@@ -33,7 +41,8 @@ import torch
 from spectro.components import Component, resolve_components
 from spectro.config import SamplerConfig
 from spectro.device import eval_autocast
-from spectro.observables import mean_loss, token_losses
+from spectro.observables import (UpperStack, mean_loss, mean_loss_from, residual_at, token_losses,
+                                  token_losses_from)
 from spectro.sgld import SGLD, SGLDHyper, SGLDState, build
 
 STREAMS = ("data", "noise")
@@ -43,6 +52,12 @@ def chain_seed(run_seed: int, component: str, chain: int, stream: str) -> int:
     """A 63-bit seed for one (run seed, component, chain, stream)."""
     digest = hashlib.sha256(f"spectro:{run_seed}:{component}:{chain}:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _is_lm(problem: "Problem") -> bool:
+    """A GPT-NeoX problem with the standard LM losses (the lower-layer cache applies)."""
+    return (problem.loss is mean_loss and problem.per_token is token_losses
+            and hasattr(problem.model, "gpt_neox") and hasattr(problem.model, "lm_head"))
 
 
 def lm_components(model: torch.nn.Module, names: Sequence[str]) -> list[Component]:
@@ -113,7 +128,7 @@ class Draw:
 
 class UnitRunner:
     def __init__(self, problem: Problem, component: Component, chain_ids: Sequence[int],
-                 config: SamplerConfig, run_seed: int):
+                 config: SamplerConfig, run_seed: int, cache_lower_layers: bool = True):
         if config.nbeta is None:
             raise ValueError("config.nbeta must be resolved (spectro.config.validate does this)")
         self.problem = problem
@@ -128,7 +143,28 @@ class UnitRunner:
                           noise_level=config.noise_level, precondition=config.precondition,
                           rmsprop_alpha=config.rmsprop_alpha, rmsprop_eps=config.rmsprop_eps)
         model, loss = problem.model, problem.loss
-        self.sgld: SGLD = build(hyper, anchor, masks, lambda p, batch: loss(model, p, batch), config.chain_mode)
+        self.cached = cache_lower_layers and _is_lm(problem) and component.layer >= 1
+        if self.cached:
+            # the residual stream entering the component's layer never changes: compute it once (at w*)
+            # for the SGLD pool, the sampling set and the probe contexts, and evaluate from there up
+            L = component.layer
+            self._upper = UpperStack(model, L)
+            self._train_h = residual_at(model, problem.train_ids, L)               # (n_train, seq, hidden)
+            self._sampling_h = residual_at(model, problem.sampling_ids, L)         # (n_sampling, seq, hidden)
+            self._probe_h = residual_at(model, problem.probe_ids, L)               # (n_probe, seq, hidden)
+            upper = self._upper
+            loss_fn = lambda p, batch: mean_loss_from(upper, p, batch)
+        else:
+            loss_fn = lambda p, batch: loss(model, p, batch)
+        self.sgld: SGLD = build(hyper, anchor, masks, loss_fn, config.chain_mode)
+
+    def _per_token(self, params: dict, which: str) -> torch.Tensor:
+        """Per-token losses on the sampling set or the probe contexts: (contexts, seq - 1)."""
+        ids = self.problem.sampling_ids if which == "sampling" else self.problem.probe_ids
+        if self.cached:
+            hidden = self._sampling_h if which == "sampling" else self._probe_h
+            return token_losses_from(self._upper, params, hidden, ids)
+        return self.problem.per_token(self.problem.model, params, ids)
 
     @property
     def n_chains(self) -> int:
@@ -153,6 +189,8 @@ class UnitRunner:
         idx = torch.stack([torch.randint(pool.shape[0], (self.config.batch_size,), generator=g, device=pool.device)
                            for g in state.data_gens])                      # (chains, batch)
         batch = pool[idx]                                                   # (chains, batch, seq)
+        if self.cached:
+            batch = (self._train_h[idx], batch)                             # (chains, batch, seq, hidden), ids
         active = torch.as_tensor(diverged_at < 0, device=pool.device)
         return self.sgld.update(sg, batch, state.noise_gens, active=active)
 
@@ -176,13 +214,12 @@ class UnitRunner:
                 continue
             params = {n: p[c] for n, p in sg.params.items()}
             with eval_autocast(self.problem.device, cfg.probe_dtype):
-                s = self.problem.per_token(self.problem.model, params, self.problem.sampling_ids).double().mean().item()
+                s = self._per_token(params, "sampling").double().mean().item()
                 if not np.isfinite(s) or s > bound:
                     diverged_at[c] = state.draw
                     continue
                 sampling[c] = s
-                probe[c] = (self.problem.per_token(self.problem.model, params, self.problem.probe_ids)
-                            .float().reshape(-1).cpu().numpy())
+                probe[c] = self._per_token(params, "probe").float().reshape(-1).cpu().numpy()
         diverged = diverged_at >= 0
         sampling[diverged] = np.nan
         probe[diverged] = np.nan

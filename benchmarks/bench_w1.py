@@ -1,0 +1,254 @@
+"""Workload W1 (issue 7): spectro vs devinterp 2.0.1 on identical work, end to end.
+
+    python benchmarks/bench_w1.py [--repeats 3] [--quick] [--skip-peer] [--draws 50] [--probe-dtype bfloat16]
+
+W1: a GPT-NeoX with 4 layers, d_model 128, 4 heads, vocab 4096, context 64,
+random init with seed 0 (normal(0, 0.02) matrices and embeddings, zero biases,
+unit LayerNorm gains, drawn from a torch.Generator); restrictions full + l0h0 +
+l1h1 + l2.mlp + l3h3; 4 chains x 50 draws, SGLD minibatch 16, 1 step between
+draws, no burn-in, lr (step size) 1e-4, nβ 30, localization γ = 100 for both
+(devinterp's default is 0, spectro's 300: 100 is a neutral choice that keeps
+the chains local); a fixed sampling-task observable of 32 sequences and 64
+probe contexts (4,032 probe tokens). The data are windows of the embedded
+corpus tokenized with the embedded model's 4096-token BPE (the same tensors go
+to both tools).
+
+Timed: devinterp's `susceptibilities(...)` call (it samples every chain of
+every restriction one after another in this process, then reduces); spectro's
+`pipeline.run(stage=sample, then susceptibilities)` (starts a private Ray
+instance, 2 sampler actors, Zarr store, Ray Data covariance job, shuts Ray
+down). Data preparation is outside both timings. The two alternate, repeat by
+repeat, and the script prints the medians and their ratio.
+
+Agreement: the chi of the last repeat of each, token by token, per component:
+Pearson correlation and z = (chi_spectro - chi_peer) / (sqrt(2) * se_spectro),
+with se_spectro spectro's standard error over chains (both estimates come from
+the same sampler with the same number of chains, so their errors have about
+the same size). devinterp's `init_loss` is the mean loss over 32 minibatches of
+the SGLD pool, spectro's is the sampling set's loss at w*; phi therefore
+differs by a constant c, which shifts the peer's chi by c * (E_C[D] - E_full[D]).
+The script reports the raw agreement and the agreement after removing that
+shift (computed from devinterp's own stored samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "spectro" / "assets" / "default_model"
+COMPONENTS = ["l0h0", "l1h1", "l2.mlp", "l3h3"]
+GAMMA = 100.0
+
+
+def write_w1_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """The embedded model's config and tokenizer with fresh random weights (seed 0)."""
+    import json
+
+    import safetensors.torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(EMBEDDED / "tokenizer.json", directory / "tokenizer.json")
+    cfg = json.loads((EMBEDDED / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    with torch.random.fork_rng(devices=[]):
+        model = GPTNeoXForCausalLM(GPTNeoXConfig.from_dict(cfg))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in model.state_dict().items():
+        if "layernorm" in name or "layer_norm" in name:
+            state[name] = torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)
+        elif name.endswith("bias"):
+            state[name] = torch.zeros_like(p, dtype=torch.float32)
+        else:
+            state[name] = 0.02 * torch.randn(p.shape, generator=gen)
+    safetensors.torch.save_file({k: v.float().contiguous() for k, v in state.items()},
+                                directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def w1_config(model_dir: Path, chain_group: int, actors: int, draws: int = 50, threads: int = 0,
+              probe_dtype: str = "float32"):
+    from spectro.config import to_config
+
+    return to_config({
+        "model": {"source": str(model_dir)},
+        "components": COMPONENTS,
+        "stage": "sample",
+        "data": {"seq_len": 64, "n_train_contexts": 512, "n_sampling_contexts": 32, "n_probe_contexts": 64},
+        "sampler": {"step_size": 1e-4, "nbeta": 30.0, "gamma": GAMMA, "batch_size": 16, "num_chains": 4,
+                    "num_draws": draws, "burnin": 0, "steps_between_draws": 1, "chain_group": chain_group,
+                    "checkpoint_every": draws, "seed": 0, "probe_dtype": probe_dtype},
+        "ray": {"num_actors": actors, "num_cpus_per_actor": 1, "torch_threads": threads},
+    })
+
+
+def run_spectro(prepared, run_dir: Path) -> tuple[float, np.ndarray, np.ndarray, list[str]]:
+    import dataclasses
+
+    from spectro import pipeline
+    from spectro.store import read_susceptibilities
+
+    cfg = prepared.config
+    t0 = time.perf_counter()
+    pipeline.run(cfg, run_dir, prepared)
+    pipeline.run(dataclasses.replace(cfg, stage="susceptibilities"), run_dir)
+    wall = time.perf_counter() - t0
+    ds = read_susceptibilities(run_dir / "susceptibilities.zarr")
+    comps = [str(c) for c in ds["component"].values]
+    return wall, ds["chi"].values, ds["chi_se"].values, comps
+
+
+def run_peer(prepared, out_dir: Path) -> tuple[float, dict[str, np.ndarray], dict]:
+    """devinterp's susceptibilities on the same model, data and hyperparameters."""
+    import copy
+
+    from datasets import Dataset
+    from devinterp.slt.susceptibilities import susceptibilities
+
+    problem = prepared.problem
+    model = copy.deepcopy(problem.model)
+    model.config._attn_implementation = "sdpa"        # the peer's natural (faster) attention path
+    model.requires_grad_(True)
+    masks = {"full": None}
+    for comp in prepared.components:
+        if comp.name != "full":
+            masks[comp.name] = dict(comp.masks)
+
+    def ds(ids: torch.Tensor):
+        return Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
+
+    observables = {"pretrain": (ds(problem.sampling_ids), 2), "probe": (ds(problem.probe_ids), 4)}
+    pool = ds(problem.train_ids)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = susceptibilities(model, pool, observables, masks, sampling_task="pretrain", lr=1e-4, n_beta=30.0,
+                                localization=GAMMA, num_chains=4, num_draws=prepared.config.sampler.num_draws, batch_size=16,
+                                num_burnin_steps=0, num_steps_bw_draws=1, device="cpu",
+                                output_path=out_dir / "samples.zarr")
+    wall = time.perf_counter() - t0
+    return wall, tree, masks
+
+
+def peer_chi(tree, prepared, out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """devinterp's chi in spectro's (token, component) order, raw and with the init_loss shift removed."""
+    import xarray as xr
+
+    problem = prepared.problem
+    sus = tree["susceptibilities"]
+    ctx_ids = tree["context"]["input_ids"].values
+    n_ctx, seq = problem.probe_ids.shape
+    rows = ctx_ids.reshape(n_ctx, seq)
+    where = {tuple(r): i for i, r in enumerate(problem.probe_ids.numpy().tolist())}
+    order = np.array([where[tuple(r)] for r in rows.tolist()])          # peer batch row -> our context
+    names = [c.name for c in prepared.components if c.name != "full"]
+    raw = np.zeros((n_ctx * (seq - 1), len(names)))
+    shift = np.zeros_like(raw)
+    full = xr.open_datatree(str(out_dir / "samples_full.zarr"), engine="zarr", consolidated=False).dataset
+    d_full = full["loss_pretrain"].values.mean(axis=(2, 3))[:, :, None, None] - full["loss_probe"].values
+    c = problem.init_loss - float(full["init_loss"].values.mean())
+    for k, name in enumerate(names):
+        chi = sus["sus"].sel(wr=name).values.reshape(n_ctx, seq - 1)
+        ours = np.empty_like(chi)
+        ours[order] = chi
+        raw[:, k] = ours.reshape(-1)
+        wr = xr.open_datatree(str(out_dir / f"samples_{name}.zarr"), engine="zarr", consolidated=False).dataset
+        d_c = wr["loss_pretrain"].values.mean(axis=(2, 3))[:, :, None, None] - wr["loss_probe"].values
+        s = c * (d_c.mean(axis=(0, 1)) - d_full.mean(axis=(0, 1)))              # (batch, pos)
+        tmp = np.empty_like(s)
+        tmp[order] = s
+        shift[:, k] = tmp.reshape(-1)
+    return raw, raw + shift
+
+
+def agreement(ours: np.ndarray, se: np.ndarray, theirs: np.ndarray, names: list[str]) -> None:
+    print("| component | corr(chi_spectro, chi_peer) | median abs z | frac abs z > 2 | frac abs z > 3 |")
+    print("|---|---|---|---|---|")
+    for k, name in enumerate(names):
+        a, b, s = ours[:, k], theirs[:, k], se[:, k]
+        z = (a - b) / (np.sqrt(2) * s)
+        r = np.corrcoef(a, b)[0, 1]
+        print(f"| {name} | {r:.3f} | {np.median(np.abs(z)):.2f} | {np.mean(np.abs(z) > 2):.3f} | "
+              f"{np.mean(np.abs(z) > 3):.3f} |")
+    z = (ours - theirs) / (np.sqrt(2) * se)
+    print(f"all entries: corr {np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]:.3f}, "
+          f"median |z| {np.median(np.abs(z)):.2f} (|t| with 3 dof: median 0.76), "
+          f"frac |z| > 2 {np.mean(np.abs(z) > 2):.3f} (t3: 0.139), frac |z| > 3 {np.mean(np.abs(z) > 3):.3f} (t3: 0.058)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="one repeat of 5 draws per chain (a smoke check)")
+    ap.add_argument("--draws", type=int, default=50)
+    ap.add_argument("--skip-peer", action="store_true", help="time spectro only")
+    ap.add_argument("--chain-group", type=int, default=4)
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--probe-dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    repeats, draws = (1, 5) if args.quick else (args.repeats, args.draws)
+
+    from spectro import pipeline
+
+    work = Path(tempfile.mkdtemp(prefix="w1-"))
+    try:
+        model_dir = write_w1_checkpoint(work / "model")
+        prepared = pipeline.prepare(w1_config(model_dir, args.chain_group, args.actors, draws, probe_dtype=args.probe_dtype))
+        print(f"W1: init loss {prepared.problem.init_loss:.4f}, probe tokens {prepared.probe.n_tokens}, "
+              f"torch threads (driver/peer) {torch.get_num_threads()}", flush=True)
+        times: dict[str, list[float]] = {"spectro": [], "devinterp": []}
+        last = {}
+        for rep in range(repeats):
+            for tool in ("spectro", "devinterp"):
+                if tool == "devinterp" and args.skip_peer:
+                    continue
+                d = work / f"{tool}-{rep}"
+                d.mkdir()
+                if tool == "spectro":
+                    wall, chi, se, comps = run_spectro(prepared, d)
+                    last["spectro"] = (chi, se, comps)
+                else:
+                    wall, tree, _ = run_peer(prepared, d)
+                    last["devinterp"] = peer_chi(tree, prepared, d)
+                times[tool].append(wall)
+                print(f"repeat {rep} {tool}: {wall:.1f} s", flush=True)
+        print()
+        print("| tool | median wall (s) | runs |")
+        print("|---|---|---|")
+        for tool, ts in times.items():
+            if ts:
+                print(f"| {tool} | {statistics.median(ts):.1f} | {', '.join(f'{t:.1f}' for t in ts)} |")
+        if times["devinterp"]:
+            ratio = statistics.median(times["devinterp"]) / statistics.median(times["spectro"])
+            print(f"devinterp / spectro (ratio of medians): {ratio:.2f}x")
+            chi, se, comps = last["spectro"]
+            names = [c for c in comps if c != "full"]
+            idx = [comps.index(n) for n in names]
+            raw, adjusted = last["devinterp"]
+            print("\nAgreement, raw peer chi:")
+            agreement(chi[:, idx], se[:, idx], raw, names)
+            print("\nAgreement, peer chi with its init_loss shift removed:")
+            agreement(chi[:, idx], se[:, idx], adjusted, names)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
