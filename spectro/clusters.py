@@ -84,6 +84,7 @@ import scipy.sparse as sp
 from spectro.errors import ConfigError, DataError
 from spectro.modes import modes as compute_modes
 from spectro.modes import standardize, write_modes
+from spectro.roles import role_agreement, token_roles
 
 log = logging.getLogger("spectro.clusters")
 
@@ -818,6 +819,7 @@ def write_clusters(run_dir, clustering: Clustering, chi: np.ndarray, components:
     z = standardize(chi)
     text = np.asarray(token_text, dtype=object)
     source = np.asarray(token_source, dtype=object)
+    roles = token_roles(token_text, token_source)
     out_clusters = []
     for c in clustering.clusters:
         m = np.sort(np.asarray(c["members"], dtype=np.int64))
@@ -830,6 +832,7 @@ def write_clusters(run_dir, clustering: Clustering, chi: np.ndarray, components:
             "profile_raw": [float(x) for x in chi[m].mean(axis=0)],
             "top_tokens": [[str(t), int(k)] for t, k in Counter(str(t) for t in text[m]).most_common(int(top_n))],
             "sources": {s: int(k) for s, k in sources},
+            "roles": {r: int(k) for r, k in Counter(roles[m].tolist()).most_common()},
             "members": m.tolist(),
         })
     labels = clustering.labels
@@ -840,6 +843,7 @@ def write_clusters(run_dir, clustering: Clustering, chi: np.ndarray, components:
         "n_tokens": int(n),
         "n_clusters": len(out_clusters),
         "n_noise": int((labels < 0).sum()),
+        "role_agreement": role_agreement(labels, roles, seed=0, shuffles=10) if out_clusters else None,
         "labels": labels.astype(np.int64).tolist(),
         "clusters": out_clusters,
     }
@@ -884,7 +888,8 @@ def cluster_run(run_dir, params: ClusterParams = ClusterParams()) -> dict:
                "n_tokens": int(result.labels.size), "n_clusters": len(result.clusters),
                "n_noise": int((result.labels < 0).sum()), "largest": sizes[:10],
                "median_conductance": float(np.median([c["conductance"] for c in result.clusters])) if sizes else None,
-               "components": components, "dropped_components": empty, "graph_stats": result.graph_stats}
+               "components": components, "dropped_components": empty, "graph_stats": result.graph_stats,
+               "role_agreement": json.loads(clusters_path.read_text())["role_agreement"]}
     log.info("clusters: %d clusters, %d noise of %d tokens (%s)", summary["n_clusters"], summary["n_noise"],
              summary["n_tokens"], params.method)
     return summary

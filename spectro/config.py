@@ -85,9 +85,9 @@ class ClusterConfig:
     k: int = 15                         # nearest neighbours per token (cosine)
     alpha: float = 0.15                 # personalised-PageRank teleport probability
     epsilon: float = 1e-4               # push tolerance
-    max_conductance: float = 0.3        # accept a local cluster at or below this conductance
+    max_conductance: float = 0.4        # accept a local cluster at or below this conductance
     min_size: int = 5
-    max_size: int = 0                   # 0: no limit
+    max_size: int = 400                 # largest local cluster; 0: no limit (README: chosen on the embedded default)
     resolution: float = 1.0             # Leiden
     n_clusters: int = 0                 # spectral; 0: by eigengap
     seed: int = 0
