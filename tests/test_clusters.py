@@ -205,8 +205,8 @@ def test_bad_inputs_give_clear_errors():
 
 # ---------------------------------------------------------------- outputs
 
-SCHEMA = {"method", "params", "components", "n_tokens", "n_clusters", "n_noise", "labels", "clusters"}
-CLUSTER_KEYS = {"id", "size", "conductance", "profile", "profile_raw", "top_tokens", "sources", "members"}
+SCHEMA = {"method", "params", "components", "n_tokens", "n_clusters", "n_noise", "labels", "clusters", "role_agreement"}
+CLUSTER_KEYS = {"id", "size", "conductance", "profile", "profile_raw", "top_tokens", "sources", "roles", "members"}
 
 
 def test_write_clusters_json_round_trip(tmp_path, planted):
