@@ -128,21 +128,25 @@ def open_store(p: Prepared, run_dir: Path, prov: dict) -> SampleStore:
 def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = None) -> dict:
     """Execute the configured stages in `run_dir`; returns a summary dict.
 
-    `stage=all` runs sample -> susceptibilities -> clusters -> report; a single
-    stage runs alone on an existing run directory (only `sample` needs the model).
+    `stage=all` runs sample -> susceptibilities -> clusters -> sae -> report
+    (sae only with `sae.enabled`); a single stage runs alone on an existing run
+    directory (`sample` and `sae` need the model).
     """
     import os
 
     from spectro import service
 
     run_dir = Path(run_dir)
-    stages = ("sample", "susceptibilities", "clusters", "report") if config.stage == "all" else (config.stage,)
+    stages = ("sample", "susceptibilities", "clusters", "sae", "report") if config.stage == "all" else (config.stage,)
+    if config.stage == "all" and not config.sae.enabled:
+        stages = tuple(s for s in stages if s != "sae")
     need = int(np.ceil(config.ray.num_actors * config.ray.num_cpus_per_actor))
     started = service.ensure_ray(config.ray.address, num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
     summary: dict = {"run_dir": str(run_dir)}
     try:
         if "sample" in stages:
-            summary["sample"] = run_sampling(config, run_dir, prepared or prepare(config))
+            prepared = prepared or prepare(config)
+            summary["sample"] = run_sampling(config, run_dir, prepared)
         if "susceptibilities" in stages:
             summary["susceptibilities"] = run_susceptibilities(config, run_dir)
     finally:
@@ -151,6 +155,8 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
             ray.shutdown()
     if "clusters" in stages:
         summary["clusters"] = run_clusters(config, run_dir)
+    if "sae" in stages:
+        summary["sae"] = run_sae(config, run_dir, prepared)
     if "report" in stages:
         summary["report"] = run_report(config, run_dir)
     previous = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
@@ -168,6 +174,44 @@ def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     out = cluster_run(run_dir, ClusterParams(**dataclasses.asdict(config.clustering)))
     out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def run_sae(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = None) -> dict:
+    """Train (or load) a sparse autoencoder and match its features to the clusters (DESIGN 1.7).
+
+    Model and data come from the run's own config.json (the run is defined by it), the SAE settings from
+    `config.sae`; the SAE trains on the run's sampling-distribution contexts (SGLD pool + sampling set)."""
+    import dataclasses
+
+    from spectro.config import DataConfig, ModelConfig
+    from spectro.errors import SAEError
+    from spectro.sae import sae_stage
+    from spectro.store import read_susceptibilities
+
+    run_dir = Path(run_dir)
+    for name, stage in (("clusters.json", "clusters"), ("config.json", "sample"),
+                        ("susceptibilities.zarr", "susceptibilities")):
+        if not (run_dir / name).exists():
+            raise SAEError(f"{run_dir / name} not found; run the {stage} stage first (stage=all does every stage)")
+    ds = read_susceptibilities(run_dir / "susceptibilities.zarr")     # the tokens the clusters label
+    ctx = np.asarray(ds["token_context"].values, dtype=np.int64)
+    pos = np.asarray(ds["token_position"].values, dtype=np.int64)
+    if prepared is None:
+        stored = json.loads((run_dir / "config.json").read_text())
+        prepared = prepare(dataclasses.replace(config, model=ModelConfig(**stored["model"]),
+                                               data=DataConfig(**stored["data"])))
+    probe_ids = prepared.problem.probe_ids.cpu()
+    inside = ctx.size == 0 or (ctx.max() < probe_ids.shape[0] and pos.max() < probe_ids.shape[1])
+    if not inside or not np.array_equal(probe_ids.numpy()[ctx, pos], np.asarray(ds["token_id"].values)):
+        raise SAEError(f"the model/data in {run_dir / 'config.json'} no longer reproduce the run's probe tokens "
+                       "(corpus or tokenizer changed?); the SAE stage cannot align activations with probe tokens")
+    clusters = json.loads((run_dir / "clusters.json").read_text())
+    train_ids = torch.cat([prepared.problem.train_ids, prepared.problem.sampling_ids]).cpu()
+    out = sae_stage(run_dir, config.sae, prepared.loaded.model.cpu(), train_ids, probe_ids, ctx, pos,
+                    [str(t) for t in ds["token_text"].values.tolist()], clusters)
+    log.info("sae: FVE %.3f, matched %s of %d clusters (null mean %s, p %s)", out["fve_probe"],
+             out["matched_fraction"], out["n_clusters"], out["null_mean"], out["p_value"])
     return out
 
 

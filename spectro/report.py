@@ -74,6 +74,7 @@ SECTIONS = (
     ("modes", "Mode spectrum"),
     ("map", "Token map"),
     ("clusters", "Cluster gallery"),
+    ("sae", "SAE validation"),
 )
 _TITLE = dict(SECTIONS)
 
@@ -643,6 +644,88 @@ def _gallery_section(run: _Run, gallery: Optional[dict]) -> str:
     return _section("clusters", controls, lead)
 
 
+SAE_DETAILS_MAX = 60       # clusters whose contexts are shown beside their best feature's
+
+
+def _sae_examples(run: _Run, items: Sequence[Any], with_value: bool) -> str:
+    """<ol class="examples"> of probe tokens (indices, or [index, activation] pairs) in their contexts."""
+    if not run.n_tokens or run.context is None:
+        return '<div class="muted small">no contexts available</div>'
+    ctx = _Contexts.of(run)
+    rows = []
+    for it in items:
+        i, v = (int(it[0]), it[1]) if isinstance(it, (list, tuple)) else (int(it), None)
+        if not 0 <= i < run.n_tokens:
+            continue
+        left, tok, right = ctx.snippet(i)
+        where = f"{_fmt(v, 2)} · " if with_value and v is not None else ""
+        rows.append(f'<li><span class="l"><span>{_vis(left)}</span></span><mark>{_vis(tok)}</mark>'
+                    f'<span class="r">{_vis(right)}</span><span class="where">{where}{int(run.context[i])}:'
+                    f'{int(run.position[i])}</span></li>')
+    return f'<ol class="examples">{"".join(rows)}</ol>' if rows else '<div class="muted small">none</div>'
+
+
+def _sae_section(run: _Run) -> str:
+    """Matched fraction vs its null, per-cluster best feature beside the cluster's contexts (sae.json)."""
+    path = run.run_dir / "sae.json"
+    try:
+        s = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    except (OSError, ValueError) as e:
+        return _section("sae", _notice(f"sae.json could not be read ({e})."))
+    if not isinstance(s, dict):
+        return _section("sae", _notice("sae.json not found: no SAE validation; run the sae stage (stage=sae)."))
+    q, null, cl = s.get("quality") or {}, s.get("null") or {}, s.get("clusters") or []
+    pos = "the position that predicts it" if s.get("position") == "predicting" else "its own position"
+    lead = (f"A {_e(str(s.get('architecture')))} sparse autoencoder ({_e(str(s.get('d_sae')))} features"
+            f"{', k=' + _e(str(s.get('k'))) if s.get('k') else ''}; {_e(str(s.get('source')))}) on "
+            f"<code>{_e(str(s.get('hook_name')))}</code>. A probe token reads the activation at {pos}. For each "
+            f"cluster, the feature whose set of active probe tokens has the best F1 against the cluster's members; "
+            f"a cluster matches when F1 ≥ {_fmt(s.get('threshold'), 2)}. The null permutes the cluster labels over "
+            f"all probe tokens ({_e(str(null.get('n', 0)))} times): random clusters of the same sizes.")
+    head = _kv_table([
+        ("matched clusters", f"<b>{_e(str(s.get('n_matched')))} of {_e(str(s.get('n_clusters')))} = "
+                             f"{_fmt(s.get('matched_fraction'))}</b>"),
+        ("null: matched fraction", f"mean {_fmt(null.get('matched_fraction_mean'))}, 95% quantile "
+                                   f"{_fmt(null.get('matched_fraction_q95'))}, p = {_fmt(null.get('p_value'))}"),
+        ("mean best F1", f"{_fmt(s.get('mean_best_f1'))} (null mean {_fmt(null.get('mean_best_f1_mean'))}, 95% "
+                         f"quantile {_fmt(null.get('mean_best_f1_q95'))}, p = {_fmt(null.get('p_value_mean_best_f1'))})"),
+        ("reconstruction", f"FVE {_fmt(q.get('fve_probe'))} on probe tokens (train {_fmt(q.get('fve_train'))}); "
+                           f"L0 {_fmt(s.get('l0_probe'), 1)}; {_e(str(s.get('features_never_active_on_probe')))} "
+                           "features never active on probe tokens"),
+        ("loss when spliced in", f"{_fmt(q.get('loss_clean'))} → {_fmt(q.get('loss_spliced'))} nats "
+                                 f"(+{_fmt(q.get('loss_increase'))}); mean ablation {_fmt(q.get('loss_mean_ablation'))}; "
+                                 f"loss recovered {_fmt(q.get('loss_recovered'))}"),
+    ])
+    order = sorted(cl, key=lambda c: (-(c.get("f1") or 0.0), c.get("id", 0)))
+    chips = lambda c: "".join(_token_chip(run, t) for t in (c.get("top_tokens") or [])[:5]) or "–"  # noqa: E731
+    rows = "".join(
+        f'<tr class="{"" if c.get("matched") else "flagged"}" data-cluster="{_e(str(c.get("id")))}">'
+        f'<td>#{_e(str(c.get("id")))}</td><td>{_e(str(c.get("size")))}</td><td>{chips(c)}</td>'
+        f'<td>f{_e(str(c.get("feature")))}</td><td>{_fmt(c.get("f1"))}</td><td>{_fmt(c.get("precision"))}</td>'
+        f'<td>{_fmt(c.get("recall"))}</td><td>{_e(str(c.get("feature_active")))}</td>'
+        f'<td>{"matched" if c.get("matched") else "–"}</td></tr>' for c in order)
+    table = ('<table class="diag sae"><thead><tr><th>cluster</th><th>size</th><th>top tokens</th><th>best feature</th>'
+             '<th>F1</th><th>precision</th><th>recall</th><th>feature active on</th><th></th></tr></thead>'
+             f'<tbody>{rows}</tbody></table>')
+    details = []
+    for c in order[:SAE_DETAILS_MAX]:
+        details.append(
+            f'<details class="sae-pair"><summary>cluster #{_e(str(c.get("id")))} ({_e(str(c.get("size")))} tokens) '
+            f'vs feature f{_e(str(c.get("feature")))}: F1 {_fmt(c.get("f1"))}</summary><div class="panels">'
+            f'<div class="panel"><div class="small muted">cluster members</div>'
+            f'{_sae_examples(run, c.get("examples") or [], False)}</div>'
+            f'<div class="panel"><div class="small muted">top activations of f{_e(str(c.get("feature")))}</div>'
+            f'{_sae_examples(run, c.get("feature_top") or [], True)}</div></div></details>')
+    more = (f'<p class="muted small">Contexts are shown for the {SAE_DETAILS_MAX} best-matched clusters; '
+            'sae.json has all of them.</p>' if len(order) > SAE_DETAILS_MAX else "")
+    unexplained = [c for c in order if not c.get("matched")]
+    unexp = (f'<h3>Clusters no feature explains ({len(unexplained)})</h3><p class="small">'
+             + (", ".join(f'#{_e(str(c.get("id")))} (F1 {_fmt(c.get("f1"), 2)})' for c in unexplained) or "none")
+             + "</p>")
+    return _section("sae", head + table + unexp + "<h3>Clusters beside their best features</h3>"
+                    + "".join(details) + more, lead)
+
+
 # --------------------------------------------------------------------------- #
 # tokens, features, contexts
 # --------------------------------------------------------------------------- #
@@ -878,7 +961,7 @@ def _render(run: _Run, *, max_contexts: int, page_size: int) -> str:
     map_data, map_info = _map_data(run, zn, labels)
     gallery = _gallery_data(run, names, z, zn, labels, max_contexts)
     sections = [_run_section(run), _diagnostics_section(run), _traces_section(run), _modes_section(run),
-                _map_section(run, map_info), _gallery_section(run, gallery)]
+                _map_section(run, map_info), _gallery_section(run, gallery), _sae_section(run)]
     payload = {"page_size": page_size, "gallery": gallery, "map": map_data or None,
                "sources": (gallery or {}).get("sources") or sorted(set(run.source))}
     model = ((run.provenance or {}).get("model") or {})

@@ -176,7 +176,19 @@ class TrainSettings:
 
 
 def train_topk(x: torch.Tensor, settings: TrainSettings = TrainSettings()) -> tuple[SAE, dict]:
-    """Train a TopK SAE on activations x (n, d_in); returns the SAE (taking raw activations) and a log."""
+    """Train a TopK SAE on activations x (n, d_in); returns the SAE (taking raw activations) and a log.
+
+    Runs in one torch thread (restored afterwards): the matrices are small, and on a busy 2-core machine
+    the intra-op thread pool made each step ~10x slower in CPU time than one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_topk(x, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_topk(x: torch.Tensor, settings: TrainSettings) -> tuple[SAE, dict]:
     s = settings
     if x.ndim != 2 or x.shape[0] < 2:
         raise SAEError(f"SAE training needs a 2-D (tokens, d_in) activation matrix with >= 2 rows; got {tuple(x.shape)}")
@@ -184,7 +196,7 @@ def train_topk(x: torch.Tensor, settings: TrainSettings = TrainSettings()) -> tu
     d_sae = s.expansion * d
     if not 1 <= s.k <= d_sae:
         raise SAEError(f"sae.k={s.k} must be between 1 and the dictionary size {d_sae}; lower sae.k")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     g = torch.Generator().manual_seed(s.seed)
     x64 = x.double()
     scale = float(torch.sqrt((x64 ** 2).sum(dim=1).mean() / d))    # E||x/scale||^2 = d
@@ -195,7 +207,9 @@ def train_topk(x: torch.Tensor, settings: TrainSettings = TrainSettings()) -> tu
     b_enc = torch.zeros(d_sae, requires_grad=True)
     b_dec = xs.double().mean(dim=0).float().requires_grad_(True)   # (d,)
     params = [W_enc, b_enc, W_dec, b_dec]
-    opt = torch.optim.Adam(params, lr=s.lr, betas=(0.9, 0.999))
+    m1 = [torch.zeros_like(p) for p in params]                      # Adam moments (written out: torch.optim's
+    m2 = [torch.zeros_like(p) for p in params]                      # first step imports torch._dynamo, ~10 s here)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
     decay_from = int(0.8 * s.steps)
     since_fired = torch.zeros(d_sae, dtype=torch.int64)
     batch = min(s.batch_size, n)
@@ -227,16 +241,18 @@ def train_topk(x: torch.Tensor, settings: TrainSettings = TrainSettings()) -> tu
             aux = ((e_hat - e) ** 2).sum(dim=-1).mean() / ((e - e.mean(dim=0)) ** 2).sum(dim=-1).mean().clamp_min(1e-12)
             if torch.isfinite(aux):
                 loss = loss + s.aux_coef * aux
-                aux_log.append(float(aux))
-        opt.zero_grad(set_to_none=True)
+                aux_log.append(float(aux.detach()))
+        for p in params:
+            p.grad = None
         loss.backward()
-        with torch.no_grad():                                        # keep rows unit-norm: drop the radial gradient
-            W_dec.grad -= (W_dec.grad * W_dec).sum(dim=1, keepdim=True) * W_dec
-        if step >= decay_from:
-            for grp in opt.param_groups:
-                grp["lr"] = s.lr * (s.steps - step) / max(1, s.steps - decay_from)
-        opt.step()
+        lr = s.lr * (s.steps - step) / max(1, s.steps - decay_from) if step >= decay_from else s.lr
         with torch.no_grad():
+            W_dec.grad -= (W_dec.grad * W_dec).sum(dim=1, keepdim=True) * W_dec   # keep rows unit-norm:
+            for p, a, b in zip(params, m1, m2):                                 # drop the radial gradient
+                a.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                b.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                step_size = lr * math.sqrt(1 - beta2 ** (step + 1)) / (1 - beta1 ** (step + 1))
+                p.addcdiv_(a, b.sqrt().add_(eps), value=-step_size)
             W_dec.copy_(_unit_rows(W_dec))
         mse_log.append(float(mse.detach()))
         if not math.isfinite(mse_log[-1]):
@@ -249,7 +265,7 @@ def train_topk(x: torch.Tensor, settings: TrainSettings = TrainSettings()) -> tu
     log = {"steps": s.steps, "batch_size": batch, "n_tokens": n, "d_in": d, "d_sae": d_sae, "k": s.k,
            "input_scale": scale, "train_fve_last5pct": 1.0 - float(np.mean(tail)),
            "dead_at_end": int((since_fired > s.dead_after).sum()), "aux_steps": len(aux_log),
-           "seconds": round(time.perf_counter() - t0, 2)}
+           "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2)}
     return sae, log
 
 
@@ -534,3 +550,76 @@ def cluster_examples(labels: np.ndarray, cluster_id: int, texts: Sequence[str], 
         if len(picked) < n and int(i) not in picked:
             picked.append(int(i))
     return picked
+
+
+# --------------------------------------------------------------------------- #
+# the stage
+# --------------------------------------------------------------------------- #
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def sae_stage(run_dir: Path, settings, model: torch.nn.Module, train_ids: torch.Tensor, probe_ids: torch.Tensor,
+              token_context: np.ndarray, token_position: np.ndarray, token_text: Sequence[str],
+              clusters: dict) -> dict:
+    """Train (or load) the SAE, measure it, match it to clusters.json; write sae.json (+ sae/); return a summary.
+
+    settings: spectro.config.SAEConfig; train_ids: (n, seq) sampling-distribution contexts; probe_ids:
+    (n_probe_contexts, seq) the run's probe contexts; token_*: the run's probe table."""
+    a = settings
+    t0, c0 = time.perf_counter(), time.process_time()
+    run_dir = Path(run_dir)
+    d_model = int(model.config.hidden_size)
+    labels = np.asarray(clusters.get("labels", []), dtype=np.int64)
+    if labels.size != len(token_text):
+        raise SAEError(f"clusters.json labels {labels.size} tokens but the run has {len(token_text)} probe tokens; "
+                       f"re-run the clusters stage")
+    site, layer = a.site, a.layer
+    if a.load:
+        sae = load_sae(Path(a.load), d_in=d_model)
+        parsed = parse_hook_name(sae.hook_name)
+        if parsed is not None and parsed != (site, layer):
+            raise SAEError(f"the SAE in {a.load} was trained on {sae.hook_name} but sae.site={site}, sae.layer={layer}; "
+                           f"set sae.site={parsed[0]} sae.layer={parsed[1]}")
+    _site_module(model, site, layer)                                  # refuses a bad site/layer early
+    train_acts = collect_activations(model, train_ids, site, layer)   # (n, seq, d)
+    X = train_acts.reshape(-1, d_model)                               # (n * seq, d)
+    train_log = None
+    if not a.load:
+        ts = TrainSettings(expansion=a.expansion, k=a.k, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                           aux_k=a.aux_k, dead_after=a.dead_after, seed=a.seed)
+        sae, train_log = train_topk(X, ts)
+        sae.hook_name = hook_name(site, layer)
+        sae.meta = {"trained_by": "spectro", "training": train_log, "settings": ts.__dict__}
+        save_sae(sae, run_dir / "sae")
+    probe_acts = collect_activations(model, probe_ids, site, layer)   # (n_probe_ctx, seq, d)
+    quality = {"fve_probe": fve(sae, probe_acts), "fve_train": fve(sae, X),
+               **spliced_losses(model, probe_ids, sae, site, layer, X.double().mean(dim=0).float())}
+    active = probe_features(sae, probe_acts, token_context, token_position, a.position, a.active_threshold)
+    n_active_feat = np.asarray((active != 0).sum(axis=0)).ravel()     # (features,)
+    ids = [int(c["id"]) for c in clusters.get("clusters") or []]
+    match = match_clusters(active, labels, a.match_threshold, a.n_null, a.seed, cluster_ids=ids)
+    top_of = {int(c["id"]): c.get("top_tokens") or [] for c in clusters.get("clusters") or []}
+    for c in match["clusters"]:
+        c["feature_top"] = [[t, v] for t, v in top_tokens(active, c["feature"], a.top_contexts)]
+        c["examples"] = cluster_examples(labels, c["id"], token_text, a.top_contexts, a.seed)
+        c["top_tokens"] = top_of.get(c["id"], [])[:8]
+    doc = {"site": site, "layer": layer, "hook_name": hook_name(site, layer), "position": a.position,
+           "source": str(a.load) if a.load else "trained", "path": str(Path(a.load).resolve()) if a.load
+           else str(run_dir / "sae"), "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
+           "k": sae.k, "training": train_log, "quality": quality,
+           "l0_probe": float((active != 0).sum() / max(1, active.shape[0])),
+           "features_never_active_on_probe": int((n_active_feat == 0).sum()),
+           "active_threshold": a.active_threshold, "clustering_method": clusters.get("method"),
+           "n_tokens": int(labels.size), **match, "seconds": round(time.perf_counter() - t0, 2),
+           "cpu_seconds": round(time.process_time() - c0, 2)}
+    _write_json(run_dir / "sae.json", doc)
+    null = match["null"] or {}
+    return {"path": str(run_dir / "sae.json"), "fve_probe": quality["fve_probe"],
+            "loss_increase": quality["loss_increase"], "n_clusters": match["n_clusters"],
+            "matched_fraction": match["matched_fraction"], "null_mean": null.get("matched_fraction_mean"),
+            "p_value": null.get("p_value"), "seconds": doc["seconds"], "cpu_seconds": doc["cpu_seconds"]}

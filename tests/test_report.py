@@ -137,7 +137,8 @@ def build_run(run_dir: Path) -> Path:
                      "sampler": {"num_chains": 2, "num_draws": 4, "chain_group": 2, "checkpoint_every": 2,
                                  "burnin": 0},
                      "data": {"n_probe_contexts": 8, "n_train_contexts": 64, "n_sampling_contexts": 8},
-                     "ray": {"num_actors": 2}, "report": {"page_size": PAGE}})
+                     "ray": {"num_actors": 2}, "report": {"page_size": PAGE},
+                     "sae": {"steps": 200, "n_null": 50}})     # a short SAE stage: the page gets its section
     pipeline.run(cfg, run_dir)          # stage=all: sample -> susceptibilities -> clusters -> report
     if (run_dir / "report.html").exists():
         (run_dir / "report.html").rename(run_dir / "report.pipeline.html")
