@@ -263,6 +263,7 @@ def run_susceptibilities(config: SpectroConfig, run_dir: Path) -> dict:
         where = "; ".join(f"{u['component']} chains {u['chains']}: {u['problem']}" for u in bad[:3])
         raise StoreError(f"{len(bad)} unit(s) of {store.path} have damaged chunks ({where}); rerun the sample "
                          f"stage (the same command with stage=sample or stage=all) to recompute them")
+    susceptibilities.require_full(store)     # every chain of `full` diverged: say so instead of an all-NaN chi
     nbeta = float(store.attrs["config"]["sampler"]["nbeta"])
     e = config.estimator
     t0 = time.perf_counter()

@@ -21,8 +21,9 @@ Non-obvious choices:
   output's attrs, and counted in the diagnostics. A component left with no
   usable chain gets chi = NaN *and* `n_chains_used = 0`, with a warning, and
   is listed in the attrs and the summary (`components_without_chains`). If
-  every chain of `full` diverged nothing can be estimated: DivergenceError
-  before any work. Any other non-finite chi value is an error, never written.
+  every chain of `full` diverged nothing can be estimated: the pipeline stops
+  with DivergenceError before the job (`require_full`). Any other non-finite
+  chi value is an error, never written.
 - A run still in progress is refused unless `partial=True`, which uses each
   chain's committed draws and marks the output `partial` with the progress.
 - R-hat (rank-normalised, split) and bulk ESS come from arviz-stats, on
@@ -70,17 +71,25 @@ def select_chains(store: SampleStore, partial: bool = False) -> Selection:
         raise StoreError(f"{store.path} has no '{FULL}' run; the estimator centres on it. Resample with it.")
     diverged = store.diverged_at()
     use = (diverged < 0) & (progress > 0)
-    fi = L.components.index(FULL)
-    if not use[fi].any() and (diverged[fi] >= 0).all():
-        sampler = store.attrs["config"]["sampler"]
-        raise DivergenceError(
-            f"every chain of '{FULL}' diverged (at draws {diverged[fi].tolist()}), and every estimate is centred "
-            f"on it, so no susceptibility can be computed. Lower sampler.step_size (now {sampler['step_size']}), "
-            f"raise sampler.gamma (now {sampler['gamma']}) or sampler.divergence_bound, and resample "
-            f"(fresh=true)")
     excluded = [{"component": L.components[c], "chain": int(k), "diverged_at": int(diverged[c, k])}
                 for c, k in zip(*np.nonzero(diverged >= 0))]
     return Selection(use=use, draws=np.where(use, progress, 0), excluded=excluded, partial=not store.complete())
+
+
+def require_full(store: SampleStore) -> None:
+    """DivergenceError if every chain of `full` diverged: every estimate is centred on it, so chi would be
+    all NaN. The pipeline calls this before the job; `compute` itself writes the flagged all-NaN output."""
+    L = store.layout
+    if FULL not in L.components:
+        return
+    diverged = store.diverged_at()[L.components.index(FULL)]
+    if (diverged >= 0).all():
+        sampler = store.attrs["config"]["sampler"]
+        raise DivergenceError(
+            f"every chain of '{FULL}' diverged (at draws {diverged.tolist()}), and every estimate is centred "
+            f"on it, so no susceptibility can be computed. Lower sampler.step_size (now {sampler['step_size']}), "
+            f"raise sampler.gamma (now {sampler['gamma']}) or sampler.divergence_bound, and resample "
+            f"(fresh=true)")
 
 
 def plan_blocks(store: SampleStore, tokens_per_block: Optional[int] = None) -> list[dict]:
@@ -193,7 +202,8 @@ def compute(run_dir: Path, *, form: str = "peer", nbeta: float, rhat_threshold: 
         raise StoreError("the covariance job did not return every token block; rerun the susceptibilities stage")
     diag = diagnostics(store, sel, nbeta, rhat_threshold)
     empty = [L.components[c] for c in range(len(L.components)) if diag["n_chains_used"][c] == 0]
-    expected_finite = L.n_tokens * (len(L.components) - len(empty))
+    estimated = 0 if FULL in empty else len(L.components) - len(empty)     # every estimate is centred on full
+    expected_finite = L.n_tokens * estimated
     if sum(int(r["finite"]) for r in results) != expected_finite:     # never a silent NaN/inf in chi
         shutil.rmtree(out.path, ignore_errors=True)
         raise DivergenceError(f"chi has {expected_finite - sum(int(r['finite']) for r in results)} non-finite values "

@@ -265,12 +265,13 @@ def test_a_fully_diverged_component_is_reported_not_averaged(problem, tmp_path):
 
 
 def test_every_full_chain_diverged_is_an_error_before_any_work(problem, tmp_path):
-    from spectro.susceptibilities import select_chains
+    from spectro.pipeline import run_susceptibilities
 
     store = store_with(tmp_path, problem, {"full": [0, 1, 2, 3]})
     with pytest.raises(DivergenceError, match=r"every chain of 'full' diverged \(at draws \[1, 1, 1, 1\]\).*"
                                               r"Lower sampler\.step_size \(now 0\.001\), raise sampler\.gamma"):
-        select_chains(store)
+        run_susceptibilities(tiny_config(), tmp_path)            # stops before starting the covariance job
+    assert not (tmp_path / "susceptibilities.zarr").exists()
 
 
 # ---------------------------------------------------------------- hostile stores, checkpoints and paths
