@@ -192,7 +192,7 @@ def problem():
     return tiny_problem()
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(log_step=st.floats(-12, 4), log_nbeta=st.floats(-6, 6), log_gamma=st.one_of(st.just(None), st.floats(-3, 9)),
        precondition=st.sampled_from(["none", "rmsprop"]))
 def test_extreme_hyperparameters_give_finite_draws_or_recorded_divergence(problem, log_step, log_nbeta, log_gamma,
