@@ -697,7 +697,9 @@ def _sae_section(run: _Run) -> str:
                                  f"loss recovered {_fmt(q.get('loss_recovered'))}"),
     ])
     order = sorted(cl, key=lambda c: (-(c.get("f1") or 0.0), c.get("id", 0)))
-    chips = lambda c: "".join(_token_chip(run, t) for t in (c.get("top_tokens") or [])[:5]) or "–"  # noqa: E731
+    chips = lambda c: "".join(f'<span class="chip"><span class="tok">{_vis(str(t[0]))}</span><span class="cnt">'  # noqa: E731
+                              f'{_e(str(t[1]))}</span></span>' for t in (c.get("top_tokens") or [])[:5]
+                              if isinstance(t, (list, tuple)) and len(t) >= 2) or "–"
     rows = "".join(
         f'<tr class="{"" if c.get("matched") else "flagged"}" data-cluster="{_e(str(c.get("id")))}">'
         f'<td>#{_e(str(c.get("id")))}</td><td>{_e(str(c.get("size")))}</td><td>{chips(c)}</td>'
@@ -708,9 +710,9 @@ def _sae_section(run: _Run) -> str:
              '<th>F1</th><th>precision</th><th>recall</th><th>feature active on</th><th></th></tr></thead>'
              f'<tbody>{rows}</tbody></table>')
     details = []
-    for c in order[:SAE_DETAILS_MAX]:
+    for j, c in enumerate(order[:SAE_DETAILS_MAX]):
         details.append(
-            f'<details class="sae-pair"><summary>cluster #{_e(str(c.get("id")))} ({_e(str(c.get("size")))} tokens) '
+            f'<details class="sae-pair"{" open" if j == 0 else ""}><summary>cluster #{_e(str(c.get("id")))} ({_e(str(c.get("size")))} tokens) '
             f'vs feature f{_e(str(c.get("feature")))}: F1 {_fmt(c.get("f1"))}</summary><div class="panels">'
             f'<div class="panel"><div class="small muted">cluster members</div>'
             f'{_sae_examples(run, c.get("examples") or [], False)}</div>'
