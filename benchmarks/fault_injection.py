@@ -39,7 +39,6 @@ small text corpus.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
