@@ -24,7 +24,9 @@ Non-obvious choices:
   removed before the Adam step and rows are renormalised after it); Adam with
   a linear decay to 0 over the last 20% of steps. Dead features (no activation
   for `dead_after` steps) are trained by the AuxK loss: the top `aux_k` dead
-  latents reconstruct the main reconstruction's error, weighted 1/32. The
+  latents reconstruct the main reconstruction's error, weighted 1/32. Adam
+  is written out (torch.optim's first step imports torch._dynamo: seconds)
+  and training runs in one torch thread (see `train_topk`). The
   input scale is folded into the saved weights, so a saved SAE takes raw
   activations (SAELens `normalize_activations: "none"`).
 - A loaded SAE may be `topk`, `standard` (ReLU) or `jumprelu` (with a
