@@ -105,6 +105,7 @@ class SAEConfig:
     expansion: int = 8                  # dictionary size = expansion * d_model
     k: int = 16                         # TopK: active latents per token
     steps: int = 2000
+    max_epochs: float = 30.0            # caps steps at max_epochs passes over the training tokens (small runs)
     batch_size: int = 512
     lr: float = 1e-3
     aux_k: int = 128                    # AuxK: dead latents that model the residual error
@@ -252,6 +253,8 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     for key in ("expansion", "k", "steps", "batch_size", "dead_after", "top_contexts"):
         v = getattr(a, key)
         _require(v >= 1, f"sae.{key}", v, "must be >= 1", f"set sae.{key} to a positive integer")
+    _require(finite(a.max_epochs) and a.max_epochs > 0, "sae.max_epochs", a.max_epochs, "must be > 0",
+             "e.g. sae.max_epochs=30")
     _require(finite(a.lr) and a.lr > 0, "sae.lr", a.lr, "must be a positive finite number", "e.g. sae.lr=1e-3")
     _require(a.aux_k >= 0 and a.n_null >= 0, "sae", {"aux_k": a.aux_k, "n_null": a.n_null},
              "needs aux_k >= 0 and n_null >= 0", "e.g. sae.aux_k=128 sae.n_null=200")

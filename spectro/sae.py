@@ -46,6 +46,7 @@ Non-obvious choices:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -170,6 +171,7 @@ class TrainSettings:
     k: int = 16                         # active latents per token
     steps: int = 3000
     batch_size: int = 1024
+    max_epochs: float = math.inf        # steps are capped at this many passes over the data
     lr: float = 1e-3
     aux_k: int = 128                    # dead latents used by the AuxK loss
     aux_coef: float = 1 / 32
@@ -212,9 +214,11 @@ def _train_topk(x: torch.Tensor, settings: TrainSettings) -> tuple[SAE, dict]:
     m1 = [torch.zeros_like(p) for p in params]                      # Adam moments (written out: torch.optim's
     m2 = [torch.zeros_like(p) for p in params]                      # first step imports torch._dynamo, ~10 s here)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
-    decay_from = int(0.8 * s.steps)
     since_fired = torch.zeros(d_sae, dtype=torch.int64)
     batch = min(s.batch_size, n)
+    if math.isfinite(s.max_epochs):
+        s = dataclasses.replace(s, steps=max(1, min(s.steps, math.ceil(s.max_epochs * n / batch))))
+    decay_from = int(0.8 * s.steps)
     order, pos = torch.randperm(n, generator=g), 0
     mse_log, aux_log = [], []
     for step in range(s.steps):
@@ -592,7 +596,8 @@ def sae_stage(run_dir: Path, settings, model: torch.nn.Module, train_ids: torch.
     X = train_acts.reshape(-1, d_model)                               # (n * seq, d)
     train_log = None
     if not a.load:
-        ts = TrainSettings(expansion=a.expansion, k=a.k, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+        ts = TrainSettings(expansion=a.expansion, k=a.k, steps=a.steps, batch_size=a.batch_size,
+                           max_epochs=a.max_epochs, lr=a.lr,
                            aux_k=a.aux_k, dead_after=a.dead_after, seed=a.seed)
         sae, train_log = train_topk(X, ts)
         sae.hook_name = hook_name(site, layer)
