@@ -935,7 +935,8 @@ def _gallery_data(run: _Run, names: list[str], z: Optional[np.ndarray], zn: Opti
                                  int(run.context[i]), int(run.position[i])])
         out.append({"id": cid, "size": size, "cond": cl.get("conductance"), "profile": profile or [],
                     "top": [[str(t), int(k)] for t, k in top[:TOP_TOKENS_SHOWN]],
-                    "src": [int(src.get(s, 0)) for s in sources], "texts": texts, "ex": examples})
+                    "src": [int(src.get(s, 0)) for s in sources], "texts": texts, "ex": examples,
+                    "roles": [[str(r), int(k)] for r, k in (cl.get("roles") or {}).items()][:4]})
     for o in out:      # sources may have grown while looping
         o["src"] += [0] * (len(sources) - len(o["src"]))
     out.sort(key=lambda o: (-o["size"], o["id"]))

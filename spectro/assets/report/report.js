@@ -256,6 +256,14 @@
     return '<div class="srcbar">' + bar + '</div><div class="srcleg">' + leg + "</div>";
   }
 
+  function roleMix(roles, size) {
+    if (!roles || !roles.length || !size) return "";
+    return '<div class="label" title="rule-based token roles (spectro/roles.py); the most common four">token roles</div>' +
+      '<div class="srcleg">' + roles.map(function (r) {
+        return esc(r[0]) + " " + (100 * r[1] / size).toFixed(0) + "%";
+      }).join(" · ") + "</div>";
+  }
+
   function card(i, q) {
     var c = G.clusters[i], col = colourOf(c.id);
     var top = c.top.map(function (tc) {
@@ -285,10 +293,10 @@
       fmt(c.cond, 3) + '</span><span class="spacer"></span>' +
       '<button type="button" class="onmap" data-id="' + c.id + '">show on map</button></header>' +
       (WIDE ?
-        '<div class="label">top tokens</div>' + top + extra + '<div class="label">sources</div>' + sourceMix(c.src) +
+        '<div class="label">top tokens</div>' + top + extra + '<div class="label">sources</div>' + sourceMix(c.src) + roleMix(c.roles, c.size) +
         '<div class="label">profile: mean z-scored χ per component</div>' + profileSvg(c.profile, 570) :
         '<div class="row"><div><div class="label">top tokens</div>' + top + extra +
-        '<div class="label">sources</div>' + sourceMix(c.src) + "</div>" +
+        '<div class="label">sources</div>' + sourceMix(c.src) + roleMix(c.roles, c.size) + "</div>" +
         '<div><div class="label">profile: mean z-scored χ per component</div>' + profileSvg(c.profile, 290) +
         "</div></div>") +
       '<div class="label">typical contexts</div>' +
