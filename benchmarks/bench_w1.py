@@ -193,6 +193,18 @@ def agreement(ours: np.ndarray, se: np.ndarray, theirs: np.ndarray, names: list[
           f"frac |z| > 2 {np.mean(np.abs(z) > 2):.3f} (t3: 0.139), frac |z| > 3 {np.mean(np.abs(z) > 3):.3f} (t3: 0.058)")
 
 
+def report_agreement(last: dict) -> None:
+    chi, se, comps = last["spectro"]
+    names = [c for c in comps if c != "full"]
+    idx = [comps.index(n) for n in names]
+    raw, adjusted = last["devinterp"]
+    print("\nAgreement (this repeat), raw peer chi:")
+    agreement(chi[:, idx], se[:, idx], raw, names)
+    print("\nAgreement (this repeat), peer chi with its init_loss shift removed:")
+    agreement(chi[:, idx], se[:, idx], adjusted, names)
+    print(flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -229,6 +241,8 @@ def main() -> None:
                     last["devinterp"] = peer_chi(tree, prepared, d)
                 times[tool].append(wall)
                 print(f"repeat {rep} {tool}: {wall:.1f} s", flush=True)
+            if "devinterp" in last:
+                report_agreement(last)
         print()
         print("| tool | median wall (s) | runs |")
         print("|---|---|---|")
@@ -238,14 +252,6 @@ def main() -> None:
         if times["devinterp"]:
             ratio = statistics.median(times["devinterp"]) / statistics.median(times["spectro"])
             print(f"devinterp / spectro (ratio of medians): {ratio:.2f}x")
-            chi, se, comps = last["spectro"]
-            names = [c for c in comps if c != "full"]
-            idx = [comps.index(n) for n in names]
-            raw, adjusted = last["devinterp"]
-            print("\nAgreement, raw peer chi:")
-            agreement(chi[:, idx], se[:, idx], raw, names)
-            print("\nAgreement, peer chi with its init_loss shift removed:")
-            agreement(chi[:, idx], se[:, idx], adjusted, names)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -142,7 +142,7 @@ def w2_config(model_dir: Path, components: list[str], draws: int, actors: int):
 
 
 class ActorMemory:
-    """Peak RSS of every SamplerActor process, polled in a thread."""
+    """Peak RSS of every SamplerActor process of this driver's Ray instance, polled in a thread."""
 
     def __init__(self, every_s: float = 0.2):
         self.peak: dict[int, int] = {}
@@ -154,9 +154,13 @@ class ActorMemory:
         import psutil
 
         while not self._stop.is_set():
-            for proc in psutil.process_iter(["pid", "cmdline"]):
+            me = os.getpid()
+            for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
                 try:
-                    if any("SamplerActor" in part for part in (proc.info["cmdline"] or [])):
+                    # only this run's actors: workers are children of the raylet this driver started
+                    parent = psutil.Process(proc.info["ppid"]) if proc.info["ppid"] else None
+                    ours = parent is not None and parent.ppid() == me
+                    if ours and any("SamplerActor" in part for part in (proc.info["cmdline"] or [])):
                         rss = proc.memory_info().rss
                         self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), rss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):

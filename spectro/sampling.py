@@ -22,6 +22,10 @@ Non-obvious choices:
   forward to float tolerance (tests/test_performance.py); it is rebuilt
   identically on restore, so resumes stay bit-identical.
   `cache_lower_layers=False` gives the plain path.
+- For a large vocabulary the SGLD step's gradient is accumulated over
+  micro-batches holding at most `observables.MAX_LOGIT_ELEMENTS` logits per
+  chain (`sgld.SGLD.micro_batch`; W1's 16 x 64 x 4096 fits, Pythia's 50k
+  vocabulary does not).
 - A chain diverges when its minibatch or sampling loss is NaN/inf or exceeds
   init_loss + divergence_bound. It stops moving; its later draws are NaN and
   flagged in `Draw.diverged`, and `diverged_at` records the first such draw so
@@ -41,8 +45,8 @@ import torch
 from spectro.components import Component, resolve_components
 from spectro.config import SamplerConfig
 from spectro.device import eval_autocast
-from spectro.observables import (UpperStack, mean_loss, mean_loss_from, residual_at, token_losses,
-                                  token_losses_from)
+from spectro.observables import (MAX_LOGIT_ELEMENTS, UpperStack, mean_loss, mean_loss_from, residual_at,
+                                  token_losses, token_losses_from)
 from spectro.sgld import SGLD, SGLDHyper, SGLDState, build
 
 STREAMS = ("data", "noise")
@@ -156,7 +160,13 @@ class UnitRunner:
             loss_fn = lambda p, batch: mean_loss_from(upper, p, batch)
         else:
             loss_fn = lambda p, batch: loss(model, p, batch)
-        self.sgld: SGLD = build(hyper, anchor, masks, loss_fn, config.chain_mode)
+        micro = 0
+        if _is_lm(problem):
+            # at most ~MAX_LOGIT_ELEMENTS logits per chain alive in a step (W2: 0.84 GB -> 0.13 GB for 4 chains)
+            seq, vocab = problem.train_ids.shape[-1], int(model.config.vocab_size)
+            micro = max(1, MAX_LOGIT_ELEMENTS // (seq * vocab))
+        self.sgld: SGLD = build(hyper, anchor, masks, loss_fn, config.chain_mode,
+                                micro_batch=micro if micro < config.batch_size else 0)
 
     def _per_token(self, params: dict, which: str) -> torch.Tensor:
         """Per-token losses on the sampling set or the probe contexts: (contexts, seq - 1)."""
