@@ -175,7 +175,7 @@ def peer_chi(tree, prepared, out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
         tmp = np.empty_like(s)
         tmp[order] = s
         shift[:, k] = tmp.reshape(-1)
-    return raw, raw + shift
+    return raw, raw - shift      # chi_peer = chi_ours(same samples) + c (E_C[D] - E_full[D])
 
 
 def agreement(ours: np.ndarray, se: np.ndarray, theirs: np.ndarray, names: list[str]) -> None:
