@@ -3,22 +3,34 @@
 `token_losses(model, params, input_ids)` returns -log p_w(y | x) for every
 position after the first of every context, with the parameters in `params`
 substituted into `model` (torch.func.functional_call; parameters not named
-keep the model's own values, i.e. w*).
+keep the model's own values, i.e. w*). `mean_loss` is their mean over a
+minibatch, differentiable for SGLD.
 
 Non-obvious choices:
-- Logits are materialised one chunk of contexts at a time, sized so a chunk
-  holds at most `max_logit_elements` floats (the unembedding dominates memory
-  on a 50k vocabulary: 64 contexts x 64 positions x 50304 is 800 MB in fp32).
-- Cross-entropy is computed from float32 logits; means over tokens are taken
-  in float64 by the callers.
+- Fused, chunked head + cross-entropy (issue 7). For a GPT-NeoX model the
+  body gives the final hidden states (after the final LayerNorm) and
+  `linear_cross_entropy` computes the unembedding and the loss `CE_ROWS`
+  token rows at a time: a (rows, vocab) block of logits lives in cache, is
+  reduced to logsumexp and the target logit at once, and is never written to
+  memory in full. Its backward recomputes each block's logits from the saved
+  hidden states (nothing of size vocab is saved), so the SGLD step holds no
+  (batch, seq, vocab) tensor either. On this CPU this halves the cost of the
+  head's cross-entropy against `F.cross_entropy` on materialised logits
+  (which also copies the non-contiguous `logits[:, :-1]` slice, forward and
+  backward). A test checks values and gradients, under vmap, against the
+  plain path.
+- Cross-entropy is computed from float32 logits (float64 inputs stay
+  float64; bf16 autocast for evaluation rounds the matmul only); means over tokens are taken in float64
+  by the callers of `token_losses`.
 - Lower-layer cache (issue 7): a component in layer L leaves the residual
   stream entering layer L unchanged, so `residual_at(model, ids, L)` computes
-  it once at w* and `UpperStack(model, L)` evaluates layers L.. + final
-  LayerNorm + head from it. `UpperStack` holds the model as its child `m`, so
-  `functional_call` substitutes parameters named `"m." + name`; it builds the
-  causal mask and rotary embeddings exactly as `GPTNeoXModel.forward` does,
-  and a test checks it against the full forward to float tolerance.
-  L = n_layers (the unembedding) runs no layer at all: only the head changes.
+  it once at w* and `Body(model, L)` evaluates layers L.. + final LayerNorm
+  from it. `Body` holds the model as its child `m`, so `functional_call`
+  substitutes parameters named `"m." + name`; it builds the causal mask and
+  rotary embeddings exactly as `GPTNeoXModel.forward` does, and a test checks
+  it against the full forward to float tolerance. `Body(model, None)` is the
+  whole model from token ids. L = n_layers (the unembedding) runs no layer at
+  all: only the head changes.
 """
 
 from __future__ import annotations
@@ -30,38 +42,72 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from transformers.masking_utils import create_causal_mask
 
-MAX_LOGIT_ELEMENTS = 1 << 24  # 16M floats = 64 MB per chunk
+CE_ROWS = 128          # token rows per block of logits in the fused head + cross-entropy
+BODY_ROWS = 4096       # token rows per forward chunk when evaluating many contexts (bounds activation memory)
+HEAD = "lm_head.weight"
 
 
 def logits(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) int64 -> (batch, seq, vocab) logits at the substituted weights."""
+    """(batch, seq) int64 -> (batch, seq, vocab) logits at the substituted weights (the plain reference path)."""
     out = functional_call(model, params, args=(input_ids,), kwargs={"use_cache": False})
     return out.logits
 
 
-def mean_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over a (batch, seq) block: scalar (differentiable)."""
-    z = logits(model, params, input_ids)                                   # (batch, seq, vocab)
-    return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), input_ids[:, 1:].reshape(-1))
+# ---- fused, chunked unembedding + cross-entropy
 
 
-@torch.no_grad()
-def token_losses(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
-                 max_logit_elements: int = MAX_LOGIT_ELEMENTS, vocab_size: Optional[int] = None) -> torch.Tensor:
-    """(contexts, seq) -> (contexts, seq - 1) float32 per-token losses."""
-    n, seq = input_ids.shape
-    vocab = vocab_size or model.config.vocab_size
-    chunk = max(1, max_logit_elements // (seq * vocab))
-    out = torch.empty(n, seq - 1, dtype=torch.float32, device=input_ids.device)
-    for start in range(0, n, chunk):
-        ids = input_ids[start:start + chunk]                               # (chunk, seq)
-        z = logits(model, params, ids)[:, :-1]                             # (chunk, seq-1, vocab)
-        loss = F.cross_entropy(z.reshape(-1, z.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none")
-        out[start:start + chunk] = loss.view(ids.shape[0], seq - 1)
-    return out
+def _float(z: torch.Tensor) -> torch.Tensor:
+    return z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
 
 
-# ---- evaluation from a cached residual stream (components in layer L >= 1)
+def _block_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    z = _float(hidden @ weight.T)                                                 # (rows, vocab)
+    lse = torch.logsumexp(z, dim=-1)                                              # (rows,)
+    return lse - z.gather(1, targets.unsqueeze(1)).squeeze(1), lse
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-row -log softmax(hidden @ weight.T)[target], CE_ROWS rows at a time (see the module docstring)."""
+
+    generate_vmap_rule = True          # torch.func.vmap over chains (batched hidden and/or weight)
+
+    @staticmethod
+    def forward(hidden, weight, targets, rows):
+        outs = [_block_ce(hidden[s:s + rows], weight, targets[s:s + rows]) for s in range(0, hidden.shape[0], rows)]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])   # (n,), (n,)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, targets, rows = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(hidden, weight, targets, output[1])
+        ctx.rows = rows
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        d_hidden, d_weight = [], None
+        for s in range(0, hidden.shape[0], ctx.rows):
+            h, t = hidden[s:s + ctx.rows], targets[s:s + ctx.rows]                 # (rows, d), (rows,)
+            p = torch.exp(_float(h @ weight.T) - lse[s:s + ctx.rows].unsqueeze(1))   # softmax (rows, vocab)
+            p = p.scatter_add(1, t.unsqueeze(1), -torch.ones_like(p[:, :1]))        # softmax - onehot
+            dz = (p * grad_loss[s:s + ctx.rows].unsqueeze(1)).to(hidden.dtype)
+            if need_h:
+                d_hidden.append(dz @ weight)                                        # (rows, d)
+            if need_w:
+                part = dz.T @ h                                                     # (vocab, d)
+                d_weight = part if d_weight is None else d_weight + part
+        return (torch.cat(d_hidden) if need_h else None), d_weight, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         rows: int = CE_ROWS) -> torch.Tensor:
+    """(n, d) hidden, (vocab, d) head, (n,) targets -> (n,) losses (float32 at least); differentiable, vmap-able."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, rows)[0]
+
+
+# ---- the body: final hidden states from token ids, or from a cached residual stream
 
 
 def _mask_and_rotary(base: torch.nn.Module, hidden: torch.Tensor):
@@ -85,45 +131,67 @@ def residual_at(model: torch.nn.Module, input_ids: torch.Tensor, layer: int, chu
     return torch.cat(outs)
 
 
-class UpperStack(torch.nn.Module):
-    """Layers `start..` of a GPT-NeoX causal LM, its final LayerNorm and head."""
+class Body(torch.nn.Module):
+    """A GPT-NeoX causal LM up to its final LayerNorm: from token ids (`start=None`) or from the residual
+    stream entering layer `start` (layers `start..` only). Output (batch, seq, hidden)."""
 
-    def __init__(self, model: torch.nn.Module, start: int):
+    def __init__(self, model: torch.nn.Module, start: Optional[int] = None):
         super().__init__()
         self.m = model
         self.start = start
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.m.gpt_neox
-        pos, mask, rot = _mask_and_rotary(base, hidden)
+        if self.start is None:
+            return base(input_ids=x, use_cache=False).last_hidden_state              # (batch, seq, hidden)
+        pos, mask, rot = _mask_and_rotary(base, x)
         for blk in base.layers[self.start:]:
-            hidden = blk(hidden, attention_mask=mask, position_ids=pos, position_embeddings=rot)
-        return self.m.lm_head(base.final_layer_norm(hidden))                          # (batch, seq, vocab)
+            x = blk(x, attention_mask=mask, position_ids=pos, position_embeddings=rot)
+        return base.final_layer_norm(x)                                               # (batch, seq, hidden)
 
 
-def _prefixed(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"m." + n: p for n, p in params.items()}
+def is_gpt_neox(model: torch.nn.Module) -> bool:
+    return hasattr(model, "gpt_neox") and hasattr(model, "lm_head") and getattr(model.lm_head, "bias", None) is None
 
 
-def mean_loss_from(upper: UpperStack, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
+def _losses(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per-token losses (b, seq - 1) of a body's input x (ids or cached residual), differentiable."""
+    h = functional_call(body, {"m." + n: p for n, p in params.items()}, args=(x,))[:, :-1]   # (b, seq-1, hidden)
+    weight = params.get(HEAD, body.m.lm_head.weight)                                        # (vocab, hidden)
+    b, n = ids.shape[0], ids.shape[1] - 1
+    return linear_cross_entropy(h.reshape(b * n, -1), weight, ids[:, 1:].reshape(-1)).view(b, n)
+
+
+def mean_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over a (batch, seq) block: scalar (differentiable)."""
+    if not is_gpt_neox(model):
+        z = logits(model, params, input_ids)                                     # (batch, seq, vocab)
+        return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), input_ids[:, 1:].reshape(-1))
+    return _losses(Body(model), params, input_ids, input_ids).mean()
+
+
+def mean_loss_from(body: Body, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
     """Mean next-token CE from a cached residual: batch = (hidden (b, seq, d), input_ids (b, seq))."""
     hidden, ids = batch
-    z = functional_call(upper, _prefixed(params), args=(hidden,))                     # (b, seq, vocab)
-    return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), ids[:, 1:].reshape(-1))
+    return _losses(body, params, hidden, ids).mean()
 
 
 @torch.no_grad()
-def token_losses_from(upper: UpperStack, params: dict[str, torch.Tensor], hidden: torch.Tensor,
-                      input_ids: torch.Tensor, max_logit_elements: int = MAX_LOGIT_ELEMENTS) -> torch.Tensor:
-    """`token_losses` from a cached residual (n, seq, d): (n, seq - 1) float32."""
+def token_losses(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                 rows: int = BODY_ROWS) -> torch.Tensor:
+    """(contexts, seq) -> (contexts, seq - 1) float32 per-token losses."""
+    if not is_gpt_neox(model):
+        z = logits(model, params, input_ids)[:, :-1]
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]).float(), input_ids[:, 1:].reshape(-1),
+                               reduction="none").view(input_ids.shape[0], -1)
+    return token_losses_from(Body(model), params, input_ids, input_ids, rows)
+
+
+@torch.no_grad()
+def token_losses_from(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, input_ids: torch.Tensor,
+                      rows: int = BODY_ROWS) -> torch.Tensor:
+    """`token_losses` from the body's input x (token ids, or a cached residual (n, seq, d)): (n, seq - 1)."""
     n, seq = input_ids.shape
-    vocab = upper.m.config.vocab_size
-    chunk = max(1, max_logit_elements // (seq * vocab))
-    out = torch.empty(n, seq - 1, dtype=torch.float32, device=input_ids.device)
-    p = _prefixed(params)
-    for start in range(0, n, chunk):
-        ids = input_ids[start:start + chunk]                                          # (chunk, seq)
-        z = functional_call(upper, p, args=(hidden[start:start + chunk],))[:, :-1]    # (chunk, seq-1, vocab)
-        loss = F.cross_entropy(z.reshape(-1, z.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none")
-        out[start:start + chunk] = loss.view(ids.shape[0], seq - 1)
-    return out
+    chunk = max(1, rows // seq)
+    return torch.cat([_losses(body, params, x[s:s + chunk], input_ids[s:s + chunk]).float()
+                      for s in range(0, n, chunk)])

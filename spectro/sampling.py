@@ -18,14 +18,13 @@ Non-obvious choices:
   losses and a component in layer L >= 1, the residual stream entering layer
   L is computed once at w* for the SGLD pool, the sampling set and the probe
   contexts; SGLD steps (minibatch = rows of the cached pool) and evaluations
-  run layers L.. only (`observables.UpperStack`). Same maths as the full
+  run layers L.. only (`observables.Body`). Same maths as the full
   forward to float tolerance (tests/test_performance.py); it is rebuilt
   identically on restore, so resumes stay bit-identical.
   `cache_lower_layers=False` gives the plain path.
-- For a large vocabulary the SGLD step's gradient is accumulated over
-  micro-batches holding at most `observables.MAX_LOGIT_ELEMENTS` logits per
-  chain (`sgld.SGLD.micro_batch`; W1's 16 x 64 x 4096 fits, Pythia's 50k
-  vocabulary does not).
+- The head and cross-entropy are fused and chunked (`observables.
+  linear_cross_entropy`): no step or evaluation holds a (batch, seq, vocab)
+  tensor, so even Pythia's 50k vocabulary needs no micro-batching.
 - A chain diverges when its minibatch or sampling loss is NaN/inf or exceeds
   init_loss + divergence_bound. It stops moving; its later draws are NaN and
   flagged in `Draw.diverged`, and `diverged_at` records the first such draw so
@@ -45,8 +44,7 @@ import torch
 from spectro.components import Component, resolve_components
 from spectro.config import SamplerConfig
 from spectro.device import eval_autocast
-from spectro.observables import (MAX_LOGIT_ELEMENTS, UpperStack, mean_loss, mean_loss_from, residual_at,
-                                  token_losses, token_losses_from)
+from spectro.observables import Body, is_gpt_neox, mean_loss, mean_loss_from, residual_at, token_losses, token_losses_from
 from spectro.sgld import SGLD, SGLDHyper, SGLDState, build
 
 STREAMS = ("data", "noise")
@@ -60,8 +58,7 @@ def chain_seed(run_seed: int, component: str, chain: int, stream: str) -> int:
 
 def _is_lm(problem: "Problem") -> bool:
     """A GPT-NeoX problem with the standard LM losses (the lower-layer cache applies)."""
-    return (problem.loss is mean_loss and problem.per_token is token_losses
-            and hasattr(problem.model, "gpt_neox") and hasattr(problem.model, "lm_head"))
+    return problem.loss is mean_loss and problem.per_token is token_losses and is_gpt_neox(problem.model)
 
 
 def lm_components(model: torch.nn.Module, names: Sequence[str]) -> list[Component]:
@@ -152,7 +149,7 @@ class UnitRunner:
             # the residual stream entering the component's layer never changes: compute it once (at w*)
             # for the SGLD pool, the sampling set and the probe contexts, and evaluate from there up
             L = component.layer
-            self._upper = UpperStack(model, L)
+            self._upper = Body(model, L)
             self._train_h = residual_at(model, problem.train_ids, L)               # (n_train, seq, hidden)
             self._sampling_h = residual_at(model, problem.sampling_ids, L)         # (n_sampling, seq, hidden)
             self._probe_h = residual_at(model, problem.probe_ids, L)               # (n_probe, seq, hidden)
@@ -160,13 +157,7 @@ class UnitRunner:
             loss_fn = lambda p, batch: mean_loss_from(upper, p, batch)
         else:
             loss_fn = lambda p, batch: loss(model, p, batch)
-        micro = 0
-        if _is_lm(problem):
-            # at most ~MAX_LOGIT_ELEMENTS logits per chain alive in a step (W2: 0.84 GB -> 0.13 GB for 4 chains)
-            seq, vocab = problem.train_ids.shape[-1], int(model.config.vocab_size)
-            micro = max(1, MAX_LOGIT_ELEMENTS // (seq * vocab))
-        self.sgld: SGLD = build(hyper, anchor, masks, loss_fn, config.chain_mode,
-                                micro_batch=micro if micro < config.batch_size else 0)
+        self.sgld: SGLD = build(hyper, anchor, masks, loss_fn, config.chain_mode)
 
     def _per_token(self, params: dict, which: str) -> torch.Tensor:
         """Per-token losses on the sampling set or the probe contexts: (contexts, seq - 1)."""

@@ -27,10 +27,6 @@ Non-obvious choices:
 - A mask is a bool tensor of the parameter's shape, or None for the whole
   tensor. Entries outside the mask never move (their gradient and noise are
   zeroed), so `w - w*` is zero there and the localization term needs no mask.
-- `micro_batch > 0` computes the minibatch gradient as the size-weighted mean
-  of micro-batch gradients (the loss is a mean over rows), so at most
-  `micro_batch` rows' logits are alive at once: the same gradient up to float
-  summation order, for large vocabularies (a test checks it).
 - Only the sampled tensors are differentiated; the rest of the model is a
   constant closed over by `loss_fn`, so autograd builds no graph for it.
 """
@@ -80,7 +76,6 @@ class SGLD:
     masks: dict[str, Optional[torch.Tensor]]
     loss_fn: LossFn
     chain_mode: str = "vmap"
-    micro_batch: int = 0             # > 0: gradients over micro-batches of this many rows (memory), 0: whole batch
 
     def init(self, num_chains: int) -> SGLDState:
         params = {n: w.detach().unsqueeze(0).repeat(num_chains, *([1] * w.dim())) for n, w in self.anchor.items()}
@@ -91,20 +86,6 @@ class SGLD:
 
     def grads(self, params: Params, batch: Any) -> tuple[Params, torch.Tensor]:
         """Per-chain gradients and losses: ({name: (chains, *shape)}, (chains,))."""
-        size = _batch_size(batch)
-        if 0 < self.micro_batch < size:
-            # the loss is a mean over the batch: average the micro-batches' gradients, weighted by size
-            grads, loss = None, None
-            for start in range(0, size, self.micro_batch):
-                part = _slice(batch, start, start + self.micro_batch)
-                w = _batch_size(part) / size
-                g, v = self._grads(params, part)
-                grads = {n: w * t for n, t in g.items()} if grads is None else {n: grads[n] + w * g[n] for n in g}
-                loss = w * v if loss is None else loss + w * v
-            return grads, loss
-        return self._grads(params, batch)
-
-    def _grads(self, params: Params, batch: Any) -> tuple[Params, torch.Tensor]:
         g_and_v = grad_and_value(self.loss_fn)
         if self.chain_mode == "vmap":
             return vmap(g_and_v, in_dims=(0, 0))(params, batch)
@@ -164,31 +145,10 @@ class SGLD:
 
 
 def build(hyper: SGLDHyper, anchor: Params, masks: dict[str, Optional[torch.Tensor]], loss_fn: LossFn,
-          chain_mode: str = "vmap", micro_batch: int = 0) -> SGLD:
+          chain_mode: str = "vmap") -> SGLD:
     """Fix the sampler's hyperparameters, anchor w*, masks and loss."""
     return SGLD(hyper=hyper, anchor={n: a.detach() for n, a in anchor.items()}, masks=dict(masks),
-                loss_fn=loss_fn, chain_mode=chain_mode, micro_batch=micro_batch)
-
-
-def _batch_size(batch: Any) -> int:
-    """Rows per chain: dim 1 of the (first) batch tensor, whose dim 0 is the chains axis."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[1]
-    if isinstance(batch, (tuple, list)):
-        return _batch_size(batch[0])
-    if isinstance(batch, dict):
-        return _batch_size(next(iter(batch.values())))
-    raise TypeError(f"unsupported batch type {type(batch).__name__}")
-
-
-def _slice(batch: Any, start: int, stop: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[:, start:stop]
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_slice(b, start, stop) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _slice(v, start, stop) for k, v in batch.items()}
-    raise TypeError(f"unsupported batch type {type(batch).__name__}")
+                loss_fn=loss_fn, chain_mode=chain_mode)
 
 
 def _index(batch: Any, c: int) -> Any:

@@ -4,7 +4,8 @@
   equals the full forward (logits, per-token losses, the SGLD loss and its
   gradient), and a unit sampled with the cache matches the same unit sampled
   without it, draw by draw, to float tolerance.
-- Micro-batched SGLD gradients equal whole-batch gradients.
+- The fused, chunked head + cross-entropy gives the plain path's values and
+  gradients (under vmap over chains, batched or shared head, bf16 autocast).
 - Resume stays bit-identical with the cache on.
 Speed itself is measured in benchmarks/bench_w1.py and bench_w2.py, not here.
 """
@@ -12,12 +13,12 @@ Speed itself is measured in benchmarks/bench_w1.py and bench_w2.py, not here.
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call, grad
+import torch.nn.functional as F
+from torch.func import grad, vmap
 
-from spectro.observables import (UpperStack, logits, mean_loss, mean_loss_from, residual_at, token_losses,
-                                 token_losses_from)
+from spectro.observables import (Body, linear_cross_entropy, logits, mean_loss, mean_loss_from, residual_at,
+                                 token_losses, token_losses_from)
 from spectro.sampling import UnitRunner
-from spectro.sgld import SGLDHyper, build
 from tests.conftest import tiny_config, tiny_model, tiny_problem
 
 
@@ -29,13 +30,47 @@ def model_and_ids():
     return model, ids
 
 
-@pytest.mark.parametrize("layer", [1, 2, 3])
-def test_upper_stack_equals_full_forward(model_and_ids, layer):
+def plain_token_losses(model, params, ids):
+    """The reference: materialised logits and F.cross_entropy."""
+    z = logits(model, params, ids)[:, :-1]                                # (n, seq-1, vocab)
+    return F.cross_entropy(z.reshape(-1, z.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
+
+
+@pytest.mark.parametrize("layer", [None, 1, 2, 3])
+def test_body_equals_full_forward(model_and_ids, layer):
     model, ids = model_and_ids
     full = logits(model, {}, ids)                                         # (6, 12, vocab)
-    upper = UpperStack(model, layer)
-    cached = upper(residual_at(model, ids, layer, chunk=4))               # chunked cache, 2 chunks
+    x = ids if layer is None else residual_at(model, ids, layer, chunk=4)  # chunked cache, 2 chunks
+    cached = model.lm_head(Body(model, layer)(x))
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_batched", [True, False])
+def test_linear_cross_entropy_matches_plain_under_vmap(weight_batched):
+    g = torch.Generator().manual_seed(0)
+    chains, n, d, vocab = 3, 50, 8, 37                                    # 50 rows in blocks of 7: a ragged last block
+    h = torch.randn(chains, n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(chains, vocab, d, generator=g, dtype=torch.float64)
+    y = torch.randint(vocab, (chains, n), generator=g)
+    plain = lambda h, w, y: F.cross_entropy(h @ w.T, y)
+    fused = lambda h, w, y: linear_cross_entropy(h, w, y, rows=7).mean()
+    dims = (0, 0 if weight_batched else None, 0)
+    w_in = w if weight_batched else w[0]
+    torch.testing.assert_close(vmap(fused, in_dims=dims)(h, w_in, y), vmap(plain, in_dims=dims)(h, w_in, y),
+                               rtol=1e-12, atol=1e-12)
+    for arg in (0, 1):
+        a = vmap(grad(plain, argnums=arg), in_dims=dims)(h, w_in, y)
+        b = vmap(grad(fused, argnums=arg), in_dims=dims)(h, w_in, y)
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        assert a.abs().max() > 1e-3
+    # float32 in, float32 out; bf16 autocast rounds the matmul but the loss is still computed in float32
+    h32, w32 = h[0].float(), w[0].float()
+    ref = F.cross_entropy(h32 @ w32.T, y[0], reduction="none")
+    assert linear_cross_entropy(h32, w32, y[0]).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = linear_cross_entropy(h32, w32, y[0], rows=16)
+    assert low.dtype == torch.float32
+    assert 0 < (low - ref).abs().max() < 0.05
 
 
 def test_cached_losses_and_gradients_match(model_and_ids):
@@ -44,14 +79,18 @@ def test_cached_losses_and_gradients_match(model_and_ids):
     g = torch.Generator().manual_seed(1)
     w = model.get_parameter(name)
     params = {name: w + 0.05 * torch.randn(w.shape, generator=g)}        # away from w*: the sampled weights matter
-    upper = UpperStack(model, 1)
+    upper = Body(model, 1)
     hidden = residual_at(model, ids, 1)
-    torch.testing.assert_close(token_losses_from(upper, params, hidden, ids, max_logit_elements=2 * 12 * 96),
-                               token_losses(model, params, ids), rtol=1e-5, atol=1e-5)
+    reference = plain_token_losses(model, params, ids)
+    torch.testing.assert_close(token_losses_from(upper, params, hidden, ids, rows=2 * 12), reference,
+                               rtol=1e-5, atol=1e-5)                       # 3 chunks of 2 contexts
+    torch.testing.assert_close(token_losses(model, params, ids), reference, rtol=1e-5, atol=1e-5)
+    g_plain = grad(lambda p: plain_token_losses(model, p, ids).mean())(params)[name]
     g_full = grad(lambda p: mean_loss(model, p, ids))(params)[name]
     g_cached = grad(lambda p: mean_loss_from(upper, p, (hidden, ids)))(params)[name]
-    torch.testing.assert_close(g_cached, g_full, rtol=1e-4, atol=1e-6)
-    assert g_full.abs().max() > 0
+    torch.testing.assert_close(g_full, g_plain, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_cached, g_plain, rtol=1e-4, atol=1e-6)
+    assert g_plain.abs().max() > 0
     # the substitution really reaches the upper stack: different weights, different losses
     assert not torch.allclose(token_losses_from(upper, {}, hidden, ids), token_losses_from(upper, params, hidden, ids))
 
@@ -104,21 +143,3 @@ def test_resume_bit_identical_with_cache():
         state, d = fresh.next_draw(state)
         np.testing.assert_array_equal(d.probe_loss, straight[k].probe_loss)
         np.testing.assert_array_equal(d.sampling_loss, straight[k].sampling_loss)
-
-
-@pytest.mark.parametrize("chain_mode", ["vmap", "loop"])
-def test_micro_batched_gradients_match(model_and_ids, chain_mode):
-    model, ids = model_and_ids
-    names = ["gpt_neox.layers.2.mlp.dense_h_to_4h.weight", "lm_head.weight"]
-    anchor = {n: model.get_parameter(n).detach() for n in names}
-    loss = lambda p, batch: mean_loss(model, p, batch)
-    hyper = SGLDHyper(step_size=1e-3, nbeta=10.0, gamma=1.0)
-    whole = build(hyper, anchor, {n: None for n in names}, loss, chain_mode)
-    micro = build(hyper, anchor, {n: None for n in names}, loss, chain_mode, micro_batch=4)   # 6 rows: 4 + 2
-    params = whole.init(2).params
-    batch = torch.stack([ids, ids.flip(0)])                               # (chains, 6, seq)
-    g1, v1 = whole.grads(params, batch)
-    g2, v2 = micro.grads(params, batch)
-    torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-6)
-    for n in names:
-        torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-7)
