@@ -1,6 +1,7 @@
 """Workload W1 (issue 7): spectro vs devinterp 2.0.1 on identical work, end to end.
 
-    python benchmarks/bench_w1.py [--repeats 3] [--quick] [--skip-peer] [--draws 50] [--probe-dtype bfloat16]
+    python benchmarks/bench_w1.py [--repeats 3] [--quick] [--skip-peer] [--draws 50]
+                                  [--variants float32,bfloat16] [--chain-group 1]
 
 W1: a GPT-NeoX with 4 layers, d_model 128, 4 heads, vocab 4096, context 64,
 random init with seed 0 (normal(0, 0.02) matrices and embeddings, zero biases,
@@ -17,8 +18,19 @@ Timed: devinterp's `susceptibilities(...)` call (it samples every chain of
 every restriction one after another in this process, then reduces); spectro's
 `pipeline.run(stage=sample, then susceptibilities)` (starts a private Ray
 instance, 2 sampler actors, Zarr store, Ray Data covariance job, shuts Ray
-down). Data preparation is outside both timings. The two alternate, repeat by
-repeat, and the script prints the medians and their ratio.
+down). Data preparation is outside both timings. spectro runs once per
+variant (`sampler.probe_dtype`: float32, the default, and bfloat16 observables,
+whose effect on chi benchmarks/bench_precision.py measures); the tools
+alternate, repeat by repeat, and the script prints the medians and their
+ratios. Chain group 1 (20 units of one chain for 2 actors) balances the
+actors best; a unit's cost per chain-draw does not depend on its chain group
+on this CPU (measured 1, 2, 4).
+
+Arithmetic floor: the FLOPs each tool's work needs (counted from the shapes as
+in bench_w2.py; spectro with its lower-layer cache, devinterp without) over
+2 cores x the dense matmul rate measured in this run (fp32; bf16 for
+spectro's bfloat16 evaluations). No implementation of the same arithmetic can
+beat it on this machine.
 
 Agreement: the chi of the last repeat of each, token by token, per component:
 Pearson correlation and z = (chi_spectro - chi_peer) / (sqrt(2) * se_spectro),
@@ -205,53 +217,93 @@ def report_agreement(last: dict) -> None:
     print(flush=True)
 
 
+def arithmetic_floor(prepared, draws: int) -> None:
+    """FLOPs of W1 for each tool and the time they need at 2 cores x the measured matmul rate."""
+    from bench_w2 import matmul_rate, unit_flops
+
+    problem, cfg = prepared.problem, prepared.config.sampler
+    seq = problem.probe_ids.shape[1]
+    eval_tokens = problem.probe_ids.numel() + problem.sampling_ids.numel()
+    step_tokens = cfg.batch_size * seq
+    chain_draws = cfg.num_chains * draws
+    torch.set_num_threads(1)
+    rates = {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)}
+    torch.set_num_threads(2)
+    ours = {"step": 0.0, "eval": 0.0}
+    peer = {"step": 0.0, "eval": 0.0}
+    for comp in prepared.components:
+        start = comp.layer if comp.layer >= 1 else 0        # spectro's cache: components in layers >= 1
+        for total, s in ((ours, start), (peer, 0)):
+            f = unit_flops(problem.model.config, seq, s, comp.n_parameters, step_tokens, eval_tokens)
+            total["step"] += chain_draws * f["step"]
+            total["eval"] += chain_draws * f["eval"]
+    two = 2.0
+    peer_s = (peer["step"] + peer["eval"]) / (two * rates["float32"])
+    ours_fp32 = (ours["step"] + ours["eval"]) / (two * rates["float32"])
+    ours_bf16 = ours["step"] / (two * rates["float32"]) + ours["eval"] / (two * rates["bfloat16"])
+    print(f"matmul rate per core: fp32 {rates['float32'] / 1e9:.1f} GFLOP/s, bf16 {rates['bfloat16'] / 1e9:.1f} GFLOP/s")
+    print(f"arithmetic floor on 2 cores at 100% of that rate: devinterp's work {peer_s:.0f} s "
+          f"({(peer['step'] + peer['eval']) / 1e12:.1f} TFLOP); spectro's work {ours_fp32:.0f} s fp32 "
+          f"({(ours['step'] + ours['eval']) / 1e12:.1f} TFLOP), {ours_bf16:.0f} s with bf16 evaluations", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one repeat of 5 draws per chain (a smoke check)")
     ap.add_argument("--draws", type=int, default=50)
     ap.add_argument("--skip-peer", action="store_true", help="time spectro only")
-    ap.add_argument("--chain-group", type=int, default=4)
+    ap.add_argument("--chain-group", type=int, default=1)
     ap.add_argument("--actors", type=int, default=2)
-    ap.add_argument("--probe-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--variants", default="float32,bfloat16",
+                    help="spectro's sampler.probe_dtype values to time, comma-separated")
     args = ap.parse_args()
     repeats, draws = (1, 5) if args.quick else (args.repeats, args.draws)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in ("float32", "bfloat16")]
+    if bad or not variants:
+        ap.error(f"--variants takes float32 and/or bfloat16, got {args.variants!r}")
 
     from spectro import pipeline
 
     work = Path(tempfile.mkdtemp(prefix="w1-"))
     try:
         model_dir = write_w1_checkpoint(work / "model")
-        prepared = pipeline.prepare(w1_config(model_dir, args.chain_group, args.actors, draws, probe_dtype=args.probe_dtype))
-        print(f"W1: init loss {prepared.problem.init_loss:.4f}, probe tokens {prepared.probe.n_tokens}, "
-              f"torch threads (driver/peer) {torch.get_num_threads()}", flush=True)
-        times: dict[str, list[float]] = {"spectro": [], "devinterp": []}
+        prepared = {v: pipeline.prepare(w1_config(model_dir, args.chain_group, args.actors, draws, probe_dtype=v))
+                    for v in variants}
+        first = prepared[variants[0]]
+        print(f"W1: init loss {first.problem.init_loss:.4f}, probe tokens {first.probe.n_tokens}, "
+              f"torch threads (driver/peer) {torch.get_num_threads()}, chain group {args.chain_group}, "
+              f"{args.actors} actors", flush=True)
+        arithmetic_floor(first, draws)
+        tools = [f"spectro {v}" for v in variants] + ([] if args.skip_peer else ["devinterp"])
+        times: dict[str, list[float]] = {t: [] for t in tools}
         last = {}
         for rep in range(repeats):
-            for tool in ("spectro", "devinterp"):
-                if tool == "devinterp" and args.skip_peer:
-                    continue
-                d = work / f"{tool}-{rep}"
+            for tool in tools:
+                d = work / f"{tool.replace(' ', '-')}-{rep}"
                 d.mkdir()
-                if tool == "spectro":
-                    wall, chi, se, comps = run_spectro(prepared, d)
-                    last["spectro"] = (chi, se, comps)
+                if tool.startswith("spectro"):
+                    wall, chi, se, comps = run_spectro(prepared[tool.split()[1]], d)
+                    last[tool] = (chi, se, comps)
                 else:
-                    wall, tree, _ = run_peer(prepared, d)
-                    last["devinterp"] = peer_chi(tree, prepared, d)
+                    wall, tree, _ = run_peer(first, d)
+                    last["devinterp"] = peer_chi(tree, first, d)
                 times[tool].append(wall)
                 print(f"repeat {rep} {tool}: {wall:.1f} s", flush=True)
             if "devinterp" in last:
-                report_agreement(last)
+                for v in variants:
+                    print(f"\n=== spectro {v} vs devinterp")
+                    report_agreement({"spectro": last[f"spectro {v}"], "devinterp": last["devinterp"]})
         print()
         print("| tool | median wall (s) | runs |")
         print("|---|---|---|")
         for tool, ts in times.items():
-            if ts:
-                print(f"| {tool} | {statistics.median(ts):.1f} | {', '.join(f'{t:.1f}' for t in ts)} |")
-        if times["devinterp"]:
-            ratio = statistics.median(times["devinterp"]) / statistics.median(times["spectro"])
-            print(f"devinterp / spectro (ratio of medians): {ratio:.2f}x")
+            print(f"| {tool} | {statistics.median(ts):.1f} | {', '.join(f'{t:.1f}' for t in ts)} |")
+        if times.get("devinterp"):
+            for v in variants:
+                ratio = statistics.median(times["devinterp"]) / statistics.median(times[f"spectro {v}"])
+                print(f"devinterp / spectro {v} (ratio of medians): {ratio:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
