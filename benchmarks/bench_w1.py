@@ -96,17 +96,17 @@ def write_w1_checkpoint(directory: Path, seed: int = 0) -> Path:
 
 
 def w1_config(model_dir: Path, chain_group: int, actors: int, draws: int = 50, threads: int = 0,
-              probe_dtype: str = "float32"):
+              probe_dtype: str = "float32", components: tuple = tuple(COMPONENTS), seed: int = 0):
     from spectro.config import to_config
 
     return to_config({
         "model": {"source": str(model_dir)},
-        "components": COMPONENTS,
+        "components": list(components),
         "stage": "sample",
         "data": {"seq_len": 64, "n_train_contexts": 512, "n_sampling_contexts": 32, "n_probe_contexts": 64},
         "sampler": {"step_size": 1e-4, "nbeta": 30.0, "gamma": GAMMA, "batch_size": 16, "num_chains": 4,
                     "num_draws": draws, "burnin": 0, "steps_between_draws": 1, "chain_group": chain_group,
-                    "checkpoint_every": draws, "seed": 0, "probe_dtype": probe_dtype},
+                    "checkpoint_every": draws, "seed": seed, "probe_dtype": probe_dtype},
         "ray": {"num_actors": actors, "num_cpus_per_actor": 1, "torch_threads": threads},
     })
 
@@ -127,8 +127,12 @@ def run_spectro(prepared, run_dir: Path) -> tuple[float, np.ndarray, np.ndarray,
     return wall, ds["chi"].values, ds["chi_se"].values, comps
 
 
-def run_peer(prepared, out_dir: Path) -> tuple[float, dict[str, np.ndarray], dict]:
-    """devinterp's susceptibilities on the same model, data and hyperparameters."""
+def run_peer(prepared, out_dir: Path, independent_batches: bool = False) -> tuple[float, dict[str, np.ndarray], dict]:
+    """devinterp's susceptibilities on the same model, data and hyperparameters.
+
+    `independent_batches`: each chain draws its own minibatch sequence (devinterp's
+    `match_sampling_input_ids_across_chains=False`; its default shares one sequence
+    across chains, which correlates the chains). spectro's chains are always independent."""
     import copy
 
     from datasets import Dataset
@@ -154,7 +158,8 @@ def run_peer(prepared, out_dir: Path) -> tuple[float, dict[str, np.ndarray], dic
         tree = susceptibilities(model, pool, observables, masks, sampling_task="pretrain", lr=1e-4, n_beta=30.0,
                                 localization=GAMMA, num_chains=4, num_draws=prepared.config.sampler.num_draws, batch_size=16,
                                 num_burnin_steps=0, num_steps_bw_draws=1, device="cpu",
-                                output_path=out_dir / "samples.zarr")
+                                output_path=out_dir / "samples.zarr",
+                                match_sampling_input_ids_across_chains=not independent_batches)
     wall = time.perf_counter() - t0
     return wall, tree, masks
 
@@ -257,6 +262,13 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--variants", default="float32,bfloat16",
                     help="spectro's sampler.probe_dtype values to time, comma-separated")
+    ap.add_argument("--components", default=",".join(COMPONENTS),
+                    help="restrictions besides full (default: W1's four), comma-separated")
+    ap.add_argument("--seed-baseline", action="store_true",
+                    help="also run spectro (first variant) with run seed 1 and print seed 0 vs seed 1 agreement: "
+                         "what two independent runs of one sampler look like under the same z-scores")
+    ap.add_argument("--peer-independent-batches", action="store_true",
+                    help="devinterp with match_sampling_input_ids_across_chains=False (an agreement check, not W1)")
     args = ap.parse_args()
     repeats, draws = (1, 5) if args.quick else (args.repeats, args.draws)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -269,7 +281,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="w1-"))
     try:
         model_dir = write_w1_checkpoint(work / "model")
-        prepared = {v: pipeline.prepare(w1_config(model_dir, args.chain_group, args.actors, draws, probe_dtype=v))
+        comps = tuple(c.strip() for c in args.components.split(",") if c.strip())
+        prepared = {v: pipeline.prepare(w1_config(model_dir, args.chain_group, args.actors, draws, probe_dtype=v,
+                                                  components=comps))
                     for v in variants}
         first = prepared[variants[0]]
         print(f"W1: init loss {first.problem.init_loss:.4f}, probe tokens {first.probe.n_tokens}, "
@@ -287,7 +301,7 @@ def main() -> None:
                     wall, chi, se, comps = run_spectro(prepared[tool.split()[1]], d)
                     last[tool] = (chi, se, comps)
                 else:
-                    wall, tree, _ = run_peer(first, d)
+                    wall, tree, _ = run_peer(first, d, args.peer_independent_batches)
                     last["devinterp"] = peer_chi(tree, first, d)
                 times[tool].append(wall)
                 print(f"repeat {rep} {tool}: {wall:.1f} s", flush=True)
@@ -295,6 +309,18 @@ def main() -> None:
                 for v in variants:
                     print(f"\n=== spectro {v} vs devinterp")
                     report_agreement({"spectro": last[f"spectro {v}"], "devinterp": last["devinterp"]})
+        if args.seed_baseline:
+            v = variants[0]
+            base = pipeline.prepare(w1_config(model_dir, args.chain_group, args.actors, draws, probe_dtype=v,
+                                              components=comps, seed=1))
+            d = work / "spectro-seed1"
+            d.mkdir()
+            wall, chi1, se1, comps1 = run_spectro(base, d)
+            chi0, se0, comps0 = last[f"spectro {v}"]
+            names = [c for c in comps0 if c != "full"]
+            idx = [comps0.index(n) for n in names]
+            print(f"\n=== spectro {v} seed 0 vs seed 1 ({wall:.1f} s): the same z = (a - b) / (sqrt(2) se_a)")
+            agreement(chi0[:, idx], se0[:, idx], chi1[:, [comps1.index(n) for n in names]], names)
         print()
         print("| tool | median wall (s) | runs |")
         print("|---|---|---|")
