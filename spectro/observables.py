@@ -12,7 +12,12 @@ Non-obvious choices:
   `linear_cross_entropy` computes the unembedding and the loss a block of
   token rows at a time: a (rows, vocab) block of logits lives in cache, is
   reduced to logsumexp and the target logit at once, and is never written to
-  memory in full (`ce_rows`). Its backward recomputes each block's logits from the saved
+  memory in full. A block has `CE_ROWS` = 128 rows: fewer make the
+  (rows, d) @ (d, vocab) product memory-bound on the head (measured on the
+  50k head: 32 rows 1.4x slower than 128), more spill the cache and, at 50k,
+  page-fault. Under vmap over C chains the chains fold into the rows, so
+  SGLD steps use 128 // C rows per chain (`ce_rows`). Its backward
+  recomputes each block's logits from the saved
   hidden states (nothing of size vocab is saved), so the SGLD step holds no
   (batch, seq, vocab) tensor either. On this CPU this halves the cost of the
   head's cross-entropy against `F.cross_entropy` on materialised logits
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from transformers.masking_utils import create_causal_mask
 
-CE_BLOCK = 1 << 19     # logits per block of the fused head + cross-entropy (2 MB): rows = clamp(CE_BLOCK // vocab, 32, 128)
+CE_ROWS = 128          # token rows per block of logits in the fused head + cross-entropy (over all vmapped chains)
 BODY_ROWS = 4096       # token rows per forward chunk when evaluating many contexts (bounds activation memory)
 HEAD = "lm_head.weight"
 
@@ -73,8 +78,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(hidden, weight, targets, rows):
-        outs = [_block_ce(hidden[s:s + rows], weight, targets[s:s + rows]) for s in range(0, hidden.shape[0], rows)]
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])   # (n,), (n,)
+        # no_grad: under torch.func.grad the ops in here would otherwise be recorded, saving every block's
+        # logits (+0.9 GB per 1,024 rows on a 50k head); only setup_context's tensors are meant to be kept
+        with torch.no_grad():
+            outs = [_block_ce(hidden[s:s + rows], weight, targets[s:s + rows])
+                    for s in range(0, hidden.shape[0], rows)]
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])   # (n,), (n,)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -85,6 +94,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
+        with torch.no_grad():                       # first derivatives only
+            return _LinearCrossEntropy._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_hidden, d_weight = [], None
@@ -101,16 +115,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (torch.cat(d_hidden) if need_h else None), d_weight, None, None
 
 
-def ce_rows(vocab: int) -> int:
-    """Rows per block: 128 for W1's 4,096-token vocabulary, 32 for Pythia's 50,304 (measured: under vmap over
-    4 chains a block is 4 x rows x vocab; 128 rows there cost 5.1 s per W2 step, mostly page faults, 32 rows 4.1 s)."""
-    return max(32, min(128, CE_BLOCK // vocab))
+def ce_rows(chains: int = 1) -> int:
+    """Rows per block and chain when `chains` chains are vmapped together (they fold into the rows). Measured on
+    a W2 step (4 chains, 50k head): 128 rows per chain 5.1 s (mostly page faults), 32 rows 4.1 s."""
+    return max(8, CE_ROWS // max(1, chains))
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          rows: Optional[int] = None) -> torch.Tensor:
     """(n, d) hidden, (vocab, d) head, (n,) targets -> (n,) losses (float32 at least); differentiable, vmap-able."""
-    return _LinearCrossEntropy.apply(hidden, weight, targets, rows or ce_rows(weight.shape[-2]))[0]
+    return _LinearCrossEntropy.apply(hidden, weight, targets, rows or CE_ROWS)[0]
 
 
 # ---- the body: final hidden states from token ids, or from a cached residual stream
@@ -160,26 +174,29 @@ def is_gpt_neox(model: torch.nn.Module) -> bool:
     return hasattr(model, "gpt_neox") and hasattr(model, "lm_head") and getattr(model.lm_head, "bias", None) is None
 
 
-def _losses(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _losses(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: torch.Tensor,
+            rows: Optional[int] = None) -> torch.Tensor:
     """Per-token losses (b, seq - 1) of a body's input x (ids or cached residual), differentiable."""
     h = functional_call(body, {"m." + n: p for n, p in params.items()}, args=(x,))[:, :-1]   # (b, seq-1, hidden)
     weight = params.get(HEAD, body.m.lm_head.weight)                                        # (vocab, hidden)
     b, n = ids.shape[0], ids.shape[1] - 1
-    return linear_cross_entropy(h.reshape(b * n, -1), weight, ids[:, 1:].reshape(-1)).view(b, n)
+    return linear_cross_entropy(h.reshape(b * n, -1), weight, ids[:, 1:].reshape(-1), rows).view(b, n)
 
 
-def mean_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over a (batch, seq) block: scalar (differentiable)."""
+def mean_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
+              rows: Optional[int] = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over a (batch, seq) block: scalar (differentiable).
+    `rows`: rows per block of the fused head (`ce_rows(chains)` under vmap over chains)."""
     if not is_gpt_neox(model):
         z = logits(model, params, input_ids)                                     # (batch, seq, vocab)
         return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), input_ids[:, 1:].reshape(-1))
-    return _losses(Body(model), params, input_ids, input_ids).mean()
+    return _losses(Body(model), params, input_ids, input_ids, rows).mean()
 
 
-def mean_loss_from(body: Body, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
+def mean_loss_from(body: Body, params: dict[str, torch.Tensor], batch, rows: Optional[int] = None) -> torch.Tensor:
     """Mean next-token CE from a cached residual: batch = (hidden (b, seq, d), input_ids (b, seq))."""
     hidden, ids = batch
-    return _losses(body, params, hidden, ids).mean()
+    return _losses(body, params, hidden, ids, rows).mean()
 
 
 @torch.no_grad()

@@ -44,7 +44,8 @@ import torch
 from spectro.components import Component, resolve_components
 from spectro.config import SamplerConfig
 from spectro.device import eval_autocast
-from spectro.observables import Body, is_gpt_neox, mean_loss, mean_loss_from, residual_at, token_losses, token_losses_from
+from spectro.observables import (Body, ce_rows, is_gpt_neox, mean_loss, mean_loss_from, residual_at, token_losses,
+                                  token_losses_from)
 from spectro.sgld import SGLD, SGLDHyper, SGLDState, build
 
 STREAMS = ("data", "noise")
@@ -154,7 +155,11 @@ class UnitRunner:
             self._sampling_h = residual_at(model, problem.sampling_ids, L)         # (n_sampling, seq, hidden)
             self._probe_h = residual_at(model, problem.probe_ids, L)               # (n_probe, seq, hidden)
             upper = self._upper
-            loss_fn = lambda p, batch: mean_loss_from(upper, p, batch)
+            rows = ce_rows(len(self.chain_ids) if config.chain_mode == "vmap" else 1)
+            loss_fn = lambda p, batch: mean_loss_from(upper, p, batch, rows)
+        elif _is_lm(problem):
+            rows = ce_rows(len(self.chain_ids) if config.chain_mode == "vmap" else 1)
+            loss_fn = lambda p, batch: mean_loss(model, p, batch, rows)
         else:
             loss_fn = lambda p, batch: loss(model, p, batch)
         self.sgld: SGLD = build(hyper, anchor, masks, loss_fn, config.chain_mode)
