@@ -17,16 +17,16 @@ Non-obvious choices:
   50k head: 32 rows 1.4x slower than 128), more spill the cache and, at 50k,
   page-fault. Under vmap over C chains the chains fold into the rows, so
   SGLD steps use 128 // C rows per chain (`ce_rows`). Its backward
-  recomputes each block's logits from the saved
-  hidden states (nothing of size vocab is saved), so the SGLD step holds no
+  recomputes each block's logits from the saved hidden states (nothing of
+  size vocab is saved), so the SGLD step holds no
   (batch, seq, vocab) tensor either. On this CPU this halves the cost of the
   head's cross-entropy against `F.cross_entropy` on materialised logits
   (which also copies the non-contiguous `logits[:, :-1]` slice, forward and
   backward). A test checks values and gradients, under vmap, against the
   plain path.
 - Cross-entropy is computed from float32 logits (float64 inputs stay
-  float64; bf16 autocast for evaluation rounds the matmul only); means over tokens are taken in float64
-  by the callers of `token_losses`.
+  float64; bf16 autocast for evaluation rounds the matmul only); means over
+  tokens are taken in float64 by the callers of `token_losses`.
 - Lower-layer cache (issue 7): a component in layer L leaves the residual
   stream entering layer L unchanged, so `residual_at(model, ids, L)` computes
   it once at w* and `Body(model, L)` evaluates layers L.. + final LayerNorm

@@ -145,6 +145,7 @@ class UnitRunner:
                           noise_level=config.noise_level, precondition=config.precondition,
                           rmsprop_alpha=config.rmsprop_alpha, rmsprop_eps=config.rmsprop_eps)
         model, loss = problem.model, problem.loss
+        rows = ce_rows(len(self.chain_ids) if config.chain_mode == "vmap" else 1)   # fused-CE block per chain
         self.cached = cache_lower_layers and _is_lm(problem) and component.layer >= 1
         if self.cached:
             # the residual stream entering the component's layer never changes: compute it once (at w*)
@@ -155,10 +156,8 @@ class UnitRunner:
             self._sampling_h = residual_at(model, problem.sampling_ids, L)         # (n_sampling, seq, hidden)
             self._probe_h = residual_at(model, problem.probe_ids, L)               # (n_probe, seq, hidden)
             upper = self._upper
-            rows = ce_rows(len(self.chain_ids) if config.chain_mode == "vmap" else 1)
             loss_fn = lambda p, batch: mean_loss_from(upper, p, batch, rows)
         elif _is_lm(problem):
-            rows = ce_rows(len(self.chain_ids) if config.chain_mode == "vmap" else 1)
             loss_fn = lambda p, batch: mean_loss(model, p, batch, rows)
         else:
             loss_fn = lambda p, batch: loss(model, p, batch)
