@@ -23,11 +23,20 @@ Non-obvious choices:
   actors share a GPU without one starving the others; an allocation beyond
   it raises CUDA OOM in that actor, which the driver treats like any actor
   death (its unit resumes from its checkpoint elsewhere).
+- Host memory (issue 7): torch's CPU tensors come from glibc malloc, which
+  keeps freed heap pages resident; the fused cross-entropy's (rows, vocab)
+  blocks, freed and reallocated hundreds of times per draw, leave the heap
+  far above what is live. `release_host_memory` (malloc_trim) hands those
+  pages back; the service calls it after every draw. A no-op where the C
+  library has no malloc_trim (macOS, musl).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 from typing import Optional
 
 import torch
@@ -88,3 +97,21 @@ def eval_autocast(device: torch.device | str, dtype: str):
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_host_memory() -> bool:
+    """Return the C heap's free pages to the OS (glibc `malloc_trim(0)`); False where unavailable."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

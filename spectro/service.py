@@ -56,7 +56,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from spectro.config import SamplerConfig, SpectroConfig
-from spectro.device import apply_settings, gpu_request, resolve_device
+from spectro.device import apply_settings, gpu_request, release_host_memory, resolve_device
 from spectro.errors import DiskFullError, SpectroError
 from spectro.sampling import Problem, UnitRunner
 from spectro.store import TRACE_ARRAYS, SampleStore, confined, disk_full
@@ -108,6 +108,7 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
         while state.draw < min(start + chunk, n_draws):
             state, d = runner.next_draw(state)
             draws.append(d)
+            release_host_memory()        # freed heap pages back to the OS (device.py: host memory)
         store.write_block(
             component_name, chains, start,
             sampling_loss=np.stack([d.sampling_loss for d in draws], 1),            # (chains, n)

@@ -110,14 +110,17 @@ class SGLD:
         noise_sq = torch.zeros(n_chains, dtype=torch.float64)
         dist_sq = torch.zeros(n_chains, dtype=torch.float64)
         with torch.no_grad():
-            # in-place where the tensor is this step's own (grads, noise, drift): the `full` component of a 50k-vocab
-            # model has 2 x 6.4M-entry matrices per chain, and every full-size temporary costs 50 MB per chain
+            # memory (issue 7): the `full` component of a 50k-vocab model has 2 x 6.4M-entry matrices per chain,
+            # so every full-size temporary costs 25 MB per chain. Per tensor this loop holds the chain-stacked
+            # gradient (popped, so it is freed once used, and reused as scratch), one noise buffer and the new
+            # weights; norms never square into a new tensor (`_sq_norms`).
             for name in sorted(state.params):
                 w = state.params[name]                                   # (chains, *shape)
-                g = grads[name]                                          # (chains, *shape), ours to modify
+                g = grads.pop(name)                                      # (chains, *shape), ours to modify
                 mask = self.masks.get(name)
-                xi = torch.stack([torch.randn(w.shape[1:], generator=gen, dtype=w.dtype, device=w.device)
-                                  for gen in generators])                # (chains, *shape)
+                xi = torch.empty_like(w)                                 # (chains, *shape)
+                for c, gen in enumerate(generators):
+                    torch.randn(w.shape[1:], generator=gen, dtype=w.dtype, device=w.device, out=xi[c])
                 if mask is not None:
                     g.mul_(mask)
                     xi.mul_(mask)
@@ -129,20 +132,20 @@ class SGLD:
                         precond = precond * mask
                 else:
                     precond = None
-                grad_sq += g.flatten(1).square().sum(1, dtype=torch.float64) * h.nbeta ** 2
-                drift = (w - self.anchor[name]).mul_(h.gamma).add_(g, alpha=h.nbeta)
-                del g
+                grad_sq += _sq_norms(g) * h.nbeta ** 2
+                w_new = torch.sub(w, self.anchor[name]).mul_(h.gamma).add_(g, alpha=h.nbeta)   # the drift
                 noise = xi.mul_(h.noise_level * math.sqrt(h.step_size))
                 if precond is not None:
-                    drift.mul_(precond)
+                    w_new.mul_(precond)
                     noise.mul_(torch.sqrt(precond))
-                w_new = drift.mul_(-0.5 * h.step_size).add_(w).add_(noise)   # w - (ε/2) drift + noise
-                if active is not None:
-                    keep = active.view(-1, *([1] * (w.dim() - 1)))
-                    w_new = torch.where(keep, w_new, w)
+                w_new.mul_(-0.5 * h.step_size).add_(w).add_(noise)      # w - (ε/2) drift + noise
+                if active is not None and not bool(active.all()):
+                    w_new[~active] = w[~active]                          # diverged chains stay put
                 new_params[name] = w_new
-                noise_sq += noise.flatten(1).square().sum(1, dtype=torch.float64)
-                dist_sq += (w_new - self.anchor[name]).flatten(1).square().sum(1, dtype=torch.float64)
+                noise_sq += _sq_norms(noise)
+                del noise, xi
+                dist_sq += _sq_norms(torch.sub(w_new, self.anchor[name], out=g))   # g's memory as scratch
+                del g
         info = StepInfo(loss=loss.detach(), grad_norm=grad_sq.sqrt(), noise_norm=noise_sq.sqrt(), distance=dist_sq.sqrt())
         return SGLDState(params=new_params, sq_avg=new_sq, step=state.step + 1), info
 
@@ -152,6 +155,22 @@ def build(hyper: SGLDHyper, anchor: Params, masks: dict[str, Optional[torch.Tens
     """Fix the sampler's hyperparameters, anchor w*, masks and loss."""
     return SGLD(hyper=hyper, anchor={n: a.detach() for n, a in anchor.items()}, masks=dict(masks),
                 loss_fn=loss_fn, chain_mode=chain_mode)
+
+
+def _sq_norms(x: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """(chains, *shape) -> (chains,) float64 squared norms without a full-size temporary: float32 norms of
+    `block`-entry slices (a fused reduction, relative error ~1e-7), squared and summed in float64. (A plain
+    `x.square().sum(dtype=torch.float64)` allocates the squares and then a float64 copy: 3x the tensor.)"""
+    flat = x.reshape(x.shape[0], -1)                                       # (chains, n), a view
+    n = flat.shape[1]
+    main = n - n % block
+    out = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    if main:
+        parts = torch.linalg.vector_norm(flat[:, :main].unflatten(1, (main // block, block)), dim=-1)
+        out += parts.double().square().sum(1)                              # (chains, n // block) -> (chains,)
+    if n > main:
+        out += torch.linalg.vector_norm(flat[:, main:], dim=-1).double().square()
+    return out
 
 
 def _index(batch: Any, c: int) -> Any:

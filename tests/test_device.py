@@ -128,3 +128,27 @@ def test_actors_take_declared_gpus_and_refuse_cuda_without_it(ray_with_declared_
             ray.get(bad.describe.remote(), timeout=120)
         reason = _creation_error(info.value)
         assert reason and reason.startswith("ConfigError: device=cuda but torch sees no CUDA device"), reason
+
+
+def test_release_host_memory_returns_a_fragmented_heap_to_the_os():
+    """What the service calls after every draw: freed heap blocks that glibc keeps resident (a live block above
+    each pins the heap, as the fused cross-entropy's small outputs did) go back to the OS."""
+    import psutil
+
+    from spectro.device import release_host_memory
+
+    if not release_host_memory():
+        pytest.skip("this C library has no malloc_trim (not glibc)")
+    proc = psutil.Process()
+    big = torch.ones(2 << 20)                    # 8 MB, mmapped; freeing it raises glibc's mmap threshold to 8 MB
+    del big
+    blocks, pins = [], []
+    for _ in range(50):                          # 4 MB blocks on the heap, each followed by a live 256 KB tensor
+        blocks.append(torch.ones(1 << 20))
+        pins.append(torch.ones(1 << 16))
+    del blocks                                   # 200 MB free but resident: the pins keep the heap from shrinking
+    held = proc.memory_info().rss
+    assert release_host_memory()
+    released = held - proc.memory_info().rss
+    assert released > 150 * 2**20, f"released {released / 2**20:.0f} MB of 200"
+    assert len(pins) == 50

@@ -128,3 +128,38 @@ def test_chain_trajectory_independent_of_group():
         both, _ = sampler.update(both, (X.expand(2, *X.shape), y.expand(2, *y.shape)), g_both)
         alone, _ = sampler.update(alone, (X.expand(1, *X.shape), y.expand(1, *y.shape)), g_alone)
     torch.testing.assert_close(both.params["w"][1], alone.params["w"][0], rtol=1e-12, atol=1e-14)
+
+
+def test_one_step_and_its_traces_match_the_formula_in_float64():
+    """One step of float32 chains against the update written out in float64 with the same noise: new weights,
+    and the traces (grad, noise and distance norms, accumulated in float64 without full-size temporaries) to 1e-6.
+    A parameter of 4096 * 3 + 5 entries exercises both the blocked part and the remainder of `_sq_norms`;
+    an inactive chain keeps its weights while its generator still advances."""
+    g = torch.Generator().manual_seed(3)
+    d = 4096 * 3 + 5
+    X = torch.randn(64, d, generator=g) / math.sqrt(d)
+    y = torch.randn(64, generator=g)
+    anchor = 0.1 * torch.randn(d, generator=g)
+    hyper = SGLDHyper(step_size=1e-3, nbeta=30.0, gamma=100.0, noise_level=0.7)
+    sampler = build(hyper, {"w": anchor}, {"w": None}, loss_fn)
+    state = sampler.init(3)
+    state = state._replace(params={"w": state.params["w"] + 0.01 * torch.randn(3, d, generator=g)})
+    batch = (X.expand(3, *X.shape), y.expand(3, *y.shape))
+    before = state.params["w"].clone()
+    seeds = (5, 6, 7)
+    new, info = sampler.update(state, batch, [torch.Generator().manual_seed(s) for s in seeds],
+                               active=torch.tensor([True, False, True]))
+
+    w = state.params["w"].double()                                            # (chains, d)
+    r = y.double() - w @ X.double().T                                         # (chains, n)
+    grad = -(r @ X.double()) / X.shape[0]                                     # (chains, d)
+    xi = torch.stack([torch.randn(d, generator=torch.Generator().manual_seed(s)) for s in seeds]).double()
+    noise = math.sqrt(hyper.step_size) * hyper.noise_level * xi
+    expect = w - 0.5 * hyper.step_size * (hyper.nbeta * grad + hyper.gamma * (w - anchor.double())) + noise
+    expect[1] = w[1]
+    torch.testing.assert_close(new.params["w"].double(), expect, rtol=0, atol=1e-6)
+    torch.testing.assert_close(info.grad_norm, hyper.nbeta * grad.norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(info.noise_norm, noise.norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(info.distance, (expect - anchor.double()).norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(info.loss.double(), 0.5 * (r * r).mean(1), rtol=1e-5, atol=0)
+    assert torch.equal(state.params["w"], before)                             # the state passed in is untouched
