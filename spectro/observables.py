@@ -18,12 +18,16 @@ Non-obvious choices:
   page-fault. Under vmap over C chains the chains fold into the rows, so
   SGLD steps use 128 // C rows per chain (`ce_rows`). Its backward
   recomputes each block's logits from the saved hidden states (nothing of
-  size vocab is saved), so the SGLD step holds no
-  (batch, seq, vocab) tensor either. On this CPU this halves the cost of the
-  head's cross-entropy against `F.cross_entropy` on materialised logits
-  (which also copies the non-contiguous `logits[:, :-1]` slice, forward and
-  backward). A test checks values and gradients, under vmap, against the
-  plain path.
+  size vocab is saved), so the SGLD step holds no (batch, seq, vocab) tensor
+  either. On this CPU the fused path halves the cost of the head's
+  cross-entropy against `F.cross_entropy` on materialised logits (which also
+  copies the non-contiguous `logits[:, :-1]` slice, forward and backward).
+  A test checks values and gradients, under vmap, against the plain path.
+- Host memory of the fused path: each block uses one (rows, vocab) buffer,
+  in place, and writes its rows into outputs allocated once; every block
+  temporary is freed before the next block allocates. Small tensors kept
+  alive between the big blocks pinned glibc's heap, which then grew by
+  hundreds of MB per draw (issue 7; README, W2).
 - Cross-entropy is computed from float32 logits (float64 inputs stay
   float64; bf16 autocast for evaluation rounds the matmul only); means over
   tokens are taken in float64 by the callers of `token_losses`.
@@ -94,7 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     loss, lse = l_blk.new_empty((n,)), lse_blk.new_empty((n,))
                 loss[s:s + rows] = l_blk
                 lse[s:s + rows] = lse_blk
-                del l_blk, lse_blk
+                del l_blk, lse_blk      # freed before the next block's buffer is allocated (module docstring)
             return loss, lse                                                        # (n,), (n,)
 
     @staticmethod

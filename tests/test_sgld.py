@@ -134,7 +134,7 @@ def test_one_step_and_its_traces_match_the_formula_in_float64():
     """One step of float32 chains against the update written out in float64 with the same noise: new weights,
     and the traces (grad, noise and distance norms, accumulated in float64 without full-size temporaries) to 1e-6.
     A parameter of 4096 * 3 + 5 entries exercises both the blocked part and the remainder of `_sq_norms`;
-    an inactive chain keeps its weights while its generator still advances."""
+    an inactive chain keeps its weights, and the state passed in is not modified."""
     g = torch.Generator().manual_seed(3)
     d = 4096 * 3 + 5
     X = torch.randn(64, d, generator=g) / math.sqrt(d)
