@@ -224,7 +224,7 @@ def report_agreement(last: dict) -> None:
 
 def arithmetic_floor(prepared, draws: int) -> None:
     """FLOPs of W1 for each tool and the time they need at 2 cores x the measured matmul rate."""
-    from bench_w2 import matmul_rate, unit_flops
+    from bench_w2 import dense_sampled, matmul_rate, unit_flops
 
     problem, cfg = prepared.problem, prepared.config.sampler
     seq = problem.probe_ids.shape[1]
@@ -239,7 +239,8 @@ def arithmetic_floor(prepared, draws: int) -> None:
     for comp in prepared.components:
         start = comp.layer if comp.layer >= 1 else 0        # spectro's cache: components in layers >= 1
         for total, s in ((ours, start), (peer, 0)):
-            f = unit_flops(problem.model.config, seq, s, comp.n_parameters, step_tokens, eval_tokens)
+            f = unit_flops(problem.model.config, seq, s, comp.layer, dense_sampled(comp, problem.model.config),
+                           step_tokens, eval_tokens)
             total["step"] += chain_draws * f["step"]
             total["eval"] += chain_draws * f["eval"]
     two = 2.0

@@ -23,8 +23,14 @@ contexts each) and one probe-set evaluation (one chain). FLOPs are counted from
 the shapes (2 per multiply-add): per token and layer 2*(4H^2 + 2HI) for the
 projections plus 4*S*H for attention scores and values (full S x S, as the
 eager kernel computes it), 2*H*V for the head; backward = activation gradients
-(same as the forward of the layers above the component) plus 2 x (sampled
-parameters) per token for the weight gradients. With the lower-layer cache a
+(same as the forward of the component's layer and those above it, head
+included; none when only the head is sampled) plus 2 x (sampled parameters)
+per token for the weight gradients, the token embedding's excepted (its
+gradient is a scatter-add, not a matmul). Session 5 corrected the count:
+earlier versions counted the activation gradients of the whole forward that
+ran (over-counting components above layer 0 run without the cache, and
+`unembed`) and the embedding's gradient as a matmul (over-counting `full`
+and `embed`). With the lower-layer cache a
 component in layer L counts only layers L.. . Achieved FLOP/s / matmul rate is
 the fraction of the machine's dense limit.
 """
@@ -79,9 +85,21 @@ def forward_flops_per_token(config, seq: int, start_layer: int = 0) -> float:
     return n_layers * (2 * (4 * H * H + 2 * H * I) + 4 * seq * H) + 2 * H * V
 
 
-def unit_flops(config, seq: int, start_layer: int, n_sampled: int, step_tokens: int, eval_tokens: int) -> dict:
+def dense_sampled(comp, config) -> int:
+    """Sampled parameters whose gradient is a matmul: all but the token embedding (whose gradient is a
+    scatter-add of d numbers per token, not 2 x vocab x d FLOPs)."""
+    embed = "gpt_neox.embed_in.weight" in comp.masks
+    return comp.n_parameters - (config.vocab_size * config.hidden_size if embed else 0)
+
+
+def unit_flops(config, seq: int, start_layer: int, grad_layer: int, n_sampled: int, step_tokens: int,
+               eval_tokens: int) -> dict:
+    """FLOPs of one unit's SGLD step and evaluation. The forward runs from `start_layer` (0, or the cached
+    layer); activation gradients are needed only from the head down to the component's layer `grad_layer`
+    (nothing below it depends on the sampled weights), and not at all when only the head is sampled."""
     fwd = forward_flops_per_token(config, seq, start_layer)
-    return {"step": step_tokens * (2 * fwd + 2 * n_sampled), "eval": eval_tokens * fwd}
+    act = forward_flops_per_token(config, seq, grad_layer) if grad_layer < config.num_hidden_layers else 0.0
+    return {"step": step_tokens * (fwd + act + 2 * n_sampled), "eval": eval_tokens * fwd}
 
 
 def hot_paths(prepared, names: list[str], label: str, rates: dict, repeats: int = 3) -> list[str]:
@@ -107,8 +125,8 @@ def hot_paths(prepared, names: list[str], label: str, rates: dict, repeats: int 
                 runner._step(state.sgld, state, active)
             t_step = (CLOCK() - t0) / repeats
             params = {n: p[0] for n, p in state.sgld.params.items()}
-            f = unit_flops(problem.model.config, seq, start, comp.n_parameters, 4 * cfg.batch_size * seq,
-                           problem.probe_ids.numel())
+            f = unit_flops(problem.model.config, seq, start, comp.layer, dense_sampled(comp, problem.model.config),
+                           4 * cfg.batch_size * seq, problem.probe_ids.numel())
             line = (f"| {label} | {name} | {'cached from layer %d' % start if runner.cached else 'full forward'} | "
                     f"{t_step * 1e3:.0f} ms | {f['step'] / t_step / 1e9:.1f} | "
                     f"{f['step'] / t_step / rates['float32']:.0%} |")
@@ -228,7 +246,8 @@ def main() -> None:
     total = 0.0
     for comp in prepared.components:
         start = comp.layer if comp.layer >= 1 else 0
-        f = unit_flops(problem.model.config, seq, start, comp.n_parameters, 2 * 16 * seq,
+        f = unit_flops(problem.model.config, seq, start, comp.layer, dense_sampled(comp, problem.model.config),
+                       2 * 16 * seq,
                        2 * (problem.sampling_ids.numel() + problem.probe_ids.numel()))
         total += args.draws * (f["step"] + f["eval"])
     print(f"\nW2: {n_units} units x 2 chains x {args.draws} draws = {chain_draws} chain-draws, "

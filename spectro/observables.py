@@ -8,21 +8,29 @@ minibatch, differentiable for SGLD.
 
 Non-obvious choices:
 - Fused, chunked head + cross-entropy (issue 7). For a GPT-NeoX model the
-  body gives the final hidden states (after the final LayerNorm) and
-  `linear_cross_entropy` computes the unembedding and the loss a block of
-  token rows at a time: a (rows, vocab) block of logits lives in cache, is
-  reduced to logsumexp and the target logit at once, and is never written to
-  memory in full. A block has `CE_ROWS` = 128 rows: fewer make the
-  (rows, d) @ (d, vocab) product memory-bound on the head (measured on the
-  50k head: 32 rows 1.4x slower than 128), more spill the cache and, at 50k,
-  page-fault. Under vmap over C chains the chains fold into the rows, so
-  SGLD steps use 128 // C rows per chain (`ce_rows`). Its backward
-  recomputes each block's logits from the saved hidden states (nothing of
-  size vocab is saved), so the SGLD step holds no (batch, seq, vocab) tensor
-  either. On this CPU the fused path halves the cost of the head's
-  cross-entropy against `F.cross_entropy` on materialised logits (which also
-  copies the non-contiguous `logits[:, :-1]` slice, forward and backward).
-  A test checks values and gradients, under vmap, against the plain path.
+  body gives the final hidden states (after the final LayerNorm) and the head
+  and the loss are computed a block of token rows at a time: a (rows, vocab)
+  block of logits is reduced to logsumexp and the target logit at once and
+  never written out in full. A block has `CE_ROWS` = 128 rows (per chain):
+  fewer make the (rows, d) @ (d, vocab) product memory-bound on the head
+  (50k head: 32 rows 1.4x slower than 128). On this CPU the fused path halves
+  the cost of the head's cross-entropy against `F.cross_entropy` on
+  materialised logits (which also copies the non-contiguous `logits[:, :-1]`
+  slice, forward and backward). Two variants, each checked against the plain
+  path (values and gradients, under vmap) by a test:
+  * `linear_cross_entropy`, per-token losses (evaluations). Its backward
+    recomputes each block's logits from the saved hidden states.
+  * `linear_cross_entropy_mean`, the SGLD loss. Its output is a scalar, so
+    its gradients are known in the forward pass up to the incoming gradient:
+    each block's logits become softmax - onehot in place and are multiplied
+    into d_hidden and d_weight at once, and backward only scales them. One
+    head product per needed gradient instead of the recompute, one exp pass
+    instead of two, and only the gradients that are needed (a sampled head:
+    d_weight; any sampled body weight: d_hidden). Its own vmap rule runs the
+    vmapped chains as one stacked computation with one (chains, rows, vocab)
+    buffer and d_weight accumulated in place (baddbmm_). Measured, W2
+    (Pythia-14M shape), 2-chain step, one thread: l5.mlp 1,543 -> 813 ms,
+    unembed 1,974 -> 966 ms, full 2,794 -> 1,728 ms.
 - Host memory of the fused path: each block uses one (rows, vocab) buffer,
   in place, and writes its rows into outputs allocated once; every block
   temporary is freed before the next block allocates. Small tensors kept
@@ -51,7 +59,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from transformers.masking_utils import create_causal_mask
 
-CE_ROWS = 128          # token rows per block of logits in the fused head + cross-entropy (over all vmapped chains)
+CE_ROWS = 128          # token rows (per chain) per block of logits in the fused head + cross-entropy
 BODY_ROWS = 4096       # token rows per forward chunk when evaluating many contexts (bounds activation memory)
 HEAD = "lm_head.weight"
 
@@ -139,16 +147,112 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return d_hidden, d_weight, None, None
 
 
-def ce_rows(chains: int = 1) -> int:
-    """Rows per block and chain when `chains` chains are vmapped together (they fold into the rows). Measured on
-    a W2 step (4 chains, 50k head): 128 rows per chain 5.1 s (mostly page faults), 32 rows 4.1 s."""
-    return max(8, CE_ROWS // max(1, chains))
+def _ce_sum_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int,
+                      need_hidden: bool, need_weight: bool):
+    """Chains stacked: hidden (C, n, d), weight (C, V, d) per chain or (V, d) shared, targets (C, n) ->
+    float64 sums of the rows' losses (C,), and their gradients d_hidden (C, n, d) and d_weight (C, V, d)
+    (None where not needed). `rows` rows per chain and block; the (C, rows, V) block buffer is allocated
+    once and reused in place, d_weight accumulates in place (baddbmm_): no allocation per block."""
+    C, n, d = hidden.shape
+    shared = weight.dim() == 2
+    V = weight.shape[-2]
+    zdt = _float(hidden[:1, :1]).dtype
+    total = torch.zeros(C, dtype=torch.float64, device=hidden.device)                  # (C,)
+    d_hidden = hidden.new_empty((C, n, d)) if need_hidden else None
+    d_weight = hidden.new_zeros((C, V, d)) if need_weight else None
+    buf = None
+    for s in range(0, n, rows):
+        h = hidden[:, s:s + rows]                                                      # (C, r, d)
+        t = targets[:, s:s + rows].unsqueeze(-1)                                       # (C, r, 1)
+        r = h.shape[1]
+        if buf is None or buf.shape[1] != r:                                           # once, and the ragged tail
+            buf = torch.empty((C, r, V), dtype=hidden.dtype, device=hidden.device)
+        if shared:
+            torch.mm(h.reshape(C * r, d), weight.T, out=buf.view(C * r, V))          # chains folded into rows
+        else:
+            torch.bmm(h, weight.transpose(1, 2), out=buf)                             # (C, r, V)
+        z = _float(buf)                                                                # a copy only for bf16/fp16
+        target = z.gather(2, t).squeeze(-1)                                           # (C, r)
+        top = z.amax(dim=2, keepdim=True)                                             # (C, r, 1)
+        se = z.sub_(top).exp_().sum(dim=2, keepdim=True)                              # (C, r, 1); z = exp(z - top)
+        total += (se.log() + top).squeeze(-1).sub_(target).sum(dim=1, dtype=torch.float64)
+        if not (need_hidden or need_weight):
+            continue
+        z.div_(se).scatter_add_(2, t, torch.full_like(t, -1, dtype=z.dtype))          # softmax - onehot
+        dz = z.to(hidden.dtype)                                                        # (C, r, V)
+        if need_hidden:
+            if shared:
+                d_hidden[:, s:s + r] = torch.mm(dz.view(C * r, V), weight).view(C, r, d)
+            else:
+                d_hidden[:, s:s + r] = torch.bmm(dz, weight)                          # (C, r, d)
+        if need_weight:
+            d_weight.baddbmm_(dz.transpose(1, 2), h)                                   # += (C, V, r) @ (C, r, d)
+    return total, d_hidden, d_weight
+
+
+class _LinearCrossEntropyMean(torch.autograd.Function):
+    """Mean over rows of -log softmax(hidden @ weight.T)[target], with its gradients computed in the same pass.
+
+    The output is a scalar, so d(mean)/d(hidden) and d(mean)/d(weight) are known in the forward pass up to the
+    incoming gradient, which backward only multiplies in. Each block's logits are computed once, turned into
+    softmax - onehot in place and multiplied into the gradients right away: one head product per needed
+    gradient instead of the recompute of `_LinearCrossEntropy`, one exp pass instead of two. Under vmap over
+    chains its own rule (`vmap` below) runs all chains as one stacked computation."""
+
+    @staticmethod
+    def forward(hidden, weight, targets, rows, need_hidden, need_weight):
+        with torch.no_grad():                                                       # see _LinearCrossEntropy
+            total, dh, dw = _ce_sum_and_grads(hidden.unsqueeze(0), weight, targets.unsqueeze(0), rows,
+                                              need_hidden, need_weight)
+            n, empty = hidden.shape[0], hidden.new_zeros(0)
+            return ((total[0] / n).to(_float(hidden).dtype), empty if dh is None else dh[0],
+                    empty if dw is None else dw[0])
+
+    @staticmethod
+    def vmap(info, in_dims, hidden, weight, targets, rows, need_hidden, need_weight):
+        C = info.batch_size
+        hd, wd, td = in_dims[:3]
+        hidden = hidden.movedim(hd, 0) if hd is not None else hidden.expand(C, *hidden.shape)
+        targets = targets.movedim(td, 0) if td is not None else targets.expand(C, *targets.shape)
+        weight = weight.movedim(wd, 0) if wd is not None else weight                 # (C, V, d) or shared (V, d)
+        with torch.no_grad():
+            total, dh, dw = _ce_sum_and_grads(hidden, weight, targets, rows, need_hidden, need_weight)
+            empty = hidden.new_zeros(0)
+            out = ((total / hidden.shape[1]).to(_float(hidden[:1, :1]).dtype),
+                   empty if dh is None else dh, empty if dw is None else dw)
+        return out, (0, None if dh is None else 0, None if dw is None else 0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, _, _, need_hidden, need_weight = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(output[1], output[2])
+        ctx.n, ctx.need = inputs[0].shape[0], (need_hidden, need_weight)
+
+    @staticmethod
+    def backward(ctx, grad, _g_hidden, _g_weight):
+        for i, what in enumerate(("hidden", "weight")):
+            if ctx.needs_input_grad[i] and not ctx.need[i]:
+                raise RuntimeError(f"linear_cross_entropy_mean: a gradient for {what} is needed but "
+                                   f"need_{what}=False was passed")
+        d_hidden, d_weight = ctx.saved_tensors
+        scale = grad / ctx.n                                                        # () incoming gradient / rows
+        return (d_hidden * scale.to(d_hidden.dtype) if ctx.need[0] else None,
+                d_weight * scale.to(d_weight.dtype) if ctx.need[1] else None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          rows: Optional[int] = None) -> torch.Tensor:
     """(n, d) hidden, (vocab, d) head, (n,) targets -> (n,) losses (float32 at least); differentiable, vmap-able."""
     return _LinearCrossEntropy.apply(hidden, weight, targets, rows or CE_ROWS)[0]
+
+
+def linear_cross_entropy_mean(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              rows: Optional[int] = None, need_hidden: bool = True,
+                              need_weight: bool = True) -> torch.Tensor:
+    """Scalar mean of `linear_cross_entropy` (summed in float64), its gradients computed in the forward pass:
+    differentiable for the inputs flagged `need_*` only (backward raises if another one needs a gradient)."""
+    return _LinearCrossEntropyMean.apply(hidden, weight, targets, rows or CE_ROWS, need_hidden, need_weight)[0]
 
 
 # ---- the body: final hidden states from token ids, or from a cached residual stream
@@ -207,20 +311,30 @@ def _losses(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: t
     return linear_cross_entropy(h.reshape(b * n, -1), weight, ids[:, 1:].reshape(-1), rows).view(b, n)
 
 
+def _mean(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: torch.Tensor,
+          rows: Optional[int] = None) -> torch.Tensor:
+    """Mean next-token loss of a body's input x, differentiable for `params` (gradients formed in the forward
+    pass: the head's weight if it is sampled, the hidden states if any body parameter is)."""
+    h = functional_call(body, {"m." + n: p for n, p in params.items()}, args=(x,))[:, :-1]   # (b, seq-1, hidden)
+    weight = params.get(HEAD, body.m.lm_head.weight)                                        # (vocab, hidden)
+    return linear_cross_entropy_mean(h.reshape(-1, h.shape[-1]), weight, ids[:, 1:].reshape(-1), rows,
+                                     need_hidden=any(n != HEAD for n in params), need_weight=HEAD in params)
+
+
 def mean_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
               rows: Optional[int] = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over a (batch, seq) block: scalar (differentiable).
-    `rows`: rows per block of the fused head (`ce_rows(chains)` under vmap over chains)."""
+    """Mean next-token cross-entropy over a (batch, seq) block: scalar, differentiable for `params` (the SGLD
+    loss; see `linear_cross_entropy_mean`). `rows`: rows per chain and block of the fused head."""
     if not is_gpt_neox(model):
         z = logits(model, params, input_ids)                                     # (batch, seq, vocab)
         return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), input_ids[:, 1:].reshape(-1))
-    return _losses(Body(model), params, input_ids, input_ids, rows).mean()
+    return _mean(Body(model), params, input_ids, input_ids, rows)
 
 
 def mean_loss_from(body: Body, params: dict[str, torch.Tensor], batch, rows: Optional[int] = None) -> torch.Tensor:
     """Mean next-token CE from a cached residual: batch = (hidden (b, seq, d), input_ids (b, seq))."""
     hidden, ids = batch
-    return _losses(body, params, hidden, ids, rows).mean()
+    return _mean(body, params, hidden, ids, rows)
 
 
 @torch.no_grad()

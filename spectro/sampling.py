@@ -44,7 +44,7 @@ import torch
 from spectro.components import Component, resolve_components
 from spectro.config import SamplerConfig
 from spectro.device import eval_autocast
-from spectro.observables import (Body, ce_rows, is_gpt_neox, mean_loss, mean_loss_from, residual_at, token_losses,
+from spectro.observables import (Body, is_gpt_neox, mean_loss, mean_loss_from, residual_at, token_losses,
                                   token_losses_from)
 from spectro.sgld import SGLD, SGLDHyper, SGLDState, build
 
@@ -145,7 +145,6 @@ class UnitRunner:
                           noise_level=config.noise_level, precondition=config.precondition,
                           rmsprop_alpha=config.rmsprop_alpha, rmsprop_eps=config.rmsprop_eps)
         model, loss = problem.model, problem.loss
-        rows = ce_rows(len(self.chain_ids) if config.chain_mode == "vmap" else 1)   # fused-CE block per chain
         self.cached = cache_lower_layers and _is_lm(problem) and component.layer >= 1
         if self.cached:
             # the residual stream entering the component's layer never changes: compute it once (at w*)
@@ -156,9 +155,9 @@ class UnitRunner:
             self._sampling_h = residual_at(model, problem.sampling_ids, L)         # (n_sampling, seq, hidden)
             self._probe_h = residual_at(model, problem.probe_ids, L)               # (n_probe, seq, hidden)
             upper = self._upper
-            loss_fn = lambda p, batch: mean_loss_from(upper, p, batch, rows)
+            loss_fn = lambda p, batch: mean_loss_from(upper, p, batch)
         elif _is_lm(problem):
-            loss_fn = lambda p, batch: mean_loss(model, p, batch, rows)
+            loss_fn = lambda p, batch: mean_loss(model, p, batch)
         else:
             loss_fn = lambda p, batch: loss(model, p, batch)
         self.sgld: SGLD = build(hyper, anchor, masks, loss_fn, config.chain_mode)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from spectro.observables import (Body, linear_cross_entropy, logits, mean_loss, mean_loss_from, residual_at,
+from spectro.observables import (Body, linear_cross_entropy, linear_cross_entropy_mean, logits, mean_loss, mean_loss_from, residual_at,
                                  token_losses, token_losses_from)
 from spectro.sampling import UnitRunner
 from tests.conftest import tiny_config, tiny_model, tiny_problem
@@ -71,6 +71,33 @@ def test_linear_cross_entropy_matches_plain_under_vmap(weight_batched):
         low = linear_cross_entropy(h32, w32, y[0], rows=16)
     assert low.dtype == torch.float32
     assert 0 < (low - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("weight_batched", [True, False])
+def test_linear_cross_entropy_mean_gradients_from_the_forward_pass(weight_batched):
+    """The SGLD loss forms its gradients in the forward pass; under vmap and an outer scale they equal the
+    plain path's, and asking for a gradient it was told not to form is an error, not a silent zero."""
+    g = torch.Generator().manual_seed(1)
+    chains, n, d, vocab = 3, 50, 8, 37
+    h = torch.randn(chains, n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(chains, vocab, d, generator=g, dtype=torch.float64)
+    y = torch.randint(vocab, (chains, n), generator=g)
+    plain = lambda h, w, y: 2.5 * F.cross_entropy(h @ w.T, y)
+    fused = lambda h, w, y: 2.5 * linear_cross_entropy_mean(h, w, y, rows=7)
+    dims = (0, 0 if weight_batched else None, 0)
+    w_in = w if weight_batched else w[0]
+    torch.testing.assert_close(vmap(fused, in_dims=dims)(h, w_in, y), vmap(plain, in_dims=dims)(h, w_in, y),
+                               rtol=1e-12, atol=1e-12)
+    a = vmap(grad(plain, argnums=(0, 1)), in_dims=dims)(h, w_in, y)
+    b = vmap(grad(fused, argnums=(0, 1)), in_dims=dims)(h, w_in, y)
+    for x, ref in zip(b, a):
+        torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-12)
+        assert ref.abs().max() > 1e-3
+    only_h = lambda h, w, y: linear_cross_entropy_mean(h, w, y, 7, need_hidden=True, need_weight=False)
+    torch.testing.assert_close(vmap(grad(only_h), in_dims=dims)(h, w_in, y), a[0] / 2.5, rtol=1e-10, atol=1e-12)
+    only_w = lambda h, w, y: linear_cross_entropy_mean(h, w, y, 7, need_hidden=False, need_weight=True)
+    with pytest.raises(RuntimeError, match="gradient for hidden is needed but need_hidden=False"):
+        vmap(grad(only_w, argnums=(0, 1)), in_dims=dims)(h, w_in, y)
 
 
 def test_cached_losses_and_gradients_match(model_and_ids):
