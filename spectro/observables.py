@@ -18,8 +18,11 @@ Non-obvious choices:
   materialised logits (which also copies the non-contiguous `logits[:, :-1]`
   slice, forward and backward). Two variants, each checked against the plain
   path (values and gradients, under vmap) by a test:
-  * `linear_cross_entropy`, per-token losses (evaluations). Its backward
-    recomputes each block's logits from the saved hidden states.
+  * `token_cross_entropy`, per-token losses for evaluations (no autograd):
+    one (rows, vocab) buffer for all blocks, and under bf16 autocast the
+    head is cast once per call instead of once per block.
+    `linear_cross_entropy` is the same, differentiable (its backward
+    recomputes each block's logits from the saved hidden states).
   * `linear_cross_entropy_mean`, the SGLD loss. Its output is a scalar, so
     its gradients are known in the forward pass up to the incoming gradient:
     each block's logits become softmax - onehot in place and are multiplied
@@ -38,7 +41,8 @@ Non-obvious choices:
   hundreds of MB per draw (issue 7; README, W2).
 - Cross-entropy is computed from float32 logits (float64 inputs stay
   float64; bf16 autocast for evaluation rounds the matmul only); means over
-  tokens are taken in float64 by the callers of `token_losses`.
+  tokens are taken in float64 (by the callers of `token_losses`, and inside
+  `linear_cross_entropy_mean`).
 - Lower-layer cache (issue 7): a component in layer L leaves the residual
   stream entering layer L unchanged, so `residual_at(model, ids, L)` computes
   it once at w* and `Body(model, L)` evaluates layers L.. + final LayerNorm
@@ -85,6 +89,34 @@ def _block_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor)
     top = z.amax(dim=1, keepdim=True)                                             # (rows, 1)
     lse = z.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))               # (rows,)
     return lse - target, lse
+
+
+@torch.no_grad()
+def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        rows: int = CE_ROWS) -> torch.Tensor:
+    """(n, d), (vocab, d), (n,) -> (n,) per-row losses, no gradient (evaluations). One (rows, vocab) buffer
+    for all blocks (torch.mm(out=)); under autocast the head is cast to its dtype once per call, not once per
+    block as `hidden @ weight.T` would, and the losses are computed from float32 logits as everywhere."""
+    dev = hidden.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    n, V = hidden.shape[0], weight.shape[0]
+    with torch.autocast(dev, enabled=False):
+        w_t, h_all = weight.to(dt).T, hidden.to(dt)                                 # (d, vocab), (n, d)
+        ft = _float(h_all[:1, :1]).dtype
+        out = torch.empty(n, dtype=ft, device=hidden.device)
+        buf = zf = None
+        for s in range(0, n, rows):
+            h, t = h_all[s:s + rows], targets[s:s + rows].unsqueeze(1)               # (r, d), (r, 1)
+            r = h.shape[0]
+            if buf is None or buf.shape[0] != r:                                     # once, and the ragged tail
+                buf = torch.empty((r, V), dtype=dt, device=hidden.device)
+                zf = buf if ft == dt else torch.empty((r, V), dtype=ft, device=hidden.device)
+            torch.mm(h, w_t, out=buf)                                                # (r, vocab)
+            z = zf if zf is buf else zf.copy_(buf)                                   # float32 logits
+            target = z.gather(1, t).squeeze(1)                                       # (r,)
+            top = z.amax(dim=1, keepdim=True)                                        # (r, 1)
+            out[s:s + r] = z.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1)).sub_(target)
+    return out
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -304,11 +336,11 @@ def is_gpt_neox(model: torch.nn.Module) -> bool:
 
 def _losses(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: torch.Tensor,
             rows: Optional[int] = None) -> torch.Tensor:
-    """Per-token losses (b, seq - 1) of a body's input x (ids or cached residual), differentiable."""
+    """Per-token losses (b, seq - 1) of a body's input x (ids or cached residual); evaluations, no gradient."""
     h = functional_call(body, {"m." + n: p for n, p in params.items()}, args=(x,))[:, :-1]   # (b, seq-1, hidden)
     weight = params.get(HEAD, body.m.lm_head.weight)                                        # (vocab, hidden)
     b, n = ids.shape[0], ids.shape[1] - 1
-    return linear_cross_entropy(h.reshape(b * n, -1), weight, ids[:, 1:].reshape(-1), rows).view(b, n)
+    return token_cross_entropy(h.reshape(b * n, -1), weight, ids[:, 1:].reshape(-1), rows or CE_ROWS).view(b, n)
 
 
 def _mean(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: torch.Tensor,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from spectro.observables import (Body, linear_cross_entropy, linear_cross_entropy_mean, logits, mean_loss, mean_loss_from, residual_at,
+from spectro.observables import (Body, linear_cross_entropy, linear_cross_entropy_mean, logits, token_cross_entropy, mean_loss, mean_loss_from, residual_at,
                                  token_losses, token_losses_from)
 from spectro.sampling import UnitRunner
 from tests.conftest import tiny_config, tiny_model, tiny_problem
@@ -98,6 +98,25 @@ def test_linear_cross_entropy_mean_gradients_from_the_forward_pass(weight_batche
     only_w = lambda h, w, y: linear_cross_entropy_mean(h, w, y, 7, need_hidden=False, need_weight=True)
     with pytest.raises(RuntimeError, match="gradient for hidden is needed but need_hidden=False"):
         vmap(grad(only_w, argnums=(0, 1)), in_dims=dims)(h, w_in, y)
+
+
+def test_token_cross_entropy_for_evaluations_matches_plain():
+    """The evaluation path (one reused block buffer, head cast once under autocast) gives the plain losses, and
+    under bf16 autocast exactly what autocast's own per-block product gives."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(37, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(37, (50,), generator=g)
+    ref = F.cross_entropy(h @ w.T, y, reduction="none")
+    torch.testing.assert_close(token_cross_entropy(h, w, y, rows=7), ref, rtol=1e-12, atol=1e-12)   # ragged
+    h32, w32 = h.float(), w.float()
+    assert token_cross_entropy(h32, w32, y).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = token_cross_entropy(h32, w32, y, rows=16)
+        autocast_ref = linear_cross_entropy(h32, w32, y, rows=16)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, autocast_ref, rtol=0, atol=0)
+    assert 0 < (low - ref.float()).abs().max() < 0.05
 
 
 def test_cached_losses_and_gradients_match(model_and_ids):
