@@ -188,7 +188,6 @@ def _ce_sum_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     C, n, d = hidden.shape
     shared = weight.dim() == 2
     V = weight.shape[-2]
-    zdt = _float(hidden[:1, :1]).dtype
     total = torch.zeros(C, dtype=torch.float64, device=hidden.device)                  # (C,)
     d_hidden = hidden.new_empty((C, n, d)) if need_hidden else None
     d_weight = hidden.new_zeros((C, V, d)) if need_weight else None
