@@ -130,25 +130,38 @@ def test_actors_take_declared_gpus_and_refuse_cuda_without_it(ray_with_declared_
         assert reason and reason.startswith("ConfigError: device=cuda but torch sees no CUDA device"), reason
 
 
+_FRAGMENTED_HEAP = """
+import json, psutil, torch
+from spectro.device import release_host_memory
+if not release_host_memory():
+    print(json.dumps(None)); raise SystemExit
+proc = psutil.Process()
+big = torch.ones(2 << 20)                    # 8 MB, mmapped; freeing it raises glibc's mmap threshold to 8 MB
+del big
+blocks, pins = [], []
+for _ in range(50):                          # 4 MB blocks on the heap, each followed by a live 256 KB tensor
+    blocks.append(torch.ones(1 << 20))
+    pins.append(torch.ones(1 << 16))
+del blocks                                   # 200 MB free but resident: the pins keep the heap from shrinking
+held = proc.memory_info().rss
+trimmed = release_host_memory()
+print(json.dumps({"trimmed": trimmed, "released": held - proc.memory_info().rss, "pins": len(pins)}))
+"""
+
+
 def test_release_host_memory_returns_a_fragmented_heap_to_the_os():
     """What the service calls after every draw: freed heap blocks that glibc keeps resident (a live block above
-    each pins the heap, as the fused cross-entropy's small outputs did) go back to the OS."""
-    import psutil
+    each pins the heap, as the fused cross-entropy's small outputs did) go back to the OS. Run in a fresh
+    interpreter: in a long-lived process (the test session) the small pins land in older holes of the heap, the
+    big blocks end up adjacent, coalesce and are trimmed on free, and the premise does not hold (seen: 72 MB)."""
+    import json
+    import subprocess
+    import sys
 
-    from spectro.device import release_host_memory
-
-    if not release_host_memory():
+    out = subprocess.run([sys.executable, "-c", _FRAGMENTED_HEAP], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if result is None:
         pytest.skip("this C library has no malloc_trim (not glibc)")
-    proc = psutil.Process()
-    big = torch.ones(2 << 20)                    # 8 MB, mmapped; freeing it raises glibc's mmap threshold to 8 MB
-    del big
-    blocks, pins = [], []
-    for _ in range(50):                          # 4 MB blocks on the heap, each followed by a live 256 KB tensor
-        blocks.append(torch.ones(1 << 20))
-        pins.append(torch.ones(1 << 16))
-    del blocks                                   # 200 MB free but resident: the pins keep the heap from shrinking
-    held = proc.memory_info().rss
-    assert release_host_memory()
-    released = held - proc.memory_info().rss
-    assert released > 150 * 2**20, f"released {released / 2**20:.0f} MB of 200"
-    assert len(pins) == 50
+    assert result["trimmed"] and result["pins"] == 50
+    assert result["released"] > 150 * 2**20, f"released {result['released'] / 2**20:.0f} MB of 200"
