@@ -24,9 +24,9 @@ Non-obvious choices:
   it raises CUDA OOM in that actor, which the driver treats like any actor
   death (its unit resumes from its checkpoint elsewhere).
 - Host memory (issue 7): torch's CPU tensors come from glibc malloc, which
-  keeps freed heap pages resident; the fused cross-entropy's (rows, vocab)
-  blocks, freed and reallocated hundreds of times per draw, leave the heap
-  far above what is live. `release_host_memory` (malloc_trim) hands those
+  keeps freed heap pages resident; large blocks freed and reallocated many
+  times per draw (the fused cross-entropy's (rows, vocab) blocks, before
+  they were reused within a call) left the heap far above what is live. `release_host_memory` (malloc_trim) hands those
   pages back; the service calls it after every draw. A no-op where the C
   library has no malloc_trim (macOS, musl).
 """

@@ -34,9 +34,10 @@ Non-obvious choices:
     buffer and d_weight accumulated in place (baddbmm_). Measured, W2
     (Pythia-14M shape), 2-chain step, one thread: l5.mlp 1,543 -> 813 ms,
     unembed 1,974 -> 966 ms, full 2,794 -> 1,728 ms.
-- Host memory of the fused path: each block uses one (rows, vocab) buffer,
-  in place, and writes its rows into outputs allocated once; every block
-  temporary is freed before the next block allocates. Small tensors kept
+- Host memory of the fused path: the SGLD loss and evaluations allocate one
+  block buffer per call and reuse it in place for every block;
+  `linear_cross_entropy` uses one buffer per block, freed before the next
+  block allocates. Outputs are allocated once. Small tensors kept
   alive between the big blocks pinned glibc's heap, which then grew by
   hundreds of MB per draw (issue 7; README, W2).
 - Cross-entropy is computed from float32 logits (float64 inputs stay
@@ -81,13 +82,19 @@ def _float(z: torch.Tensor) -> torch.Tensor:
     return z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
 
 
+def _exp_shifted_(z: torch.Tensor, t: torch.Tensor):
+    """In place on float logits z (..., vocab), t (..., 1) targets: z becomes exp(z - max) (no second
+    vocab-sized buffer, as torch.logsumexp would allocate). Returns the target logit (...), the max (..., 1)
+    and the sum of z (..., 1): logsumexp = log(sum) + max."""
+    target = z.gather(-1, t).squeeze(-1)                                           # (...,)
+    top = z.amax(dim=-1, keepdim=True)                                             # (..., 1)
+    return target, top, z.sub_(top).exp_().sum(dim=-1, keepdim=True)
+
+
 def _block_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    """(rows, d), (vocab, d), (rows,) -> losses (rows,), logsumexp (rows,). One (rows, vocab) buffer, reused in
-    place for the stable logsumexp (torch.logsumexp would allocate a second one)."""
-    z = _float(hidden @ weight.T)                                                 # (rows, vocab)
-    target = z.gather(1, targets.unsqueeze(1)).squeeze(1)                         # (rows,)
-    top = z.amax(dim=1, keepdim=True)                                             # (rows, 1)
-    lse = z.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))               # (rows,)
+    """(rows, d), (vocab, d), (rows,) -> losses (rows,), logsumexp (rows,)."""
+    target, top, se = _exp_shifted_(_float(hidden @ weight.T), targets.unsqueeze(1))
+    lse = se.log_().add_(top).squeeze(1)                                           # (rows,)
     return lse - target, lse
 
 
@@ -113,9 +120,8 @@ def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
                 zf = buf if ft == dt else torch.empty((r, V), dtype=ft, device=hidden.device)
             torch.mm(h, w_t, out=buf)                                                # (r, vocab)
             z = zf if zf is buf else zf.copy_(buf)                                   # float32 logits
-            target = z.gather(1, t).squeeze(1)                                       # (r,)
-            top = z.amax(dim=1, keepdim=True)                                        # (r, 1)
-            out[s:s + r] = z.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1)).sub_(target)
+            target, top, se = _exp_shifted_(z, t)
+            out[s:s + r] = se.log_().add_(top).squeeze(1).sub_(target)
     return out
 
 
@@ -203,9 +209,7 @@ def _ce_sum_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         else:
             torch.bmm(h, weight.transpose(1, 2), out=buf)                             # (C, r, V)
         z = _float(buf)                                                                # a copy only for bf16/fp16
-        target = z.gather(2, t).squeeze(-1)                                           # (C, r)
-        top = z.amax(dim=2, keepdim=True)                                             # (C, r, 1)
-        se = z.sub_(top).exp_().sum(dim=2, keepdim=True)                              # (C, r, 1); z = exp(z - top)
+        target, top, se = _exp_shifted_(z, t)                                          # z = exp(z - top)
         total += (se.log() + top).squeeze(-1).sub_(target).sum(dim=1, dtype=torch.float64)
         if not (need_hidden or need_weight):
             continue
@@ -333,22 +337,24 @@ def is_gpt_neox(model: torch.nn.Module) -> bool:
     return hasattr(model, "gpt_neox") and hasattr(model, "lm_head") and getattr(model.lm_head, "bias", None) is None
 
 
+def _head_inputs(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: torch.Tensor):
+    """Body input x (ids or cached residual) -> hidden rows (b * (seq - 1), d), head (vocab, d), targets."""
+    h = functional_call(body, {"m." + n: p for n, p in params.items()}, args=(x,))[:, :-1]   # (b, seq-1, hidden)
+    weight = params.get(HEAD, body.m.lm_head.weight)                                        # (vocab, hidden)
+    return h.reshape(-1, h.shape[-1]), weight, ids[:, 1:].reshape(-1)
+
+
 def _losses(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: torch.Tensor,
             rows: Optional[int] = None) -> torch.Tensor:
     """Per-token losses (b, seq - 1) of a body's input x (ids or cached residual); evaluations, no gradient."""
-    h = functional_call(body, {"m." + n: p for n, p in params.items()}, args=(x,))[:, :-1]   # (b, seq-1, hidden)
-    weight = params.get(HEAD, body.m.lm_head.weight)                                        # (vocab, hidden)
-    b, n = ids.shape[0], ids.shape[1] - 1
-    return token_cross_entropy(h.reshape(b * n, -1), weight, ids[:, 1:].reshape(-1), rows or CE_ROWS).view(b, n)
+    return token_cross_entropy(*_head_inputs(body, params, x, ids), rows or CE_ROWS).view(ids.shape[0], -1)
 
 
 def _mean(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: torch.Tensor,
           rows: Optional[int] = None) -> torch.Tensor:
     """Mean next-token loss of a body's input x, differentiable for `params` (gradients formed in the forward
     pass: the head's weight if it is sampled, the hidden states if any body parameter is)."""
-    h = functional_call(body, {"m." + n: p for n, p in params.items()}, args=(x,))[:, :-1]   # (b, seq-1, hidden)
-    weight = params.get(HEAD, body.m.lm_head.weight)                                        # (vocab, hidden)
-    return linear_cross_entropy_mean(h.reshape(-1, h.shape[-1]), weight, ids[:, 1:].reshape(-1), rows,
+    return linear_cross_entropy_mean(*_head_inputs(body, params, x, ids), rows,
                                      need_hidden=any(n != HEAD for n in params), need_weight=HEAD in params)
 
 
