@@ -26,9 +26,10 @@ Non-obvious choices:
 - Host memory (issue 7): torch's CPU tensors come from glibc malloc, which
   keeps freed heap pages resident; large blocks freed and reallocated many
   times per draw (the fused cross-entropy's (rows, vocab) blocks, before
-  they were reused within a call) left the heap far above what is live. `release_host_memory` (malloc_trim) hands those
-  pages back; the service calls it after every draw. A no-op where the C
-  library has no malloc_trim (macOS, musl).
+  they were reused within a call) left the heap far above what is live.
+  `release_host_memory` (malloc_trim) hands those pages back; the service
+  calls it after every draw. A no-op where the C library has no
+  malloc_trim (macOS, musl).
 """
 
 from __future__ import annotations

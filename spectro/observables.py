@@ -99,19 +99,13 @@ def _float(z: torch.Tensor) -> torch.Tensor:
     return z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
 
 
-def _exp_shifted_(z: torch.Tensor, t: torch.Tensor):
-    """In place on float logits z (..., vocab), t (..., 1) targets: z becomes exp(z - max) (no second
-    vocab-sized buffer, as torch.logsumexp would allocate). Returns the target logit (...), the max (..., 1)
-    and the sum of z (..., 1): logsumexp = log(sum) + max."""
-    target = z.gather(-1, t).squeeze(-1)                                           # (...,)
-    top = z.amax(dim=-1, keepdim=True)                                             # (..., 1)
-    return target, top, z.sub_(top).exp_().sum(dim=-1, keepdim=True)
-
-
 def _block_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    """(rows, d), (vocab, d), (rows,) -> losses (rows,), logsumexp (rows,)."""
-    target, top, se = _exp_shifted_(_float(hidden @ weight.T), targets.unsqueeze(1))
-    lse = se.log_().add_(top).squeeze(1)                                           # (rows,)
+    """(rows, d), (vocab, d), (rows,) -> losses (rows,), logsumexp (rows,). Elementwise and in place (vmap-able,
+    unlike the softmax kernels' out=; no second vocab-sized buffer, as torch.logsumexp would allocate)."""
+    z = _float(hidden @ weight.T)                                                  # (rows, vocab)
+    target = z.gather(1, targets.unsqueeze(1)).squeeze(1)                          # (rows,)
+    top = z.amax(dim=1, keepdim=True)                                              # (rows, 1)
+    lse = z.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))                # (rows,)
     return lse - target, lse
 
 
