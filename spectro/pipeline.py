@@ -247,7 +247,8 @@ def run_sampling(config: SpectroConfig, run_dir: Path, p: Prepared) -> dict:
     return {"units_run": len(report.units_run), "units_skipped": report.units_skipped,
             "units_repaired": report.units_repaired,
             "actor_failures": report.actor_failures, "seconds": round(report.seconds, 2),
-            "draws_per_second": round(report.draws_per_second, 3), "diverged_chains": n_div,
+            "draws_per_second": round(report.draws_per_second, 3),
+            "actor_utilisation": round(report.actor_utilisation, 3), "diverged_chains": n_div,
             "init_loss": p.problem.init_loss, "complete": store.complete(), "components": per_component}
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spectro.config import SamplerConfig, to_config
-from spectro.device import apply_settings, eval_autocast, gpu_request, resolve_device
+from spectro.device import HeapTrimmer, apply_settings, eval_autocast, gpu_request, resolve_device
 from spectro.errors import ConfigError
 from spectro.estimator import susceptibility_from_arrays
 from tests.conftest import tiny_config, tiny_problem
@@ -165,3 +165,73 @@ def test_release_host_memory_returns_a_fragmented_heap_to_the_os():
         pytest.skip("this C library has no malloc_trim (not glibc)")
     assert result["trimmed"] and result["pins"] == 50
     assert result["released"] > 150 * 2**20, f"released {result['released'] / 2**20:.0f} MB of 200"
+
+
+def test_heap_trimmer_trims_only_past_the_slack_above_where_draws_settled():
+    """The policy alone, on a given sequence of resident sizes (MB): the first draw after a trim sets the
+    reference; a draw ending more than `slack` above it trims and clears the reference."""
+    sizes = iter([500, 520, 510, 627, 629, 700, 690, 820, 640])
+    trimmer = HeapTrimmer(slack_bytes=128, rss=lambda: next(sizes))
+    decisions = [trimmer.after_draw() for _ in range(9)]
+    #  500 ref, 520 / 510 / 627 within 500 + 128, 629 trims; 700 new ref, 690, 820 within 828, 640
+    assert decisions == [False, False, False, False, True, False, False, False, False]
+    assert trimmer.reference == 700
+    nothing = HeapTrimmer(slack_bytes=0, rss=lambda: None)           # no /proc: never trims
+    assert [nothing.after_draw() for _ in range(3)] == [False] * 3 and nothing.trims == 0
+    with pytest.raises(ValueError, match="slack_bytes must be >= 0"):
+        HeapTrimmer(slack_bytes=-1)
+
+
+_DRAWS = """
+import json, sys, torch
+from spectro.device import HeapTrimmer, release_host_memory, resident_bytes
+if not release_host_memory() or resident_bytes() is None:
+    print(json.dumps(None)); raise SystemExit
+MB = 1 << 20
+trimmer = HeapTrimmer(slack_bytes=int(sys.argv[1]) * MB)
+big = torch.ones(2 << 20)                    # 8 MB, mmapped; freeing it raises glibc's mmap threshold to 8 MB
+del big
+for _ in range(8):                           # steady draws: the same 40 MB of blocks, freed at the end of each
+    blocks = [torch.ones(1 << 20) for _ in range(10)]
+    del blocks
+    trimmer.after_draw()
+steady_trims, start = trimmer.trims, resident_bytes()
+pins, peak = [], 0
+for i in range(12):                          # growing draws: blocks a little larger than the last draw's holes,
+    blocks = []                              # each followed by a small tensor that stays live (pins the hole)
+    for _ in range(10):
+        blocks.append(torch.ones((1 << 20) + (i + 1) * (1 << 15)))
+        pins.append(torch.ones(1 << 12))
+    del blocks
+    peak = max(peak, resident_bytes())
+    trimmer.after_draw()
+print(json.dumps({"steady_trims": steady_trims, "growing_trims": trimmer.trims - steady_trims,
+                  "growth_mb": (peak - start) / MB}))
+"""
+
+
+def _draws(slack_mb: int) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _DRAWS, str(slack_mb)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if result is None:
+        pytest.skip("this C library has no malloc_trim, or there is no /proc/self/statm")
+    return result
+
+
+def test_heap_trimmer_leaves_a_steady_heap_alone_and_bounds_a_growing_one():
+    """What the service does after each draw, on a real glibc heap in a fresh interpreter. Draws that reuse
+    their blocks are never trimmed (trimming them would only make the next draw fault the pages back in).
+    Draws whose freed blocks cannot be reused grow the process ~42 MB each: with no trimming (slack 10 GB) by
+    over 400 MB in 12 draws, with a 64 MB slack by no more than the slack plus one draw's growth."""
+    control = _draws(10_000)
+    assert control["steady_trims"] == 0 and control["growing_trims"] == 0
+    assert control["growth_mb"] > 400, control
+    bounded = _draws(64)
+    assert bounded["steady_trims"] == 0
+    assert bounded["growing_trims"] >= 3, bounded
+    assert bounded["growth_mb"] < 64 + 2 * 42, bounded

@@ -60,6 +60,13 @@ def reference(tmp_path_factory, ray_local):
 def test_store_shapes_names_dtypes_and_values(reference):
     run, problem, config, report = reference
     assert len(report.units_run) == 3 * 2 and report.actor_failures == 0
+    # actors spent most of the stage inside units (the rest: their start-up and the last unit's tail), and
+    # every unit ended with one heap trim (the draws of these tiny units never grow the heap by 128 MB)
+    unit_seconds = sum(u["seconds"] for u in report.units_run)
+    assert report.actor_seconds == pytest.approx(unit_seconds) and 0 < unit_seconds <= 2 * report.seconds
+    assert report.actor_utilisation == pytest.approx(unit_seconds / (2 * report.seconds))
+    from spectro.device import release_host_memory
+    assert [u["heap_trims"] for u in report.units_run] == [1 if release_host_memory() else 0] * 6
     ds = xr.open_zarr(run / "samples.zarr", consolidated=False)
     assert ds["probe_loss"].dims == ("component", "chain", "draw", "token")
     assert ds["sampling_loss"].dims == ("component", "chain", "draw")
