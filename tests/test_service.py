@@ -13,6 +13,7 @@ import xarray as xr
 
 from spectro.pipeline import fingerprint
 from spectro.config import as_dict
+from spectro.device import release_host_memory
 from spectro.service import sample
 from spectro.store import Layout, ProbeTable, SampleStore, TRACE_ARRAYS
 from tests.conftest import tiny_config, tiny_problem
@@ -65,7 +66,6 @@ def test_store_shapes_names_dtypes_and_values(reference):
     unit_seconds = sum(u["seconds"] for u in report.units_run)
     assert report.actor_seconds == pytest.approx(unit_seconds) and 0 < unit_seconds <= 2 * report.seconds
     assert report.actor_utilisation == pytest.approx(unit_seconds / (2 * report.seconds))
-    from spectro.device import release_host_memory
     assert [u["heap_trims"] for u in report.units_run] == [1 if release_host_memory() else 0] * 6
     ds = xr.open_zarr(run / "samples.zarr", consolidated=False)
     assert ds["probe_loss"].dims == ("component", "chain", "draw", "token")
