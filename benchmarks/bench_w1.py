@@ -106,7 +106,8 @@ def w1_config(model_dir: Path, chain_group: int, actors: int, draws: int = 50, t
         "data": {"seq_len": 64, "n_train_contexts": 512, "n_sampling_contexts": 32, "n_probe_contexts": 64},
         "sampler": {"step_size": 1e-4, "nbeta": 30.0, "gamma": GAMMA, "batch_size": 16, "num_chains": 4,
                     "num_draws": draws, "burnin": 0, "steps_between_draws": 1, "chain_group": chain_group,
-                    "checkpoint_every": draws, "seed": seed, "probe_dtype": probe_dtype},
+                    "checkpoint_every": draws, "seed": seed, "probe_dtype": probe_dtype,
+                    "antithetic": False},     # devinterp draws independent chains: the same work
         "ray": {"num_actors": actors, "num_cpus_per_actor": 1, "torch_threads": threads},
     })
 

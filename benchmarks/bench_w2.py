@@ -156,7 +156,7 @@ def w2_config(model_dir: Path, components: list[str], draws: int, actors: int):
         "data": {"seq_len": 65, "n_train_contexts": 512, "n_sampling_contexts": 32, "n_probe_contexts": 32},
         "sampler": {"step_size": 1e-4, "nbeta": 30.0, "gamma": 100.0, "batch_size": 16, "num_chains": 2,
                     "num_draws": draws, "burnin": 0, "steps_between_draws": 1, "chain_group": 2,
-                    "checkpoint_every": draws, "seed": 0},
+                    "checkpoint_every": draws, "seed": 0, "antithetic": False},
         "ray": {"num_actors": actors, "num_cpus_per_actor": 1},
     })
 

@@ -8,7 +8,9 @@ schema below (OmegaConf rejects wrong types and unknown keys there) and then
 Non-obvious choices:
 - `sampler.nbeta: null` means the common default `B / ln B` for batch size B
   (devinterp's `default_nbeta`); it is resolved here so the stored config says
-  the number that was used.
+  the number that was used. nβ = 0 (no loss term, only the localisation) is
+  the control run and is accepted only with `sampler.control=true`
+  (`experiment=control`), never by accident.
 - `components` lists names or group keywords ("all", "heads", "mlps"); the
   unrestricted run `full` is always sampled as well, because the default
   estimator centres on it (DESIGN 1.3).
@@ -66,6 +68,8 @@ class SamplerConfig:
     divergence_bound: float = 10.0      # a chain diverges when its loss exceeds init_loss + bound (or is NaN/inf)
     checkpoint_every: int = 10          # draws between chain checkpoints
     seed: int = 0
+    antithetic: bool = True             # chains in mirrored-noise pairs (2p, 2p+1): same law, far less noise in chi
+    control: bool = False               # the nβ = 0 control: no loss term in any run (only the localisation)
     probe_dtype: str = "float32"        # "float32" | "bfloat16": autocast dtype of probe/sampling-loss evaluation
     tf32: bool = False                  # CUDA only: allow TF32 matmuls (SGLD steps and probes)
 
@@ -192,8 +196,14 @@ def validate(c: SpectroConfig) -> SpectroConfig:
              "use 'embedded', a local snapshot directory or a hub id like EleutherAI/pythia-14m")
     _require(finite(s.step_size) and s.step_size > 0, "sampler.step_size", s.step_size,
              "must be a positive finite number", "e.g. sampler.step_size=1e-4")
-    _require(s.nbeta is None or (finite(s.nbeta) and s.nbeta > 0), "sampler.nbeta", s.nbeta,
-             "must be positive", "e.g. sampler.nbeta=30, or null for batch_size/ln(batch_size)")
+    if s.control:
+        _require(s.nbeta is None or s.nbeta == 0, "sampler.nbeta", s.nbeta,
+                 "must be 0 or null with sampler.control=true (the control removes the loss term)",
+                 "drop the sampler.nbeta override, or run without experiment=control")
+    else:
+        _require(s.nbeta is None or (finite(s.nbeta) and s.nbeta > 0), "sampler.nbeta", s.nbeta,
+                 "must be positive" + (" (nβ = 0 is the control run: experiment=control)" if s.nbeta == 0 else ""),
+                 "e.g. sampler.nbeta=30, or null for batch_size/ln(batch_size)")
     _require(finite(s.gamma) and s.gamma >= 0, "sampler.gamma", s.gamma,
              "must be >= 0", "e.g. sampler.gamma=300")
     _require(finite(s.noise_level) and s.noise_level >= 0, "sampler.noise_level", s.noise_level,
@@ -206,6 +216,12 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(s.num_chains >= 2, "sampler.num_chains", s.num_chains, "must be >= 2",
              "standard errors and R-hat need at least two chains")
     _require(s.burnin >= 0, "sampler.burnin", s.burnin, "must be >= 0", "e.g. sampler.burnin=0")
+    if s.antithetic:
+        _require(s.num_chains % 2 == 0 and s.num_chains >= 4, "sampler.num_chains", s.num_chains,
+                 "must be even and >= 4 with sampler.antithetic=true (pairs; R-hat and errors need two pairs)",
+                 "e.g. sampler.num_chains=4, or sampler.antithetic=false")
+        _require(s.chain_group % 2 == 0, "sampler.chain_group", s.chain_group,
+                 "must be even with sampler.antithetic=true (a pair runs in one unit)", "e.g. sampler.chain_group=4")
     _require(s.precondition in ("none", "rmsprop"), "sampler.precondition", s.precondition,
              "must be 'none' or 'rmsprop'", "pick one of those")
     _require(0 < s.rmsprop_alpha < 1, "sampler.rmsprop_alpha", s.rmsprop_alpha, "must be in (0, 1)", "e.g. 0.99")
@@ -282,7 +298,9 @@ def validate(c: SpectroConfig) -> SpectroConfig:
              "must be offline, online or disabled", "offline needs no account")
     _require(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device", c.device,
              "must be auto, cpu, cuda or cuda:N", "e.g. device=cpu")
-    if s.nbeta is None:
+    if s.control:
+        c = dataclasses.replace(c, sampler=dataclasses.replace(s, nbeta=0.0))
+    elif s.nbeta is None:
         c = dataclasses.replace(c, sampler=dataclasses.replace(s, nbeta=s.batch_size / math.log(s.batch_size)))
     return c
 

@@ -6,7 +6,7 @@ Non-obvious choices:
 - Standardization is a column z-score (each component to mean 0, standard
   deviation 1 over tokens). A component whose values are all equal has no
   variance to standardize: its column becomes 0, so it contributes nothing
-  rather than a division by zero. `clusters.features` uses the same function.
+  rather than a division by zero (`spectro.features.standardize`).
 - The matrix is tokens x components with few components (32 for Pythia-14M),
   so an exact thin SVD (`np.linalg.svd(full_matrices=False)`) costs
   O(tokens x components^2): about a second for 200,000 tokens. No randomized
@@ -31,30 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from spectro.errors import ConfigError, DataError
-
-
-def standardize(chi: np.ndarray) -> np.ndarray:
-    """Column z-score of a (tokens, components) matrix; zero-variance columns become 0.
-
-    Raises DataError if the matrix is not 2-D, is empty, or has NaN/inf entries."""
-    chi = np.asarray(chi, dtype=np.float64)
-    if chi.ndim != 2:
-        raise DataError(f"chi must be a (tokens, components) matrix, got shape {chi.shape}")
-    if chi.shape[0] < 2 or chi.shape[1] < 1:
-        raise DataError(f"chi needs at least 2 tokens and 1 component, got shape {chi.shape}")
-    bad = ~np.isfinite(chi)
-    if bad.any():
-        rows, cols = np.nonzero(bad)
-        raise DataError(
-            f"chi has {int(bad.sum())} non-finite (NaN or inf) entries in {np.unique(rows).size} tokens and "
-            f"{np.unique(cols).size} components; drop those components or tokens (a component with no usable "
-            f"chain is all NaN) or re-run the susceptibilities stage")
-    mean = chi.mean(axis=0)
-    std = chi.std(axis=0)
-    scale = np.where(std > 0, std, 1.0)
-    z = (chi - mean) / scale
-    z[:, std == 0] = 0.0
-    return z
+from spectro.features import standardize  # noqa: F401  (re-exported: clusters and report use it from here)
 
 
 def modes(chi: np.ndarray, components: Sequence[str], token_text: Sequence[str],

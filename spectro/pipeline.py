@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from spectro import __version__
+from spectro import __version__, rundir
 from spectro.components import Component, resolve_components
 from spectro.config import RESUME_NEUTRAL_KEYS, SpectroConfig, as_dict
 from spectro.data import ContextSet, ProbeSet, load_corpus, make_contexts, make_probe_set
@@ -147,33 +147,74 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
         if "sample" in stages:
             prepared = prepared or prepare(config)
             summary["sample"] = run_sampling(config, run_dir, prepared)
+            _update_summary(run_dir, summary)
         if "susceptibilities" in stages:
             summary["susceptibilities"] = run_susceptibilities(config, run_dir)
+            _update_summary(run_dir, summary)
     finally:
         if started:
             import ray
             ray.shutdown()
     if "clusters" in stages:
         summary["clusters"] = run_clusters(config, run_dir)
+        summary["verdict"] = summary["clusters"]["verdict"]
+        _update_summary(run_dir, summary)
     if "sae" in stages:
         summary["sae"] = run_sae(config, run_dir, prepared)
+        _update_summary(run_dir, summary)
     if "report" in stages:
         summary["report"] = run_report(config, run_dir)
-    previous = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    (run_dir / "summary.json").write_text(json.dumps({**previous, **summary}, indent=2))
+        _update_summary(run_dir, summary)
     return summary
 
 
+def _update_summary(run_dir: Path, summary: dict) -> None:
+    """Merge this invocation's results into summary.json (each stage's entry replaces the previous one), so
+    every later stage, the report included, reads the figures of the stages before it."""
+    path = run_dir / rundir.SUMMARY
+    previous = rundir.read_json(path) if path.exists() else {}
+    rundir.write_json(path, {**previous, **summary})
+
+
 def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
-    """Cluster the susceptibility matrix (DESIGN 1.6) and compute its modes (1.8)."""
+    """Cluster the susceptibility matrix and compute its modes; then how far to trust the clusters: the
+    clustering features' split-half reliability and the stability of the clusters across halves of the
+    chains (spectro.stability), with the plain verdict, added to clusters.json."""
     import dataclasses
     import time
 
     from spectro.clusters import ClusterParams, cluster_run
+    from spectro.reliability import split_half, verdict
+    from spectro.stability import stability
+    from spectro.store import read_susceptibilities
 
     t0 = time.perf_counter()
-    out = cluster_run(run_dir, ClusterParams(**dataclasses.asdict(config.clustering)))
+    params = ClusterParams(**dataclasses.asdict(config.clustering))
+    out = cluster_run(run_dir, params)
     out["seconds"] = round(time.perf_counter() - t0, 2)
+    ds = read_susceptibilities(run_dir / rundir.SUSCEPTIBILITIES)
+    names = [str(c) for c in ds["component"].values]
+    rel = stab = None
+    if "chi_half" in ds:
+        keep = [names.index(c) for c in out["components"]]
+        half = np.asarray(ds["chi_half"].values, dtype=np.float64)[:, :, keep]        # (2, tokens, clustered)
+        rel = split_half(half, out["components"], getattr(params, "features", "centred"))
+        t1 = time.perf_counter()
+        stab = stability(half, params)
+        if stab is not None:
+            stab["seconds"] = round(time.perf_counter() - t1, 2)
+    not_mixed = [c for c, bad in zip(names, ds["not_mixed"].values) if bool(bad)] if "not_mixed" in ds else []
+    v = verdict(rel, stab, not_mixed)
+    path = run_dir / rundir.CLUSTERS
+    doc = rundir.read_json(path)
+    doc.update({"reliability": rel, "stability": stab, "verdict": v})
+    rundir.write_json(path, doc, indent=None)
+    out.update({"reliability": None if rel is None else {k: rel[k] for k in ("features_median", "features_min",
+                                                                               "least_reliable")},
+                "stability": None if stab is None else {k: stab[k] for k in ("ari", "ari_all_tokens",
+                                                                             "n_clusters_halves")},
+                "verdict": v})
+    log.info("verdict: %s (%s)", v["text"], "; ".join(v["reasons"]))
     return out
 
 
@@ -230,8 +271,8 @@ def run_sampling(config: SpectroConfig, run_dir: Path, p: Prepared) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     prov = provenance(p)
     store = open_store(p, run_dir, prov)    # refuses a store made with another config
-    (run_dir / "config.json").write_text(json.dumps(as_dict(p.config), indent=2))
-    (run_dir / "provenance.json").write_text(json.dumps(prov, indent=2))
+    rundir.write_json(run_dir / rundir.CONFIG, as_dict(p.config))
+    rundir.write_json(run_dir / rundir.PROVENANCE, prov)
     if p.config.fresh and (run_dir / "checkpoints").exists():
         import shutil
         shutil.rmtree(run_dir / "checkpoints")

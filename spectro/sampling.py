@@ -12,6 +12,14 @@ Non-obvious choices:
 - Every chain has two generators, for minibatch indices and for noise,
   seeded from sha256(run seed, component, chain, stream): a chain's draws do
   not depend on which actor ran it or which chains shared its unit.
+- Antithetic pairs (`sampler.antithetic`, the default): chains 2p and 2p+1
+  use chain 2p's streams, so they see the same minibatches, and chain 2p+1's
+  injected noise is negated. Each chain is still an exact SGLD chain (-ξ has
+  the law of ξ), so every estimate keeps its expectation; near w* the dynamics
+  is close to linear, the pair moves as w* + m ± η, and in a pair's mean every
+  term odd in η cancels. The per-token loss's first-order term, which
+  dominates the noise of chi, is such a term (docs/method.md, measured in
+  docs/reliability.md). Chain 2p is the chain a non-antithetic run would draw.
 - Minibatches are drawn with replacement from the pool; the data position
   is therefore the data generator's state, saved with the checkpoint.
 - Lower-layer cache (issue 7): for a GPT-NeoX problem with the standard LM
@@ -138,6 +146,10 @@ class UnitRunner:
         self.chain_ids = tuple(int(c) for c in chain_ids)
         self.config = config
         self.run_seed = run_seed
+        self.antithetic = bool(getattr(config, "antithetic", False))
+        if self.antithetic and any(c % 2 == 0 and c + 1 not in self.chain_ids for c in self.chain_ids):
+            raise ValueError(f"antithetic chains run in pairs (2p, 2p+1) in one unit; got chains {self.chain_ids}")
+        self.signs = [(-1.0 if c % 2 else 1.0) for c in self.chain_ids] if self.antithetic else None
         model_params = dict(problem.model.named_parameters())
         anchor = {n: model_params[n].detach() for n in component.masks}
         masks = {n: (None if m is None else m.to(problem.device)) for n, m in component.masks.items()}
@@ -178,7 +190,8 @@ class UnitRunner:
         gens = []
         for c in self.chain_ids:
             g = torch.Generator(device=self.problem.device)
-            g.manual_seed(chain_seed(self.run_seed, self.component.name, c, stream))
+            seed_chain = c - c % 2 if self.antithetic else c       # a pair shares its even chain's streams
+            g.manual_seed(chain_seed(self.run_seed, self.component.name, seed_chain, stream))
             gens.append(g)
         return gens
 
@@ -196,7 +209,7 @@ class UnitRunner:
         if self.cached:
             batch = (self._train_h[idx], batch)                             # (chains, batch, seq, hidden), ids
         active = torch.as_tensor(diverged_at < 0, device=pool.device)
-        return self.sgld.update(sg, batch, state.noise_gens, active=active)
+        return self.sgld.update(sg, batch, state.noise_gens, active=active, signs=self.signs)
 
     def next_draw(self, state: UnitState) -> tuple[UnitState, Draw]:
         cfg, bound = self.config, self.problem.init_loss + self.config.divergence_bound

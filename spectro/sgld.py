@@ -85,7 +85,19 @@ class SGLD:
         return SGLDState(params=params, sq_avg=sq_avg, step=0)
 
     def grads(self, params: Params, batch: Any) -> tuple[Params, torch.Tensor]:
-        """Per-chain gradients and losses: ({name: (chains, *shape)}, (chains,))."""
+        """Per-chain gradients and losses: ({name: (chains, *shape)}, (chains,)).
+
+        With nβ = 0 (the control run) the loss term has no weight: the gradient is zero and is not computed;
+        the minibatch loss still is (it is traced and checked for divergence)."""
+        if self.hyper.nbeta == 0:
+            with torch.no_grad():
+                if self.chain_mode == "vmap":
+                    loss = vmap(self.loss_fn, in_dims=(0, 0))(params, batch)
+                else:
+                    n = next(iter(params.values())).shape[0]
+                    loss = torch.stack([self.loss_fn({k: p[c] for k, p in params.items()}, _index(batch, c))
+                                        for c in range(n)])
+            return {n: torch.zeros_like(p) for n, p in params.items()}, loss
         g_and_v = grad_and_value(self.loss_fn)
         if self.chain_mode == "vmap":
             return vmap(g_and_v, in_dims=(0, 0))(params, batch)
@@ -95,7 +107,8 @@ class SGLD:
         return grads, torch.stack([v for _, v in outs])
 
     def update(self, state: SGLDState, batch: Any, generators: Sequence[torch.Generator],
-               active: Optional[torch.Tensor] = None) -> tuple[SGLDState, StepInfo]:
+               active: Optional[torch.Tensor] = None,
+               signs: Optional[Sequence[float]] = None) -> tuple[SGLDState, StepInfo]:
         """One SGLD step for every chain. `batch` has a leading chains axis.
 
         `active` (chains,) bool: chains set False keep their weights (diverged
@@ -121,6 +134,8 @@ class SGLD:
                 xi = torch.empty_like(w)                                 # (chains, *shape)
                 for c, gen in enumerate(generators):
                     torch.randn(w.shape[1:], generator=gen, dtype=w.dtype, device=w.device, out=xi[c])
+                    if signs is not None and signs[c] < 0:
+                        xi[c].neg_()
                 if mask is not None:
                     g.mul_(mask)
                     xi.mul_(mask)

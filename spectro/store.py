@@ -444,6 +444,9 @@ class SusceptibilityStore:
         a = g.create_array("chi_per_chain", shape=(n_chains, T, C), chunks=(n_chains, token_chunk, C), dtype="float64",
                            fill_value=np.nan, dimension_names=("chain", "token", "component"), compressors=_compressors())
         a.attrs["coordinates"] = coords
+        a = g.create_array("chi_half", shape=(2, T, C), chunks=(2, token_chunk, C), dtype="float64",
+                           fill_value=np.nan, dimension_names=("half", "token", "component"), compressors=_compressors())
+        a.attrs["coordinates"] = coords
         comp = g.create_array("component", shape=(C,), dtype=str, dimension_names=("component",))
         comp[:] = np.array(L.components, dtype=object)
         tok = g.create_array("token", shape=(T,), dtype="int64", dimension_names=("token",), compressors=_compressors())
@@ -455,11 +458,25 @@ class SusceptibilityStore:
             dst[:] = src[:]
         return cls(tmp, g)
 
-    def write_block(self, t0: int, t1: int, chi: np.ndarray, chi_se: np.ndarray, chi_per_chain: np.ndarray) -> None:
-        """chi, chi_se (t1-t0, C); chi_per_chain (chains, t1-t0, C)."""
+    def write_block(self, t0: int, t1: int, chi: np.ndarray, chi_se: np.ndarray, chi_per_chain: np.ndarray,
+                    chi_half: np.ndarray) -> None:
+        """chi, chi_se (t1-t0, C); chi_per_chain (chains, t1-t0, C); chi_half (2, t1-t0, C)."""
         self.group["chi"][t0:t1] = chi
         self.group["chi_se"][t0:t1] = chi_se
         self.group["chi_per_chain"][:, t0:t1] = chi_per_chain
+        self.group["chi_half"][:, t0:t1] = chi_half
+
+    def write_reliability(self, rel: dict) -> None:
+        """Per-component split-half reliability (raw chi and features) as arrays over `component`; NaN for
+        `full` and for components without an estimate."""
+        names = [str(c) for c in self.group["component"][:]]
+        for key, name in (("raw", "reliability_raw"), ("features_reliability", "reliability_features")):
+            values = np.full(len(names), np.nan)
+            for c, v in zip(rel["components"], rel[key]):
+                values[names.index(c)] = v
+            a = self.group.create_array(name, shape=(len(names),), dtype="float64", dimension_names=("component",),
+                                        compressors=_compressors(), overwrite=True)
+            a[:] = values
 
     def write_diagnostics(self, diagnostics: dict[str, np.ndarray], attrs: dict) -> None:
         C = self.group["component"].shape[0]

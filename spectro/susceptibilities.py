@@ -44,6 +44,7 @@ import numpy as np
 
 from spectro.errors import DivergenceError, StoreError
 from spectro.estimator import ChainMoments, susceptibility
+from spectro.reliability import split_half
 from spectro.store import SampleStore, SusceptibilityStore
 
 log = logging.getLogger("spectro.susceptibilities")
@@ -92,6 +93,22 @@ def require_full(store: SampleStore) -> None:
             f"(fresh=true)")
 
 
+def antithetic(store: SampleStore) -> bool:
+    """Whether the store's chains come in antithetic pairs (2p, 2p+1)."""
+    return bool(store.attrs["config"]["sampler"].get("antithetic", False))
+
+
+def units(chains: list[int], paired: bool) -> list[list[int]]:
+    """Independent units as positions in `chains` (the usable chain ids, sorted): antithetic pairs stay
+    together, a pair that lost a chain is a unit of one."""
+    if not paired:
+        return [[i] for i in range(len(chains))]
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(chains):
+        groups.setdefault(k // 2, []).append(i)
+    return [groups[p] for p in sorted(groups)]
+
+
 def plan_blocks(store: SampleStore, tokens_per_block: Optional[int] = None) -> list[dict]:
     L = store.layout
     step = tokens_per_block or L.token_chunk
@@ -100,7 +117,8 @@ def plan_blocks(store: SampleStore, tokens_per_block: Optional[int] = None) -> l
 
 
 def block_estimate(store: SampleStore, sel: Selection, t0: int, t1: int, form: str):
-    """chi, chi_se (tokens, components) and chi_per_chain (chains, tokens, components) for tokens [t0, t1)."""
+    """chi, chi_se (tokens, components), chi_per_chain (chains, tokens, components) and chi_half
+    (2, tokens, components) for tokens [t0, t1)."""
     L = store.layout
     C, N, T = len(L.components), L.n_chains, t1 - t0
     s = store.read("sampling_loss")                                          # (C, N, D)
@@ -121,17 +139,22 @@ def block_estimate(store: SampleStore, sel: Selection, t0: int, t1: int, form: s
     chi = np.full((T, C), np.nan)
     se = np.full((T, C), np.nan)
     per_chain = np.full((N, T, C), np.nan)
+    half = np.full((2, T, C), np.nan)
+    paired = antithetic(store)
     fi = L.components.index(FULL)
-    full = [moments[fi][k] for k in range(N) if sel.use[fi, k]]
+    full_chains = [k for k in range(N) if sel.use[fi, k]]
+    full = [moments[fi][k] for k in full_chains]
     for ci in range(C):
         chains = [k for k in range(N) if sel.use[ci, k]]
         if not chains or not full:
             continue
-        est = susceptibility([moments[ci][k] for k in chains], full, form)
+        est = susceptibility([moments[ci][k] for k in chains], full, form, units(chains, paired),
+                             units(full_chains, paired))
         chi[:, ci] = est.chi
         se[:, ci] = est.chi_se
         per_chain[chains, :, ci] = est.chi_per_chain
-    return chi, se, per_chain
+        half[:, :, ci] = est.chi_half
+    return chi, se, per_chain, half
 
 
 def _reduce_batch(batch: dict, samples_path: str, out_path: str, sel: Selection, form: str) -> dict:
@@ -140,8 +163,8 @@ def _reduce_batch(batch: dict, samples_path: str, out_path: str, sel: Selection,
     out = SusceptibilityStore.open_block_writer(Path(out_path))
     t0s, t1s, finite = [], [], []
     for t0, t1 in zip(batch["t0"], batch["t1"]):
-        chi, se, per_chain = block_estimate(store, sel, int(t0), int(t1), form)
-        out.write_block(int(t0), int(t1), chi, se, per_chain)
+        chi, se, per_chain, half = block_estimate(store, sel, int(t0), int(t1), form)
+        out.write_block(int(t0), int(t1), chi, se, per_chain, half)
         t0s.append(int(t0))
         t1s.append(int(t1))
         finite.append(int(np.isfinite(chi).sum()))
@@ -159,12 +182,16 @@ def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold
     out = {k: np.full(C, np.nan) for k in ("llc_mean", "llc_std", "mean_phi", "rhat", "ess_bulk")}
     out["n_chains_used"] = sel.use.sum(1)
     out["n_diverged"] = (store.diverged_at() >= 0).sum(1)
+    paired = antithetic(store)
     for ci in range(C):
         chains = np.nonzero(sel.use[ci])[0]
         if len(chains) == 0:
             continue
         n = int(sel.draws[ci, chains].min())
         phi = s[ci, chains, :n] - store.init_loss                            # (chains, draws)
+        # antithetic pairs are one unit: their phi traces are nearly equal by design, so R-hat, ESS and the
+        # LLC spread are taken over pair means (counting both chains would overstate the evidence)
+        phi = np.stack([phi[u].mean(0) for u in units(list(chains), paired)])   # (units, draws)
         llc = nbeta * phi.mean(1)
         out["llc_mean"][ci] = llc.mean()
         out["llc_std"][ci] = llc.std(ddof=1) if len(chains) > 1 else np.nan
@@ -211,19 +238,33 @@ def compute(run_dir: Path, *, form: str = "peer", nbeta: float, rhat_threshold: 
                               f"Lower sampler.step_size or raise sampler.gamma and resample (fresh=true)")
     if empty:
         log.warning("components with no usable chain (chi is NaN for them): %s", ", ".join(empty))
+    reliability = run_reliability(out, L.components)
     attrs = {"form": form, "partial": sel.partial, "excluded_chains": sel.excluded, "nbeta": nbeta,
+             "antithetic": antithetic(store), "reliability": reliability,
              "init_loss": store.init_loss, "rhat_threshold": rhat_threshold,
              "progress": store.progress().tolist() if sel.partial else None,
              "components_without_chains": empty}
     out.write_diagnostics(diag, attrs)
     out.commit(run_dir / "susceptibilities.zarr")
     return {"blocks": len(blocks), "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "reliability": None if reliability is None else
+            {k: reliability[k] for k in ("raw_median", "features_median", "features_min", "least_reliable")},
             "excluded_chains": len(sel.excluded), "partial": sel.partial, "components_without_chains": empty,
             "not_mixed": [L.components[c] for c in np.nonzero(diag["not_mixed"])[0]]}
+
+
+def run_reliability(out: SusceptibilityStore, components: list[str]) -> dict | None:
+    """Split-half reliability of every component but `full` (spectro.reliability), from `chi_half`."""
+    keep = [i for i, c in enumerate(components) if c != FULL]
+    half = np.asarray(out.group["chi_half"][:], dtype=np.float64)[:, :, keep]      # (2, tokens, components)
+    rel = split_half(half, [components[i] for i in keep])
+    if rel is not None:
+        out.write_reliability(rel)
+    return rel
 
 
 def online_estimate(store: SampleStore, form: str = "peer") -> dict:
     """Running chi from the chunks committed so far, in the driver (for monitoring small runs)."""
     sel = select_chains(store, partial=True)
-    chi, se, _ = block_estimate(store, sel, 0, store.layout.n_tokens, form)
+    chi, se, _, _ = block_estimate(store, sel, 0, store.layout.n_tokens, form)
     return {"chi": chi, "chi_se": se, "draws": sel.draws, "partial": sel.partial}

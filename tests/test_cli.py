@@ -21,7 +21,7 @@ from spectro import cli
 from spectro.store import SampleStore
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["components=[l0h1,l2.mlp]", "sampler.num_chains=2", "sampler.chain_group=2", "sampler.num_draws=8",
+SMALL = ["components=[l0h1,l2.mlp]", "sampler.num_chains=4", "sampler.chain_group=4", "sampler.num_draws=8",
          "sampler.checkpoint_every=2", "data.n_probe_contexts=8", "data.n_train_contexts=64",
          "data.n_sampling_contexts=8", "ray.num_actors=2"]
 

@@ -31,7 +31,10 @@ def test_every_group_option_composes_and_validates(group):
             overrides.append("data.corpus.paths=[a.txt]")
         cfg = to_config(compose_cfg(overrides))
         assert isinstance(cfg, SpectroConfig)
-        assert cfg.sampler.nbeta > 0
+        if group == "experiment" and option == "control":
+            assert cfg.sampler.control and cfg.sampler.nbeta == 0       # the control: no loss term anywhere
+        else:
+            assert cfg.sampler.nbeta > 0 and not cfg.sampler.control
 
 
 def test_default_config_resolves_nbeta():

@@ -77,8 +77,8 @@ def test_estimator_recovers_closed_form_covariance(setup, form):
     est = susceptibility_from_arrays(s, l, init, fs, fl, form=form)
     z = (est.chi - exact) / est.chi_se
     assert np.all(np.abs(z) < 5), f"{form}: chi {est.chi} exact {exact} z {z}"
-    # the signal is real: exact values are many standard errors from zero
-    assert np.all(np.abs(exact) / est.chi_se > 3) or np.abs(exact).max() / est.chi_se.max() > 5
+    # the signal is real: some exact values are many of their own standard errors from zero
+    assert np.max(np.abs(exact) / est.chi_se) > 5
     assert est.chi_per_chain.shape == (16, 6)
 
 

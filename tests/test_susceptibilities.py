@@ -78,8 +78,10 @@ def test_diagnostics_match_arviz_and_llc_definition(regression_run):
     ds = xr.open_zarr(run / "susceptibilities.zarr", consolidated=False)
     store = SampleStore.open(run / "samples.zarr")
     s = store.read("sampling_loss")
+    assert config.sampler.antithetic            # the default: diagnostics are over pair means
     for ci, comp in enumerate(["full", "w0"]):
-        phi = s[ci] - store.init_loss
+        phi = s[ci] - store.init_loss                                       # (chains, draws)
+        phi = phi.reshape(phi.shape[0] // 2, 2, -1).mean(1)                 # (pairs, draws)
         assert ds["rhat"].values[ci] == pytest.approx(array_stats.rhat(phi, chain_axis=0, draw_axis=1, method="rank"))
         assert ds["ess_bulk"].values[ci] == pytest.approx(array_stats.ess(phi, chain_axis=0, draw_axis=1, method="bulk"))
         llc = NBETA * phi.mean(1)
