@@ -1,10 +1,14 @@
 """Tabulate a Hydra multirun of spectro and recommend a sampler setting.
 
     python jobs/sweep_summary.py multirun/<date>/<time> [--rhat-max 1.1] [--ess-min 20] [--llc-spread-max 0.2]
+                                 [--target-reliability 0.8] [--min-signal-agreement 0.95]
 
-Prints a markdown table (LLC, R-hat, ESS, divergence rate and health per
-setting) and the recommendation with its reasons; writes
-`<sweep>/sweep_summary.json`.
+Prints a markdown table per setting (LLC, R-hat, ESS, divergence rate, the
+feature reliability, the predicted sampling seconds to reach the target
+reliability, the noise-corrected agreement with the most conservative setting,
+health) and the recommendation with its reasons: the healthy setting that
+reaches the target reliability in the least sampling time. Writes
+`<sweep>/sweep_summary.json`. The rules are in `spectro/sweep.py`.
 """
 
 import argparse
@@ -23,9 +27,12 @@ def main() -> int:
     ap.add_argument("--rhat-max", type=float, default=1.1)
     ap.add_argument("--ess-min", type=float, default=20.0)
     ap.add_argument("--llc-spread-max", type=float, default=0.2)
+    ap.add_argument("--target-reliability", type=float, default=0.8)
+    ap.add_argument("--min-signal-agreement", type=float, default=0.95)
     args = ap.parse_args()
     try:
-        result = summarize(args.sweep_dir, Thresholds(args.rhat_max, args.ess_min, args.llc_spread_max))
+        result = summarize(args.sweep_dir, Thresholds(args.rhat_max, args.ess_min, args.llc_spread_max,
+                                                      args.min_signal_agreement, args.target_reliability))
     except SpectroError as exc:
         print(f"spectro: error: {exc}", file=sys.stderr)
         return 2

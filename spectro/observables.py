@@ -74,6 +74,7 @@ Non-obvious choices:
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -309,10 +310,14 @@ def linear_cross_entropy_mean(hidden: torch.Tensor, weight: torch.Tensor, target
 # ---- the body: final hidden states from token ids, or from a cached residual stream
 
 
+# transformers renamed create_causal_mask's `past_key_values` to `cache` (the old name warns, then goes away)
+_NO_CACHE = {"cache": None} if "cache" in inspect.signature(create_causal_mask).parameters else {"past_key_values": None}
+
+
 def _mask_and_rotary(base: torch.nn.Module, hidden: torch.Tensor):
     pos = torch.arange(hidden.shape[-2], device=hidden.device).unsqueeze(0)          # (1, seq)
-    mask = create_causal_mask(config=base.config, inputs_embeds=hidden, attention_mask=None,
-                              past_key_values=None, position_ids=pos)
+    mask = create_causal_mask(config=base.config, inputs_embeds=hidden, attention_mask=None, position_ids=pos,
+                              **_NO_CACHE)
     return pos, mask, base.rotary_emb(hidden, position_ids=pos)
 
 

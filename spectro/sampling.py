@@ -19,7 +19,7 @@ Non-obvious choices:
   is close to linear, the pair moves as w* + m ± η, and in a pair's mean every
   term odd in η cancels. The per-token loss's first-order term, which
   dominates the noise of chi, is such a term (docs/method.md, measured in
-  docs/reliability.md). Chain 2p is the chain a non-antithetic run would draw.
+  docs/calibration.md). Chain 2p is the chain a non-antithetic run would draw.
 - Minibatches are drawn with replacement from the pool; the data position
   is therefore the data generator's state, saved with the checkpoint.
 - Lower-layer cache (issue 7): for a GPT-NeoX problem with the standard LM
@@ -191,7 +191,10 @@ class UnitRunner:
         for c in self.chain_ids:
             g = torch.Generator(device=self.problem.device)
             seed_chain = c - c % 2 if self.antithetic else c       # a pair shares its even chain's streams
-            g.manual_seed(chain_seed(self.run_seed, self.component.name, seed_chain, stream))
+            # the nβ = 0 control draws its own streams: sharing a real run's noise would make the two agree
+            # for that reason alone
+            tag = stream + ":control" if getattr(self.config, "control", False) else stream
+            g.manual_seed(chain_seed(self.run_seed, self.component.name, seed_chain, tag))
             gens.append(g)
         return gens
 

@@ -8,7 +8,7 @@ not a cluster) and on all tokens (noise as one more label).
 
 Each half has half the draws, so its clusters are noisier than the run's:
 the halves' agreement is a conservative figure for how well this run's
-clusters would come back under another seed (docs/reliability.md compares it
+clusters would come back under another seed (docs/calibration.md compares it
 with two real seeds).
 """
 

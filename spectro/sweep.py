@@ -1,10 +1,10 @@
 """Summarise a Hydra multirun over sampler hyperparameters and recommend a setting.
 
 Each job directory of a sweep (`multirun/<date>/<time>/<n>/`) is a normal run
-directory. For each, this reads `config.json`, `summary.json` and the
-diagnostics in `susceptibilities.zarr`, applies the health checks a
-practitioner runs before a big job, and recommends the passing setting that
-mixes best.
+directory. For each, this reads `config.json`, `summary.json` and
+`susceptibilities.zarr`, applies the health checks a practitioner runs before
+a big job, and ranks the passing settings by what the run is for: reliable
+susceptibilities per second of sampling.
 
 Health checks (thresholds are arguments):
 - no diverged chain;
@@ -13,11 +13,30 @@ Health checks (thresholds are arguments):
   for this nβ, γ);
 - every component's R-hat <= `rhat_max` (chains agree);
 - every component's bulk ESS >= `ess_min` (enough independent draws);
-- the full run's LLC spread over chains, std/mean, <= `llc_rel_spread_max`.
+- the full run's LLC spread over chains, std/mean, <= `llc_rel_spread_max`;
+- the signal did not move: the job's clustering features agree with those of
+  the most conservative job of the same posterior (same nβ, γ, σ, batch size,
+  preconditioner; the smallest step size, then most draws) at a
+  noise-corrected correlation >= `min_signal_agreement` (see below).
 
-Among passing settings the recommendation is the one with the highest
-minimum ESS (ties: the smaller step size, which is the safer choice). If none
-passes, it says so, and names the setting that fails the fewest checks.
+Ranking. A job's feature reliability rel (split-half, `spectro.reliability`)
+says how much of its features is signal: the signal-to-noise ratio
+rel / (1 - rel) grows in proportion to the number of independent draws.
+So `snr_per_second` = rel / (1 - rel) / sampling seconds is the figure to
+maximise (effective samples of chi per second), and `seconds_to_target` =
+seconds x [target / (1 - target)] / [rel / (1 - rel)] is the sampling time
+the setting would need to reach the target reliability. The recommendation is
+the passing job with the shortest `seconds_to_target`.
+
+Non-obvious choices:
+- Noise is not the only thing a setting changes: a larger step size also
+  changes the distribution sampled. Two settings measure the same signal if
+  their features, after dividing out each one's noise, correlate near 1:
+  r_corrected = r(features_a, features_b) / sqrt(rel_a rel_b), per component,
+  median over components. A job well below 1 against the reference has moved
+  the signal and is not recommended, however fast it is.
+- R-hat and ESS are about the sampling loss (the LLC's observable); the
+  reliability figures are about chi itself. A setting must pass both.
 """
 
 from __future__ import annotations
@@ -32,8 +51,11 @@ import numpy as np
 from spectro.errors import StoreError
 from spectro.store import read_susceptibilities
 
+# The keys that define the local posterior (a change is a different target, not a less exact one); jobs are
+# compared for signal agreement only with jobs that share all of them.
+POSTERIOR_KEYS = ("nbeta", "gamma", "noise_level", "batch_size", "precondition", "control")
 SWEPT_KEYS = ("step_size", "nbeta", "gamma", "noise_level", "batch_size", "precondition", "num_draws", "burnin",
-              "steps_between_draws")
+              "steps_between_draws", "num_chains", "antithetic", "control")
 
 
 @dataclass(frozen=True)
@@ -41,6 +63,8 @@ class Thresholds:
     rhat_max: float = 1.1
     ess_min: float = 20.0
     llc_rel_spread_max: float = 0.2
+    min_signal_agreement: float = 0.95
+    target_reliability: float = 0.8
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -94,17 +118,86 @@ def summarize_job(job: Path, t: Thresholds) -> dict:
     spread = llc_std[fi] / llc[fi] if llc[fi] > 0 else float("inf")
     if not spread <= t.llc_rel_spread_max:
         failures.append(f"full LLC spread over chains {spread:.2f} > {t.llc_rel_spread_max}")
+    rel = ds.attrs.get("reliability")
+    summary = json.loads((job / "summary.json").read_text()) if (job / "summary.json").exists() else {}
+    seconds = summary.get("sample", {}).get("seconds")
+    row.update({"reliability": rel["features_median"] if rel else None, "sampling_seconds": seconds})
+    if rel and seconds and rel["features_median"] is not None and 0 < rel["features_median"] < 1:
+        snr = rel["features_median"] / (1 - rel["features_median"])
+        goal = t.target_reliability / (1 - t.target_reliability)
+        row.update(snr_per_second=snr / seconds, seconds_to_target=seconds * goal / snr)
+    else:
+        row.update(snr_per_second=None, seconds_to_target=None)
+        if not rel:
+            failures.append("no reliability figures (fewer than two independent units per run)")
     row.update(status="ok", passed=not failures, failures=failures)
     return row
+
+
+def _features_and_reliability(job: Path):
+    from spectro.features import feature_matrix
+
+    ds = read_susceptibilities(job / "susceptibilities.zarr")
+    rel = ds.attrs.get("reliability")
+    if not rel:
+        return None
+    names = [str(c) for c in ds["component"].values]
+    keep = [names.index(c) for c in rel["components"]]
+    return (rel["components"], feature_matrix(np.asarray(ds["chi"].values, dtype=np.float64)[:, keep]),
+            np.asarray(rel["features_reliability"], dtype=np.float64), ds["token_id"].values)
+
+
+def signal_agreement(rows: list[dict], jobs: list[Path], t: Thresholds) -> None:
+    """Noise-corrected agreement of each job's features with the most conservative job's (module notes);
+    a job below `min_signal_agreement` fails."""
+    from spectro.reliability import column_correlations
+
+    done = [(r, j) for r, j in zip(rows, jobs) if r["status"] == "ok" and r.get("reliability") is not None]
+    groups: dict = {}
+    for r, j in done:                     # settings that define the posterior; the rest are numerics
+        key = json.dumps([r["setting"][k] for k in POSTERIOR_KEYS])
+        groups.setdefault(key, []).append((r, j))
+    for members in groups.values():
+        if len(members) >= 2:
+            _agreement_in_group(members, t, column_correlations)
+
+
+def _agreement_in_group(members: list, t: Thresholds, column_correlations) -> None:
+    ref_row, ref_job = min(members, key=lambda rj: (rj[0]["setting"]["step_size"], -rj[0]["setting"]["num_draws"]))
+    ref = _features_and_reliability(ref_job)
+    for r, j in members:
+        r["signal_reference"] = ref_row["job"]
+        if j == ref_job:
+            r["signal_agreement"] = 1.0
+            continue
+        other = _features_and_reliability(j)
+        if other is None or other[0] != ref[0] or not np.array_equal(other[3], ref[3]):
+            r["signal_agreement"] = None          # other components or probe tokens: not comparable
+            continue
+        corr = column_correlations(other[1], ref[1]) / np.sqrt(np.clip(other[2] * ref[2], 1e-12, None))
+        r["signal_agreement"] = float(np.nanmedian(corr))
+        if r["signal_agreement"] < t.min_signal_agreement:
+            r["failures"].append(f"signal moved: features agree with job {ref_row['job']} at "
+                                 f"{r['signal_agreement']:.2f} after noise correction (< {t.min_signal_agreement})")
+            r["passed"] = False
 
 
 def recommend(rows: list[dict]) -> dict:
     passing = [r for r in rows if r["passed"]]
     if passing:
-        best = max(passing, key=lambda r: (r["ess_min"], -r["setting"]["step_size"]))
-        reasons = ["passes every health check (no divergence, LLC > 0 everywhere, R-hat <= threshold, ESS >= minimum)",
-                   f"highest minimum bulk ESS among {len(passing)} passing setting(s): {best['ess_min']:.1f}",
-                   f"full-model LLC {best['llc_full']:.3f} ± {best['llc_full_std']:.3f} over chains, max R-hat {best['rhat_max']:.2f}"]
+        timed = [r for r in passing if r.get("seconds_to_target") is not None]
+        if timed:
+            best = min(timed, key=lambda r: (r["seconds_to_target"], r["setting"]["step_size"]))
+            lead = (f"shortest predicted sampling time to feature reliability {best.get('target', 0.8)} among "
+                    f"{len(passing)} passing setting(s): {best['seconds_to_target']:.0f} s (reliability "
+                    f"{best['reliability']:.2f} in {best['sampling_seconds']:.0f} s)")
+        else:
+            best = max(passing, key=lambda r: (r["ess_min"], -r["setting"]["step_size"]))
+            lead = f"highest minimum bulk ESS among {len(passing)} passing setting(s): {best['ess_min']:.1f}"
+        reasons = ["passes every health check (no divergence, LLC > 0 everywhere, R-hat <= threshold, ESS >= minimum, "
+                   "signal unchanged)", lead,
+                   f"full-model LLC {best['llc_full']:.3f} ± {best['llc_full_std']:.3f} over chains, max R-hat "
+                   f"{best['rhat_max']:.2f}, min bulk ESS {best['ess_min']:.1f}"]
         return {"job": best["job"], "setting": best["setting"], "passed": True, "reasons": reasons}
     finished = [r for r in rows if r["status"] == "ok"] or rows
     closest = min(finished, key=lambda r: (len(r["failures"]), -r.get("ess_min", 0)))
@@ -114,7 +207,11 @@ def recommend(rows: list[dict]) -> dict:
 
 def summarize(sweep_dir: Path, thresholds: Optional[Thresholds] = None) -> dict:
     t = thresholds or Thresholds()
-    rows = [summarize_job(j, t) for j in job_dirs(sweep_dir)]
+    jobs = job_dirs(sweep_dir)
+    rows = [summarize_job(j, t) for j in jobs]
+    for r in rows:
+        r["target"] = t.target_reliability
+    signal_agreement(rows, jobs, t)
     result = {"sweep_dir": str(sweep_dir), "thresholds": t.__dict__, "jobs": rows, "recommendation": recommend(rows)}
     (Path(sweep_dir) / "sweep_summary.json").write_text(json.dumps(result, indent=2))
     return result
@@ -123,16 +220,22 @@ def summarize(sweep_dir: Path, thresholds: Optional[Thresholds] = None) -> dict:
 def format_table(result: dict) -> str:
     rows = result["jobs"]
     varying = [k for k in SWEPT_KEYS if len({json.dumps(r["setting"][k]) for r in rows}) > 1] or ["step_size"]
-    head = ["job", *varying, "LLC(full)", "R-hat max", "ESS min", "div. rate", "healthy"]
+    head = ["job", *varying, "LLC(full)", "R-hat max", "ESS min", "div. rate", "reliability", "s to target",
+            "signal", "healthy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["job"], *[f"{r['setting'][k]:g}" if isinstance(r["setting"][k], float) else str(r["setting"][k])
                              for k in varying]]
         if r["status"] == "ok":
+            def num(v, f):
+                return "-" if v is None else format(v, f)
+
             cells += [f"{r['llc_full']:.3f} ± {r['llc_full_std']:.3f}", f"{r['rhat_max']:.2f}", f"{r['ess_min']:.1f}",
-                      f"{r['divergence_rate']:.2f}", "yes" if r["passed"] else "no: " + "; ".join(r["failures"])]
+                      f"{r['divergence_rate']:.2f}", num(r.get("reliability"), ".3f"),
+                      num(r.get("seconds_to_target"), ".0f"), num(r.get("signal_agreement"), ".3f"),
+                      "yes" if r["passed"] else "no: " + "; ".join(r["failures"])]
         else:
-            cells += ["-", "-", "-", "-", "no: " + "; ".join(r["failures"])]
+            cells += ["-"] * 7 + ["no: " + "; ".join(r["failures"])]
         lines.append("| " + " | ".join(cells) + " |")
     rec = result["recommendation"]
     chosen = ", ".join(f"{k}={rec['setting'][k]}" for k in varying)

@@ -62,14 +62,33 @@ def test_sweep_summary_names_a_recommended_setting_with_reasons(sweep):
     assert rec["job"] in {"0", "1", "2", "3"} and rec["reasons"]
     for r in result["jobs"]:
         assert r["llc_full"] == r["llc_full"] and r["ess_min"] > 0     # real numbers, not NaN
+    for r in result["jobs"]:                  # every job has reliability figures and its time to the target
+        assert r["reliability"] is not None and r["sampling_seconds"] > 0
+        if 0 < r["reliability"] < 1:
+            snr = r["reliability"] / (1 - r["reliability"])
+            assert r["seconds_to_target"] == pytest.approx(r["sampling_seconds"] * 4.0 / snr)
+    # jobs of the same posterior (same gamma) are compared with the smaller step size of the two
+    for gamma in (100.0, 1000.0):
+        pair = {r["setting"]["step_size"]: r for r in result["jobs"] if r["setting"]["gamma"] == gamma}
+        assert pair[5e-4]["signal_agreement"] == 1.0 and pair[2e-3]["signal_reference"] == pair[5e-4]["job"]
     if rec["passed"]:
-        best = max((r for r in result["jobs"] if r["passed"]), key=lambda r: r["ess_min"])
+        best = min((r for r in result["jobs"] if r["passed"]), key=lambda r: r["seconds_to_target"])
         assert rec["job"] == best["job"]
 
 
 def row(job, step, ess, failures=(), llc=1.0):
     return {"job": job, "status": "ok", "setting": {"step_size": step}, "passed": not failures,
             "failures": list(failures), "ess_min": ess, "llc_full": llc, "llc_full_std": 0.1, "rhat_max": 1.01}
+
+
+def test_recommendation_ranks_by_time_to_the_target_reliability():
+    fast = {**row("0", 1e-3, 40), "seconds_to_target": 300.0, "reliability": 0.7, "sampling_seconds": 200.0}
+    slow = {**row("1", 3e-3, 90), "seconds_to_target": 900.0, "reliability": 0.5, "sampling_seconds": 225.0}
+    moved = {**row("2", 1e-2, 99, ["signal moved: features agree with job 0 at 0.80"]), "seconds_to_target": 50.0,
+             "reliability": 0.9, "sampling_seconds": 200.0}
+    rec = recommend([fast, slow, moved])
+    assert rec["passed"] and rec["job"] == "0"                    # fastest to the target; not the one that moved
+    assert "300 s" in rec["reasons"][1]
 
 
 def test_recommendation_rules():

@@ -1,0 +1,132 @@
+"""Compare two finished runs on the same probe tokens: do their numbers hold?
+
+    python benchmarks/compare_runs.py runs/seed0 runs/seed1             # two seeds of one setting
+    python benchmarks/compare_runs.py runs/seed0 runs/seed1 --control runs/control
+
+Prints, for the two runs A and B:
+- R-hat (max over components, `full` included) and bulk ESS (min) of each;
+- agreement of chi between the runs: Pearson r per component of raw chi and of
+  the clustering features (z-scored columns, centred rows), median and min
+  over components, next to each run's own within-run reliability (what the
+  run predicted the agreement would be);
+- their clusters: count, share of probe tokens clustered, the adjusted Rand
+  index between the two labellings on the tokens both cluster (and on all
+  tokens), and each run's split-half stability;
+- role purity against the largest of 20 shuffled-role baselines, and the SAE
+  check (matched fraction and mean best F1 against the null's 95% quantile),
+  from each run's clusters.json / sae.json;
+- with --control: the same cluster agreement, role purity and SAE figures for
+  the control against run A.
+
+Nothing is recomputed that the runs did not write, except the correlations
+and ARIs; the figures in docs/calibration.md come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sklearn.metrics import adjusted_rand_score  # noqa: E402
+
+from spectro.features import feature_matrix  # noqa: E402
+from spectro.reliability import column_correlations  # noqa: E402
+from spectro.roles import role_agreement, token_roles  # noqa: E402
+from spectro.store import read_susceptibilities  # noqa: E402
+
+
+def load(run: Path) -> dict:
+    ds = read_susceptibilities(run / "susceptibilities.zarr")
+    clusters = json.loads((run / "clusters.json").read_text())
+    sae = json.loads((run / "sae.json").read_text()) if (run / "sae.json").exists() else None
+    names = [str(c) for c in ds["component"].values]
+    comps = clusters["components"]
+    chi = np.asarray(ds["chi"].values, dtype=np.float64)[:, [names.index(c) for c in comps]]
+    return {"dir": run, "ds": ds, "names": names, "components": comps, "chi": chi, "clusters": clusters, "sae": sae,
+            "labels": np.asarray(clusters["labels"]), "token_id": np.asarray(ds["token_id"].values),
+            "text": [str(t) for t in ds["token_text"].values], "source": [str(s) for s in ds["token_source"].values]}
+
+
+def mixing(r: dict) -> str:
+    rhat, ess = r["ds"]["rhat"].values, r["ds"]["ess_bulk"].values
+    bad = [n for n, v in zip(r["names"], rhat) if not v <= 1.1]
+    return (f"R-hat max {np.nanmax(rhat):.3f} ({len(bad)} of {len(rhat)} above 1.1{': ' + ', '.join(bad) if bad else ''})"
+            f", bulk ESS min {np.nanmin(ess):.0f}")
+
+
+def cluster_agreement(a: np.ndarray, b: np.ndarray) -> str:
+    both = (a >= 0) & (b >= 0)
+    ari = adjusted_rand_score(a[both], b[both]) if both.sum() > 1 else float("nan")
+    return (f"ARI {ari:.3f} on the {both.sum()} tokens both cluster, {adjusted_rand_score(a, b):.3f} on all tokens")
+
+
+def clusters_line(r: dict) -> str:
+    c, lab = r["clusters"], r["labels"]
+    stab = c.get("stability") or {}
+    s = f"{c['n_clusters']} clusters, {(lab >= 0).mean():.1%} of tokens clustered"
+    if stab.get("ari") is not None:
+        s += f", split-half stability ARI {stab['ari']:.3f}"
+    return s
+
+
+def roles_line(r: dict, shuffles: int = 20) -> str:
+    ra = role_agreement(r["labels"], token_roles(r["text"], r["source"]), seed=0, shuffles=shuffles)
+    base = ra["purity_shuffled_max"]
+    ratio = ra["purity"] / base if base else float("nan")
+    return f"role purity {ra['purity']:.3f} vs shuffled max {base:.3f} ({ratio:.2f}x)"
+
+
+def sae_line(r: dict) -> str:
+    s = r["sae"]
+    if s is None:
+        return "SAE: not run"
+    null = s.get("null") or {}
+    q = null.get("matched_fraction_q95", float("nan"))
+    fq = null.get("mean_best_f1_q95", float("nan"))
+    return (f"SAE: matched {s['matched_fraction']:.3f} (null q95 {q:.3f}), mean best F1 {s['mean_best_f1']:.3f} "
+            f"(null q95 {fq:.3f})")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path)
+    ap.add_argument("--control", type=Path, default=None)
+    args = ap.parse_args()
+    A, B = load(args.a), load(args.b)
+    if not np.array_equal(A["token_id"], B["token_id"]) or A["components"] != B["components"]:
+        print("the runs have different probe tokens or components: nothing to compare", file=sys.stderr)
+        return 2
+    for tag, r in (("A", A), ("B", B)):
+        rel = r["ds"].attrs.get("reliability") or {}
+        print(f"{tag} {r['dir']}: {mixing(r)}")
+        print(f"   within-run reliability: raw median {rel.get('raw_median', float('nan')):.3f}, features median "
+              f"{rel.get('features_median', float('nan')):.3f} (min {rel.get('features_min', float('nan')):.3f})")
+        print(f"   {clusters_line(r)}; {roles_line(r)}; {sae_line(r)}")
+    raw = column_correlations(A["chi"], B["chi"])
+    feat = column_correlations(feature_matrix(A["chi"]), feature_matrix(B["chi"]))
+    print(f"A vs B chi: raw r median {np.median(raw):.3f} (min {raw.min():.3f}); features r median "
+          f"{np.median(feat):.3f} (min {feat.min():.3f}, {A['components'][int(np.argmin(feat))]})")
+    print("   per component: " + " ".join(f"{c}:{v:.2f}" for c, v in zip(A["components"], feat)))
+    print(f"A vs B clusters: {cluster_agreement(A['labels'], B['labels'])}")
+    if args.control:
+        C = load(args.control)
+        if not np.array_equal(A["token_id"], C["token_id"]):
+            print("the control has different probe tokens", file=sys.stderr)
+            return 2
+        print(f"control {C['dir']}: {mixing(C)}")
+        print(f"   {clusters_line(C)}; {roles_line(C)}; {sae_line(C)}")
+        print(f"A vs control clusters: {cluster_agreement(A['labels'], C['labels'])}")
+        cf = column_correlations(feature_matrix(A["chi"]), feature_matrix(C["chi"]))
+        print(f"A vs control features r median {np.median(cf):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
