@@ -1,15 +1,13 @@
 """report.html: one self-contained page built from a real (small) run.
 
 The run directory comes from the real pipeline (embedded model, Ray actors,
-covariance job), once per module. clusters.json/modes.json come from
-`spectro.clusters` when it exists; until then from `standin_clusters` /
-`standin_modes` below: a k-means stand-in that writes the documented schema
-(a test fixture, not the product).
+covariance job, clusters stage, a short SAE stage, report stage), once per
+module.
 
-One token text is rewritten to `</script><b>"x'&amp;` in the stores so the
-page must escape it everywhere. The headless-browser test loads the page in
-Debian's Chromium and reads its console log, the DOM after scripts ran, and a
-screenshot.
+One token text is rewritten to `</script><b>"x'&amp;` in the stores and the
+clusters stage is run again, so the page must escape it everywhere. The
+headless-browser test loads the page in Debian's Chromium and reads its
+console log, the DOM after scripts ran, and a screenshot.
 """
 
 from __future__ import annotations
@@ -36,83 +34,6 @@ PAGE = 3                                   # cards per page in the fixture repor
 # --------------------------------------------------------------------------- #
 
 
-def _features(chi: np.ndarray) -> np.ndarray:
-    sd = chi.std(axis=0)
-    z = (chi - chi.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    n = np.linalg.norm(z, axis=1, keepdims=True)
-    return z / np.where(n > 0, n, 1.0)
-
-
-def standin_clusters(run_dir: Path, k: int = 7, seed: int = 0) -> dict:
-    """k-means on the clustering features; the farthest 10% become noise. Fixture only."""
-    import xarray as xr
-
-    ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
-    comps = [str(c) for c in ds["component"].values.tolist() if str(c) != "full"]
-    chi = ds["chi"].sel(component=comps).values.astype(np.float64)
-    texts = [str(t) for t in ds["token_text"].values.tolist()]
-    sources = [str(t) for t in ds["token_source"].values.tolist()]
-    sd = chi.std(axis=0)
-    z = (chi - chi.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    x = _features(chi)
-    rng = np.random.default_rng(seed)
-    centres = x[rng.choice(len(x), k, replace=False)]
-    for _ in range(30):
-        lab = np.argmax(x @ centres.T, axis=1)
-        centres = np.stack([x[lab == j].mean(axis=0) if np.any(lab == j) else centres[j] for j in range(k)])
-        centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
-    sim = np.sum(x * centres[lab], axis=1)
-    lab = np.where(sim < np.quantile(sim, 0.1), -1, lab)
-    w = np.clip(x @ x.T, 0, None)
-    np.fill_diagonal(w, 0)
-    deg = w.sum(axis=1)
-    sizes = Counter(lab[lab >= 0].tolist())
-    order = [j for j, _ in sizes.most_common()]
-    relabel = {old: new for new, old in enumerate(order)}
-    labels = np.array([relabel.get(int(v), -1) for v in lab])
-    clusters = []
-    for cid in range(len(order)):
-        m = np.nonzero(labels == cid)[0]
-        inside = np.zeros(len(x), bool)
-        inside[m] = True
-        cut = w[inside][:, ~inside].sum()
-        vol = min(deg[inside].sum(), deg[~inside].sum())
-        clusters.append({"id": cid, "size": int(m.size), "conductance": float(cut / vol) if vol > 0 else 1.0,
-                         "profile": z[m].mean(axis=0).tolist(), "profile_raw": chi[m].mean(axis=0).tolist(),
-                         "top_tokens": [[t, c] for t, c in Counter(texts[i] for i in m).most_common(10)],
-                         "sources": dict(Counter(sources[i] for i in m)), "members": m.tolist()})
-    out = {"method": "kmeans-standin", "params": {"k": k, "seed": seed}, "components": comps,
-           "n_tokens": len(texts), "n_clusters": len(clusters), "n_noise": int((labels < 0).sum()),
-           "labels": labels.tolist(), "clusters": clusters}
-    (run_dir / "clusters.json").write_text(json.dumps(out))
-    return out
-
-
-def standin_modes(run_dir: Path, n_modes: int = 4) -> dict:
-    import xarray as xr
-
-    ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
-    comps = [str(c) for c in ds["component"].values.tolist() if str(c) != "full"]
-    chi = ds["chi"].sel(component=comps).values.astype(np.float64)
-    texts = [str(t) for t in ds["token_text"].values.tolist()]
-    sd = chi.std(axis=0)
-    z = (chi - chi.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    u, s, vt = np.linalg.svd(z, full_matrices=False)
-    share = s ** 2 / np.sum(s ** 2)
-    modes = []
-    for i in range(min(n_modes, len(s))):
-        score = u[:, i] * s[i]
-        hi, lo = np.argsort(-score)[:8], np.argsort(score)[:8]
-        modes.append({"index": i, "share": float(share[i]),
-                      "loadings": {c: float(v) for c, v in zip(comps, vt[i])},
-                      "top_positive": [{"token": int(t), "text": texts[t], "score": float(score[t])} for t in hi],
-                      "top_negative": [{"token": int(t), "text": texts[t], "score": float(score[t])} for t in lo]})
-    out = {"singular_values": s.tolist(), "variance_share": share.tolist(),
-           "cumulative_share": np.cumsum(share).tolist(), "modes": modes, "extra_key_from_the_future": True}
-    (run_dir / "modes.json").write_text(json.dumps(out))
-    return out
-
-
 def make_dangerous(run_dir: Path) -> str:
     """Rewrite every occurrence of the most common token text to DANGER in both stores."""
     import zarr
@@ -129,34 +50,27 @@ def make_dangerous(run_dir: Path) -> str:
     return common
 
 
-def build_run(run_dir: Path) -> Path:
-    from spectro import pipeline
+def fixture_config(control: bool = False):
     from spectro.config import to_config
 
-    cfg = to_config({"components": ["l0h1", "l1.mlp", "l2h0", "l3h3"],
-                     "sampler": {"num_chains": 2, "num_draws": 4, "chain_group": 2, "checkpoint_every": 2,
-                                 "burnin": 0},
-                     "data": {"n_probe_contexts": 8, "n_train_contexts": 64, "n_sampling_contexts": 8},
-                     "ray": {"num_actors": 2}, "report": {"page_size": PAGE},
-                     "sae": {"steps": 200, "n_null": 50}})     # a short SAE stage: the page gets its section
-    pipeline.run(cfg, run_dir)          # stage=all: sample -> susceptibilities -> clusters -> report
+    return to_config({"components": ["l0h1", "l1.mlp", "l2h0", "l3h3"],
+                      "sampler": {"num_chains": 4, "num_draws": 4, "chain_group": 4, "checkpoint_every": 2,
+                                  "burnin": 0, "control": control, "seed": 1 if control else 0},
+                      "data": {"n_probe_contexts": 8, "n_train_contexts": 64, "n_sampling_contexts": 8},
+                      "ray": {"num_actors": 2}, "report": {"page_size": PAGE},
+                      # a short SAE stage gives the run's page its section; the control skips it
+                      "sae": {"steps": 200, "n_null": 50, "enabled": not control}})
+
+
+def build_run(run_dir: Path, control: bool = False):
+    """stage=all: sample -> susceptibilities -> clusters -> (sae) -> report; the stage's page is kept aside."""
+    from spectro import pipeline
+
+    cfg = fixture_config(control)
+    pipeline.run(cfg, run_dir)
     if (run_dir / "report.html").exists():
         (run_dir / "report.html").rename(run_dir / "report.pipeline.html")
-    return run_dir
-
-
-def cluster_and_modes(run_dir: Path) -> str:
-    """The product's clustering (which also writes modes.json) when it is there; else the stand-ins."""
-    try:
-        from spectro.clusters import cluster_run
-    except ImportError:
-        standin_clusters(run_dir)
-        standin_modes(run_dir)
-        return "standin"
-    cluster_run(run_dir)
-    if not (run_dir / "modes.json").exists():
-        standin_modes(run_dir)
-    return "spectro.clusters"
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +89,12 @@ def ray_own():
 
 @pytest.fixture(scope="module")
 def run_dir(ray_own, tmp_path_factory):
-    d = build_run(tmp_path_factory.mktemp("report") / "run")
+    from spectro import pipeline
+
+    d = tmp_path_factory.mktemp("report") / "run"
+    cfg = build_run(d)
     make_dangerous(d)
-    cluster_and_modes(d)
+    pipeline.run_clusters(cfg, d)       # the real clusters stage again, on the rewritten texts
     return d
 
 
@@ -228,7 +145,8 @@ def test_sections_diagnostics_and_counts(report, run_dir):
     assert f"<b>{len(clusters['clusters'])} clusters</b>" in page
     traces = page.split('<section id="traces">')[1].split("</section>")[0]
     assert traces.count('<svg class="spark"') == len(comps)
-    assert traces.count('<polyline class="line"') == len(comps) * 2     # 2 healthy chains each
+    n_chains = SampleStore.open(run_dir / "samples.zarr").layout.n_chains
+    assert traces.count('<polyline class="line"') == len(comps) * n_chains     # every chain healthy
     # rows flagged where not mixed, with text
     import xarray as xr
     ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
@@ -415,7 +333,9 @@ PROBE_JS = """<script>
   var q = document.getElementById("q");
   q.value = ""; q.dispatchEvent(new Event("input"));
   setTimeout(function () {
-    var ids = function () { return Array.prototype.map.call(document.querySelectorAll("#cards article"), function (a) { return a.id; }); };
+    var ids = function () {
+      return Array.prototype.map.call(document.querySelectorAll("#cards article"), function (a) { return a.id; });
+    };
     out.afterClear = ids();
     var next = document.querySelector("#pager-top button[data-p='1']");
     if (next) { next.click(); out.page2 = ids(); out.pagerText = document.getElementById("pager-top").textContent; }
