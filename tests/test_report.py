@@ -2,12 +2,13 @@
 
 The run directory comes from the real pipeline (embedded model, Ray actors,
 covariance job, clusters stage, a short SAE stage, report stage), once per
-module.
+module; so does a second run, the nβ = 0 control (`sampler.control=true`,
+another seed, no SAE), on the same probe tokens.
 
-One token text is rewritten to `</script><b>"x'&amp;` in the stores and the
-clusters stage is run again, so the page must escape it everywhere. The
-headless-browser test loads the page in Debian's Chromium and reads its
-console log, the DOM after scripts ran, and a screenshot.
+One token text is rewritten to `</script><b>"x'&amp;` in the stores (of both
+runs) and the run's clusters stage is run again, so the page must escape it
+everywhere. The headless-browser test loads the page in Debian's Chromium and
+reads its console log, the DOM after scripts ran, and a screenshot.
 """
 
 from __future__ import annotations
@@ -95,6 +96,14 @@ def run_dir(ray_own, tmp_path_factory):
     cfg = build_run(d)
     make_dangerous(d)
     pipeline.run_clusters(cfg, d)       # the real clusters stage again, on the rewritten texts
+    return d
+
+
+@pytest.fixture(scope="module")
+def control_dir(run_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("report") / "control"
+    build_run(d, control=True)
+    make_dangerous(d)                   # the same probe tokens as the run, the same text rewritten
     return d
 
 
@@ -188,10 +197,19 @@ def test_missing_cluster_outputs_render_what_they_can(run_dir, tmp_path):
     shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
     (d / "clusters.json").unlink()
     (d / "modes.json").unlink()
-    page = write_report(d).read_text(encoding="utf-8")
-    assert "clusters.json not found" in page and "modes.json not found" in page
+    (d / "summary.json").unlink()
+    page = write_report(d, map_method="pca").read_text(encoding="utf-8")
+    notices = _header_notices(page)
+    assert any("clusters.json not found" in t for t in notices) and any("modes.json not found" in t for t in notices)
+    assert any("summary.json not found" in t for t in notices)
     assert 'data-component="l0h1"' in page and '<svg class="spark"' in page
     assert '"gallery":null' in page
+    # no verdict without clusters.json and summary.json, but the zarr's reliability is still shown
+    box = _verdict_html(page)
+    assert 'class="verdict unknown"' in box and "no verdict" in box
+    import xarray as xr
+    rel = xr.open_zarr(str(d / "susceptibilities.zarr"), consolidated=False).attrs["reliability"]
+    assert f"median {rel['features_median']:.2f}" in box
 
 
 def test_sparse_schema_and_nan_estimates(run_dir, tmp_path):
@@ -252,6 +270,250 @@ def test_diverged_chain_and_mixing_flags(run_dir, tmp_path):
     bad_row = re.search(r'<tr class="flagged" data-component="l1.mlp">.*?</tr>', page).group(0)
     assert "not mixed" in bad_row
     assert "4 of 5 components have chains that have not mixed" in page
+
+
+def _header_notices(page: str) -> list[str]:
+    header = page.split('<header class="page">')[1].split("</header>")[0]
+    return re.findall(r'<div class="notice">(.*?)</div>', header)
+
+
+def _verdict_html(page: str) -> str:
+    return page.split('<header class="page">')[1].split('<p class="facts">')[0]
+
+
+def _section_html(page: str, key: str) -> str:
+    return page.split(f'<section id="{key}">')[1].split("</section>")[0]
+
+
+def _payload(page: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page,
+                                flags=re.S).group(1))
+
+
+def test_no_notice_on_a_complete_fresh_run(report, run_dir):
+    """Neither the page the pipeline's report stage wrote nor a rewrite has a notice at the top: every input is
+    there (summary.json is written before the report stage)."""
+    pipeline_page = (run_dir / "report.pipeline.html").read_text(encoding="utf-8")
+    for page in (pipeline_page, report[1]):
+        assert "Missing or inconsistent input" not in page
+        assert _header_notices(page) == []
+        assert 'id="js-errors" class="notice error" hidden' in page
+
+
+def test_verdict_box_shows_the_runs_figures(report, run_dir):
+    import html as html_mod
+
+    import xarray as xr
+
+    _, page = report
+    c = json.loads((run_dir / "clusters.json").read_text())
+    v, rel, stab = c["verdict"], c["reliability"], c["stability"]
+    assert v and rel and stab, "the clusters stage writes the verdict, reliability and stability"
+    box = _verdict_html(page)
+    # right under the title, before the facts line and every section
+    assert page.index("</h1>") < page.index('id="verdict"') < page.index('<p class="facts">')
+    assert f'class="verdict {"ok" if v["ok"] else "bad"}"' in box and f'data-ok="{str(v["ok"]).lower()}"' in box
+    assert f'<b class="verdict-text">{html_mod.escape(v["text"])}</b>' in box
+    for reason in v["reasons"]:
+        assert f"<li>{html_mod.escape(reason)}</li>" in box
+    fig = lambda slug: re.search(rf'data-fig="{slug}">(.*?)</div>', box).group(1)  # noqa: E731
+    assert f"median {rel['features_median']:.2f}" in fig("features")
+    assert f"min {rel['features_min']:.2f} ({rel['least_reliable']})" in fig("features")
+    assert f"median {rel['raw_median']:.2f}" in fig("raw")
+    assert f"ARI {stab['ari']:.2f}" in fig("stability") and f"{stab['ari_all_tokens']:.2f} on all tokens" in fig(
+        "stability")
+    if rel["draws_factor_for_target"] > 1:
+        assert f"≈ {rel['draws_factor_for_target']:.1f}×" in fig("draws")
+    assert "How to read this" in box and "independent run" in box and "adjusted Rand index" in box
+    # per-component reliability in the diagnostics table, flagged below the target
+    ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
+    for i, comp in enumerate(str(x) for x in ds["component"].values):
+        row = re.search(rf'data-component="{re.escape(comp)}">(.*?)</tr>', page).group(1)
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        for value, cell in zip((ds["reliability_raw"].values[i], ds["reliability_features"].values[i]), cells[6:8]):
+            assert cell == ("–" if not np.isfinite(value) else f"{value:.2f}")
+        bad = re.findall(r'<td class="num bad" title="below the target', row)
+        assert len(bad) == sum(np.isfinite(x) and x < rel["target"] for x in
+                               (ds["reliability_raw"].values[i], ds["reliability_features"].values[i]))
+
+
+
+def test_verdict_box_colours(run_dir, tmp_path):
+    """Green when the verdict is ok, red when not, amber when the run has figures but no verdict."""
+    from spectro.report import write_report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    c = json.loads((d / "clusters.json").read_text())
+    c["verdict"] = {"ok": True, "text": "clusters reproducible", "reasons": ["feature reliability 0.91 >= 0.8"]}
+    (d / "clusters.json").write_text(json.dumps(c))
+    box = _verdict_html(write_report(d, map_method="pca").read_text(encoding="utf-8"))
+    assert 'class="verdict ok"' in box and "✓" in box and "clusters reproducible" in box
+    del c["verdict"]
+    (d / "clusters.json").write_text(json.dumps(c))
+    (d / "summary.json").write_text(json.dumps({"run_dir": str(d)}))
+    box = _verdict_html(write_report(d, map_method="pca").read_text(encoding="utf-8"))
+    assert 'class="verdict unknown"' in box and "no verdict (run the clusters stage)" in box
+    assert 'data-fig="features"' in box and 'data-fig="stability"' in box
+
+
+def test_map_umap_and_pca_both_render(run_dir, tmp_path, monkeypatch):
+    from spectro import report as report_mod
+    from spectro.report import write_report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    n = len(json.loads((d / "clusters.json").read_text())["labels"])
+    maps = {}
+    for method in ("umap", "pca", "umap"):
+        page = write_report(d, map_method=method).read_text(encoding="utf-8")
+        m = _payload(page)["map"]
+        x, y = np.asarray(m["x"], dtype=float), np.asarray(m["y"], dtype=float)
+        assert x.shape == y.shape == (n,) and np.isfinite(x).all() and np.isfinite(y).all()
+        assert x.min() == 0 and x.max() == 10000 and y.min() == 0 and y.max() == 10000
+        lead = _section_html(page, "map")
+        if method == "umap":
+            assert m["ax"] == ["UMAP 1", "UMAP 2"] and "UMAP (n_neighbors 45, min_dist 0.1, seed 0" in lead
+        else:
+            assert m["ax"] == ["PC1", "PC2"] and "First two principal components" in lead
+        assert "Not UMAP" not in lead and "Subsampled" not in lead
+        maps.setdefault(method, []).append((m["x"], m["y"]))
+    assert maps["umap"][0] == maps["umap"][1]            # a fixed seed: the same picture every time
+    assert maps["umap"][0] != maps["pca"][0]
+    # without an argument the run's own config.json decides
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["report"]["map"] = "pca"
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert _payload(write_report(d).read_text(encoding="utf-8"))["map"]["ax"] == ["PC1", "PC2"]
+    # above MAP_MAX_POINTS: UMAP on a seeded subsample that keeps members of every cluster, and the page says so
+    monkeypatch.setattr(report_mod, "MAP_MAX_POINTS", 200)
+    page = write_report(d, map_method="umap").read_text(encoding="utf-8")
+    m = _payload(page)["map"]
+    assert len(m["x"]) == 200 and m["ax"] == ["UMAP 1", "UMAP 2"]
+    assert "Subsampled:</b> 200 of" in _section_html(page, "map") and "UMAP ran on these tokens only" in page
+    labels = np.asarray(json.loads((d / "clusters.json").read_text())["labels"])
+    for cid, size in Counter(labels[labels >= 0].tolist()).items():
+        assert sum(1 for lab in m["lab"] if lab == cid) >= min(size, report_mod.MAP_MIN_PER_CLUSTER)
+
+
+def test_map_and_contexts_use_the_clustering_features(run_dir):
+    """The report's features are spectro.features' of the clustered components, rows at unit length."""
+    import xarray as xr
+
+    from spectro.features import feature_matrix
+    from spectro.report import _Run, _feature_kind, _features
+
+    run = _Run.load(run_dir)
+    c = json.loads((run_dir / "clusters.json").read_text())
+    kind = _feature_kind(run)
+    assert kind == c["params"].get("features", "centred")
+    names, f, fn = _features(run, c["components"], kind)
+    ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
+    chi = ds["chi"].sel(component=c["components"]).values
+    assert names == c["components"]
+    np.testing.assert_allclose(f, feature_matrix(chi, kind))
+    norms = np.linalg.norm(fn, axis=1)
+    assert np.allclose(norms[norms > 0], 1.0)
+    np.testing.assert_allclose(fn[norms > 0], f[norms > 0] / np.linalg.norm(f[norms > 0], axis=1, keepdims=True))
+
+
+def _ari_text(a, b):
+    from sklearn.metrics import adjusted_rand_score
+
+    from spectro.report import _fmt
+
+    a, b = np.asarray(a), np.asarray(b)
+    both = (a >= 0) & (b >= 0)
+    return _fmt(adjusted_rand_score(a[both], b[both])), _fmt(adjusted_rand_score(a, b)), int(both.sum())
+
+
+def test_control_section_against_a_real_control(run_dir, control_dir, tmp_path):
+    from spectro.report import _fmt, write_report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    page = write_report(d, map_method="pca", control=control_dir).read_text(encoding="utf-8")
+    sec = _section_html(page, "control")
+    assert '<section id="control"><h2>Against the nβ = 0 control</h2>' in page
+    assert "refused" not in sec and 'class="notice"' not in sec
+    mine, ctl = (json.loads((x / "clusters.json").read_text()) for x in (d, control_dir))
+    ari, ari_all, both = _ari_text(mine["labels"], ctl["labels"])
+    fig = re.search(r'data-fig="ari-control">(.*?)</div>', sec).group(1)
+    assert f'<span class="v">{ari}</span>' in fig and f"on the {both:,} tokens both cluster; {ari_all} on all" in fig
+    halves = re.search(r'data-fig="ari-halves">(.*?)</div>', sec).group(1)
+    assert f'<span class="v">{_fmt(mine["stability"]["ari"])}</span>' in halves
+    assert sec.count('class="callout ') == 1
+    rows = dict(re.findall(r"<tr><th>(.*?)</th>(.*?)</tr>", sec))
+    for i, doc in enumerate((mine, ctl)):
+        cells = lambda key: re.findall(r"<td>(.*?)</td>", rows[key])[i]  # noqa: E731
+        assert cells("clusters") == str(len(doc["clusters"]))
+        share = 100 * np.mean(np.asarray(doc["labels"]) >= 0)
+        assert cells("clustered share (not noise)") == f"{share:.1f}%"
+        ra = doc["role_agreement"]
+        assert (f"purity {_fmt(ra['purity'])} vs {_fmt(ra['purity_shuffled'])} shuffled"
+                in cells("token roles: purity vs shuffled labels"))
+        assert cells("split-half ARI (cluster stability)") == _fmt(doc["stability"]["ari"])
+    sae = json.loads((d / "sae.json").read_text())
+    matched = re.findall(r"<td>(.*?)</td>", rows["SAE: matched fraction vs null"])
+    assert matched[0].startswith(f"{_fmt(sae['matched_fraction'])} ({sae['n_matched']} of {sae['n_clusters']}) vs "
+                                 f"null mean {_fmt(sae['null']['matched_fraction_mean'])}")
+    assert "no sae.json" in matched[1]                # the control ran without the SAE stage
+    f1 = re.findall(r"<td>(.*?)</td>", rows["SAE: mean best F1 vs null"])[0]
+    assert f1.startswith(f"{_fmt(sae['mean_best_f1'])} vs null mean {_fmt(sae['null']['mean_best_f1_mean'])}")
+    assert re.findall(r"<td>(.*?)</td>", rows["nβ"])[1] == "0.000"
+    # the control named in the run's config.json (what the report stage of a stage=all run reads)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["report"]["control"] = str(control_dir)
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert 'data-fig="ari-control"' in _section_html(write_report(d, map_method="pca").read_text(), "control")
+    # a control sampled with the run's own seed shares its noise: said so
+    c2 = tmp_path / "same-seed"
+    shutil.copytree(control_dir, c2, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    cc = json.loads((c2 / "config.json").read_text())
+    cc["sampler"]["seed"] = cfg["sampler"]["seed"]
+    (c2 / "config.json").write_text(json.dumps(cc))
+    sec = _section_html(write_report(d, map_method="pca", control=c2).read_text(), "control")
+    assert "share their SGLD noise" in sec and 'data-fig="ari-control"' in sec
+
+
+def test_control_refused_when_its_tokens_differ(run_dir, control_dir, tmp_path):
+    import zarr
+
+    from spectro.report import write_report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    c = tmp_path / "control"
+    shutil.copytree(control_dir, c, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    s = zarr.open_group(str(c / "susceptibilities.zarr"), mode="r+")
+    ids = np.array(s["token_id"][:])
+    ids[:5] = (ids[:5] + 1) % 96
+    s["token_id"][:] = ids
+    sec = _section_html(write_report(d, map_method="pca", control=c).read_text(encoding="utf-8"), "control")
+    assert "Control refused: 5 of" in sec and "other token ids" in sec
+    assert 'data-fig="ari-control"' not in sec and "<table" not in sec
+    # no section at all without a control: a pointer to experiment=control, no notice
+    sec = _section_html(write_report(d, map_method="pca", control=None).read_text(encoding="utf-8"), "control")
+    assert "No control run given" in sec and 'class="notice"' not in sec
+
+
+def test_control_directory_that_does_not_exist_is_an_error(run_dir, tmp_path):
+    from spectro.config import to_config
+    from spectro.errors import ConfigError
+    from spectro.report import write_report
+
+    missing = tmp_path / "no-such-control"
+    with pytest.raises(ConfigError, match="report.control.*does not exist"):
+        write_report(run_dir, control=missing)
+    with pytest.raises(ConfigError, match=r"report.control must be an existing run directory"):
+        to_config({"report": {"control": str(missing)}})
+    with pytest.raises(ConfigError, match=r"report.map must be 'umap' or 'pca'"):
+        to_config({"report": {"map": "tsne"}})
+    with pytest.raises(ConfigError, match="report.map"):
+        write_report(run_dir, map_method="tsne")
+    cfg = to_config({"report": {"control": str(run_dir), "map": "pca"}})
+    assert cfg.report.control == str(run_dir) and cfg.report.map == "pca"
+    assert to_config({}).report.map == "umap" and to_config({}).report.control is None
 
 
 # --------------------------------------------------------------------------- #
