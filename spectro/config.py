@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -126,6 +127,8 @@ class SAEConfig:
 class ReportConfig:
     max_contexts: int = 8               # example contexts per cluster card
     page_size: int = 25                 # cluster cards per page
+    map: str = "umap"                   # token map: "umap" | "pca" (of the clustering features)
+    control: Optional[str] = None       # run directory of the nβ = 0 control (experiment=control) to compare with
 
 
 @dataclass
@@ -284,6 +287,11 @@ def validate(c: SpectroConfig) -> SpectroConfig:
              "e.g. sae.load=/path/to/sae_dir")
     _require(c.report.max_contexts >= 1 and c.report.page_size >= 1, "report", dataclasses.asdict(c.report),
              "needs max_contexts >= 1 and page_size >= 1", "e.g. report.page_size=25")
+    _require(c.report.map in ("umap", "pca"), "report.map", c.report.map, "must be 'umap' or 'pca'",
+             "pick one of those")
+    _require(c.report.control is None or (bool(str(c.report.control).strip()) and Path(c.report.control).is_dir()),
+             "report.control", c.report.control, "must be an existing run directory or null",
+             "run the control first (experiment=control hydra.run.dir=...) and pass its directory")
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     _require(c.ray.num_actors >= 1, "ray.num_actors", c.ray.num_actors, "must be >= 1", "e.g. ray.num_actors=2")
     _require(c.ray.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", c.ray.num_cpus_per_actor, "must be > 0", "e.g. 1")

@@ -1,15 +1,14 @@
 """report.html: one self-contained page built from a real (small) run.
 
 The run directory comes from the real pipeline (embedded model, Ray actors,
-covariance job), once per module. clusters.json/modes.json come from
-`spectro.clusters` when it exists; until then from `standin_clusters` /
-`standin_modes` below: a k-means stand-in that writes the documented schema
-(a test fixture, not the product).
+covariance job, clusters stage, a short SAE stage, report stage), once per
+module; so does a second run, the nβ = 0 control (`sampler.control=true`,
+another seed, no SAE), on the same probe tokens.
 
-One token text is rewritten to `</script><b>"x'&amp;` in the stores so the
-page must escape it everywhere. The headless-browser test loads the page in
-Debian's Chromium and reads its console log, the DOM after scripts ran, and a
-screenshot.
+One token text is rewritten to `</script><b>"x'&amp;` in the stores (of both
+runs) and the run's clusters stage is run again, so the page must escape it
+everywhere. The headless-browser test loads the page in Debian's Chromium and
+reads its console log, the DOM after scripts ran, and a screenshot.
 """
 
 from __future__ import annotations
@@ -36,83 +35,6 @@ PAGE = 3                                   # cards per page in the fixture repor
 # --------------------------------------------------------------------------- #
 
 
-def _features(chi: np.ndarray) -> np.ndarray:
-    sd = chi.std(axis=0)
-    z = (chi - chi.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    n = np.linalg.norm(z, axis=1, keepdims=True)
-    return z / np.where(n > 0, n, 1.0)
-
-
-def standin_clusters(run_dir: Path, k: int = 7, seed: int = 0) -> dict:
-    """k-means on the clustering features; the farthest 10% become noise. Fixture only."""
-    import xarray as xr
-
-    ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
-    comps = [str(c) for c in ds["component"].values.tolist() if str(c) != "full"]
-    chi = ds["chi"].sel(component=comps).values.astype(np.float64)
-    texts = [str(t) for t in ds["token_text"].values.tolist()]
-    sources = [str(t) for t in ds["token_source"].values.tolist()]
-    sd = chi.std(axis=0)
-    z = (chi - chi.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    x = _features(chi)
-    rng = np.random.default_rng(seed)
-    centres = x[rng.choice(len(x), k, replace=False)]
-    for _ in range(30):
-        lab = np.argmax(x @ centres.T, axis=1)
-        centres = np.stack([x[lab == j].mean(axis=0) if np.any(lab == j) else centres[j] for j in range(k)])
-        centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
-    sim = np.sum(x * centres[lab], axis=1)
-    lab = np.where(sim < np.quantile(sim, 0.1), -1, lab)
-    w = np.clip(x @ x.T, 0, None)
-    np.fill_diagonal(w, 0)
-    deg = w.sum(axis=1)
-    sizes = Counter(lab[lab >= 0].tolist())
-    order = [j for j, _ in sizes.most_common()]
-    relabel = {old: new for new, old in enumerate(order)}
-    labels = np.array([relabel.get(int(v), -1) for v in lab])
-    clusters = []
-    for cid in range(len(order)):
-        m = np.nonzero(labels == cid)[0]
-        inside = np.zeros(len(x), bool)
-        inside[m] = True
-        cut = w[inside][:, ~inside].sum()
-        vol = min(deg[inside].sum(), deg[~inside].sum())
-        clusters.append({"id": cid, "size": int(m.size), "conductance": float(cut / vol) if vol > 0 else 1.0,
-                         "profile": z[m].mean(axis=0).tolist(), "profile_raw": chi[m].mean(axis=0).tolist(),
-                         "top_tokens": [[t, c] for t, c in Counter(texts[i] for i in m).most_common(10)],
-                         "sources": dict(Counter(sources[i] for i in m)), "members": m.tolist()})
-    out = {"method": "kmeans-standin", "params": {"k": k, "seed": seed}, "components": comps,
-           "n_tokens": len(texts), "n_clusters": len(clusters), "n_noise": int((labels < 0).sum()),
-           "labels": labels.tolist(), "clusters": clusters}
-    (run_dir / "clusters.json").write_text(json.dumps(out))
-    return out
-
-
-def standin_modes(run_dir: Path, n_modes: int = 4) -> dict:
-    import xarray as xr
-
-    ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
-    comps = [str(c) for c in ds["component"].values.tolist() if str(c) != "full"]
-    chi = ds["chi"].sel(component=comps).values.astype(np.float64)
-    texts = [str(t) for t in ds["token_text"].values.tolist()]
-    sd = chi.std(axis=0)
-    z = (chi - chi.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    u, s, vt = np.linalg.svd(z, full_matrices=False)
-    share = s ** 2 / np.sum(s ** 2)
-    modes = []
-    for i in range(min(n_modes, len(s))):
-        score = u[:, i] * s[i]
-        hi, lo = np.argsort(-score)[:8], np.argsort(score)[:8]
-        modes.append({"index": i, "share": float(share[i]),
-                      "loadings": {c: float(v) for c, v in zip(comps, vt[i])},
-                      "top_positive": [{"token": int(t), "text": texts[t], "score": float(score[t])} for t in hi],
-                      "top_negative": [{"token": int(t), "text": texts[t], "score": float(score[t])} for t in lo]})
-    out = {"singular_values": s.tolist(), "variance_share": share.tolist(),
-           "cumulative_share": np.cumsum(share).tolist(), "modes": modes, "extra_key_from_the_future": True}
-    (run_dir / "modes.json").write_text(json.dumps(out))
-    return out
-
-
 def make_dangerous(run_dir: Path) -> str:
     """Rewrite every occurrence of the most common token text to DANGER in both stores."""
     import zarr
@@ -129,34 +51,27 @@ def make_dangerous(run_dir: Path) -> str:
     return common
 
 
-def build_run(run_dir: Path) -> Path:
-    from spectro import pipeline
+def fixture_config(control: bool = False):
     from spectro.config import to_config
 
-    cfg = to_config({"components": ["l0h1", "l1.mlp", "l2h0", "l3h3"],
-                     "sampler": {"num_chains": 2, "num_draws": 4, "chain_group": 2, "checkpoint_every": 2,
-                                 "burnin": 0},
-                     "data": {"n_probe_contexts": 8, "n_train_contexts": 64, "n_sampling_contexts": 8},
-                     "ray": {"num_actors": 2}, "report": {"page_size": PAGE},
-                     "sae": {"steps": 200, "n_null": 50}})     # a short SAE stage: the page gets its section
-    pipeline.run(cfg, run_dir)          # stage=all: sample -> susceptibilities -> clusters -> report
+    return to_config({"components": ["l0h1", "l1.mlp", "l2h0", "l3h3"],
+                      "sampler": {"num_chains": 4, "num_draws": 4, "chain_group": 4, "checkpoint_every": 2,
+                                  "burnin": 0, "control": control, "seed": 1 if control else 0},
+                      "data": {"n_probe_contexts": 8, "n_train_contexts": 64, "n_sampling_contexts": 8},
+                      "ray": {"num_actors": 2}, "report": {"page_size": PAGE},
+                      # a short SAE stage gives the run's page its section; the control skips it
+                      "sae": {"steps": 200, "n_null": 50, "enabled": not control}})
+
+
+def build_run(run_dir: Path, control: bool = False):
+    """stage=all: sample -> susceptibilities -> clusters -> (sae) -> report; the stage's page is kept aside."""
+    from spectro import pipeline
+
+    cfg = fixture_config(control)
+    pipeline.run(cfg, run_dir)
     if (run_dir / "report.html").exists():
         (run_dir / "report.html").rename(run_dir / "report.pipeline.html")
-    return run_dir
-
-
-def cluster_and_modes(run_dir: Path) -> str:
-    """The product's clustering (which also writes modes.json) when it is there; else the stand-ins."""
-    try:
-        from spectro.clusters import cluster_run
-    except ImportError:
-        standin_clusters(run_dir)
-        standin_modes(run_dir)
-        return "standin"
-    cluster_run(run_dir)
-    if not (run_dir / "modes.json").exists():
-        standin_modes(run_dir)
-    return "spectro.clusters"
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +90,20 @@ def ray_own():
 
 @pytest.fixture(scope="module")
 def run_dir(ray_own, tmp_path_factory):
-    d = build_run(tmp_path_factory.mktemp("report") / "run")
+    from spectro import pipeline
+
+    d = tmp_path_factory.mktemp("report") / "run"
+    cfg = build_run(d)
     make_dangerous(d)
-    cluster_and_modes(d)
+    pipeline.run_clusters(cfg, d)       # the real clusters stage again, on the rewritten texts
+    return d
+
+
+@pytest.fixture(scope="module")
+def control_dir(run_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("report") / "control"
+    build_run(d, control=True)
+    make_dangerous(d)                   # the same probe tokens as the run, the same text rewritten
     return d
 
 
@@ -228,7 +154,8 @@ def test_sections_diagnostics_and_counts(report, run_dir):
     assert f"<b>{len(clusters['clusters'])} clusters</b>" in page
     traces = page.split('<section id="traces">')[1].split("</section>")[0]
     assert traces.count('<svg class="spark"') == len(comps)
-    assert traces.count('<polyline class="line"') == len(comps) * 2     # 2 healthy chains each
+    n_chains = SampleStore.open(run_dir / "samples.zarr").layout.n_chains
+    assert traces.count('<polyline class="line"') == len(comps) * n_chains     # every chain healthy
     # rows flagged where not mixed, with text
     import xarray as xr
     ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
@@ -270,10 +197,19 @@ def test_missing_cluster_outputs_render_what_they_can(run_dir, tmp_path):
     shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
     (d / "clusters.json").unlink()
     (d / "modes.json").unlink()
-    page = write_report(d).read_text(encoding="utf-8")
-    assert "clusters.json not found" in page and "modes.json not found" in page
+    (d / "summary.json").unlink()
+    page = write_report(d, map_method="pca").read_text(encoding="utf-8")
+    notices = _header_notices(page)
+    assert any("clusters.json not found" in t for t in notices) and any("modes.json not found" in t for t in notices)
+    assert any("summary.json not found" in t for t in notices)
     assert 'data-component="l0h1"' in page and '<svg class="spark"' in page
     assert '"gallery":null' in page
+    # no verdict without clusters.json and summary.json, but the zarr's reliability is still shown
+    box = _verdict_html(page)
+    assert 'class="verdict unknown"' in box and "no verdict" in box
+    import xarray as xr
+    rel = xr.open_zarr(str(d / "susceptibilities.zarr"), consolidated=False).attrs["reliability"]
+    assert f"median {rel['features_median']:.2f}" in box
 
 
 def test_sparse_schema_and_nan_estimates(run_dir, tmp_path):
@@ -334,6 +270,250 @@ def test_diverged_chain_and_mixing_flags(run_dir, tmp_path):
     bad_row = re.search(r'<tr class="flagged" data-component="l1.mlp">.*?</tr>', page).group(0)
     assert "not mixed" in bad_row
     assert "4 of 5 components have chains that have not mixed" in page
+
+
+def _header_notices(page: str) -> list[str]:
+    header = page.split('<header class="page">')[1].split("</header>")[0]
+    return re.findall(r'<div class="notice">(.*?)</div>', header)
+
+
+def _verdict_html(page: str) -> str:
+    return page.split('<header class="page">')[1].split('<p class="facts">')[0]
+
+
+def _section_html(page: str, key: str) -> str:
+    return page.split(f'<section id="{key}">')[1].split("</section>")[0]
+
+
+def _payload(page: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page,
+                                flags=re.S).group(1))
+
+
+def test_no_notice_on_a_complete_fresh_run(report, run_dir):
+    """Neither the page the pipeline's report stage wrote nor a rewrite has a notice at the top: every input is
+    there (summary.json is written before the report stage)."""
+    pipeline_page = (run_dir / "report.pipeline.html").read_text(encoding="utf-8")
+    for page in (pipeline_page, report[1]):
+        assert "Missing or inconsistent input" not in page
+        assert _header_notices(page) == []
+        assert 'id="js-errors" class="notice error" hidden' in page
+
+
+def test_verdict_box_shows_the_runs_figures(report, run_dir):
+    import html as html_mod
+
+    import xarray as xr
+
+    _, page = report
+    c = json.loads((run_dir / "clusters.json").read_text())
+    v, rel, stab = c["verdict"], c["reliability"], c["stability"]
+    assert v and rel and stab, "the clusters stage writes the verdict, reliability and stability"
+    box = _verdict_html(page)
+    # right under the title, before the facts line and every section
+    assert page.index("</h1>") < page.index('id="verdict"') < page.index('<p class="facts">')
+    assert f'class="verdict {"ok" if v["ok"] else "bad"}"' in box and f'data-ok="{str(v["ok"]).lower()}"' in box
+    assert f'<b class="verdict-text">{html_mod.escape(v["text"])}</b>' in box
+    for reason in v["reasons"]:
+        assert f"<li>{html_mod.escape(reason)}</li>" in box
+    fig = lambda slug: re.search(rf'data-fig="{slug}">(.*?)</div>', box).group(1)  # noqa: E731
+    assert f"median {rel['features_median']:.2f}" in fig("features")
+    assert f"min {rel['features_min']:.2f} ({rel['least_reliable']})" in fig("features")
+    assert f"median {rel['raw_median']:.2f}" in fig("raw")
+    assert f"ARI {stab['ari']:.2f}" in fig("stability") and f"{stab['ari_all_tokens']:.2f} on all tokens" in fig(
+        "stability")
+    if rel["draws_factor_for_target"] > 1:
+        assert f"≈ {rel['draws_factor_for_target']:.1f}×" in fig("draws")
+    assert "How to read this" in box and "independent run" in box and "adjusted Rand index" in box
+    # per-component reliability in the diagnostics table, flagged below the target
+    ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
+    for i, comp in enumerate(str(x) for x in ds["component"].values):
+        row = re.search(rf'data-component="{re.escape(comp)}">(.*?)</tr>', page).group(1)
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        for value, cell in zip((ds["reliability_raw"].values[i], ds["reliability_features"].values[i]), cells[6:8]):
+            assert cell == ("–" if not np.isfinite(value) else f"{value:.2f}")
+        bad = re.findall(r'<td class="num bad" title="below the target', row)
+        assert len(bad) == sum(np.isfinite(x) and x < rel["target"] for x in
+                               (ds["reliability_raw"].values[i], ds["reliability_features"].values[i]))
+
+
+
+def test_verdict_box_colours(run_dir, tmp_path):
+    """Green when the verdict is ok, red when not, amber when the run has figures but no verdict."""
+    from spectro.report import write_report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    c = json.loads((d / "clusters.json").read_text())
+    c["verdict"] = {"ok": True, "text": "clusters reproducible", "reasons": ["feature reliability 0.91 >= 0.8"]}
+    (d / "clusters.json").write_text(json.dumps(c))
+    box = _verdict_html(write_report(d, map_method="pca").read_text(encoding="utf-8"))
+    assert 'class="verdict ok"' in box and "✓" in box and "clusters reproducible" in box
+    del c["verdict"]
+    (d / "clusters.json").write_text(json.dumps(c))
+    (d / "summary.json").write_text(json.dumps({"run_dir": str(d)}))
+    box = _verdict_html(write_report(d, map_method="pca").read_text(encoding="utf-8"))
+    assert 'class="verdict unknown"' in box and "no verdict (run the clusters stage)" in box
+    assert 'data-fig="features"' in box and 'data-fig="stability"' in box
+
+
+def test_map_umap_and_pca_both_render(run_dir, tmp_path, monkeypatch):
+    from spectro import report as report_mod
+    from spectro.report import write_report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    n = len(json.loads((d / "clusters.json").read_text())["labels"])
+    maps = {}
+    for method in ("umap", "pca", "umap"):
+        page = write_report(d, map_method=method).read_text(encoding="utf-8")
+        m = _payload(page)["map"]
+        x, y = np.asarray(m["x"], dtype=float), np.asarray(m["y"], dtype=float)
+        assert x.shape == y.shape == (n,) and np.isfinite(x).all() and np.isfinite(y).all()
+        assert x.min() == 0 and x.max() == 10000 and y.min() == 0 and y.max() == 10000
+        lead = _section_html(page, "map")
+        if method == "umap":
+            assert m["ax"] == ["UMAP 1", "UMAP 2"] and "UMAP (n_neighbors 45, min_dist 0.1, seed 0" in lead
+        else:
+            assert m["ax"] == ["PC1", "PC2"] and "First two principal components" in lead
+        assert "Not UMAP" not in lead and "Subsampled" not in lead
+        maps.setdefault(method, []).append((m["x"], m["y"]))
+    assert maps["umap"][0] == maps["umap"][1]            # a fixed seed: the same picture every time
+    assert maps["umap"][0] != maps["pca"][0]
+    # without an argument the run's own config.json decides
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["report"]["map"] = "pca"
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert _payload(write_report(d).read_text(encoding="utf-8"))["map"]["ax"] == ["PC1", "PC2"]
+    # above MAP_MAX_POINTS: UMAP on a seeded subsample that keeps members of every cluster, and the page says so
+    monkeypatch.setattr(report_mod, "MAP_MAX_POINTS", 200)
+    page = write_report(d, map_method="umap").read_text(encoding="utf-8")
+    m = _payload(page)["map"]
+    assert len(m["x"]) == 200 and m["ax"] == ["UMAP 1", "UMAP 2"]
+    assert "Subsampled:</b> 200 of" in _section_html(page, "map") and "UMAP ran on these tokens only" in page
+    labels = np.asarray(json.loads((d / "clusters.json").read_text())["labels"])
+    for cid, size in Counter(labels[labels >= 0].tolist()).items():
+        assert sum(1 for lab in m["lab"] if lab == cid) >= min(size, report_mod.MAP_MIN_PER_CLUSTER)
+
+
+def test_map_and_contexts_use_the_clustering_features(run_dir):
+    """The report's features are spectro.features' of the clustered components, rows at unit length."""
+    import xarray as xr
+
+    from spectro.features import feature_matrix
+    from spectro.report import _Run, _feature_kind, _features
+
+    run = _Run.load(run_dir)
+    c = json.loads((run_dir / "clusters.json").read_text())
+    kind = _feature_kind(run)
+    assert kind == c["params"].get("features", "centred")
+    names, f, fn = _features(run, c["components"], kind)
+    ds = xr.open_zarr(str(run_dir / "susceptibilities.zarr"), consolidated=False)
+    chi = ds["chi"].sel(component=c["components"]).values
+    assert names == c["components"]
+    np.testing.assert_allclose(f, feature_matrix(chi, kind))
+    norms = np.linalg.norm(fn, axis=1)
+    assert np.allclose(norms[norms > 0], 1.0)
+    np.testing.assert_allclose(fn[norms > 0], f[norms > 0] / np.linalg.norm(f[norms > 0], axis=1, keepdims=True))
+
+
+def _ari_text(a, b):
+    from sklearn.metrics import adjusted_rand_score
+
+    from spectro.report import _fmt
+
+    a, b = np.asarray(a), np.asarray(b)
+    both = (a >= 0) & (b >= 0)
+    return _fmt(adjusted_rand_score(a[both], b[both])), _fmt(adjusted_rand_score(a, b)), int(both.sum())
+
+
+def test_control_section_against_a_real_control(run_dir, control_dir, tmp_path):
+    from spectro.report import _fmt, write_report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    page = write_report(d, map_method="pca", control=control_dir).read_text(encoding="utf-8")
+    sec = _section_html(page, "control")
+    assert '<section id="control"><h2>Against the nβ = 0 control</h2>' in page
+    assert "refused" not in sec and 'class="notice"' not in sec
+    mine, ctl = (json.loads((x / "clusters.json").read_text()) for x in (d, control_dir))
+    ari, ari_all, both = _ari_text(mine["labels"], ctl["labels"])
+    fig = re.search(r'data-fig="ari-control">(.*?)</div>', sec).group(1)
+    assert f'<span class="v">{ari}</span>' in fig and f"on the {both:,} tokens both cluster; {ari_all} on all" in fig
+    halves = re.search(r'data-fig="ari-halves">(.*?)</div>', sec).group(1)
+    assert f'<span class="v">{_fmt(mine["stability"]["ari"])}</span>' in halves
+    assert sec.count('class="callout ') == 1
+    rows = dict(re.findall(r"<tr><th>(.*?)</th>(.*?)</tr>", sec))
+    for i, doc in enumerate((mine, ctl)):
+        cells = lambda key: re.findall(r"<td>(.*?)</td>", rows[key])[i]  # noqa: E731
+        assert cells("clusters") == str(len(doc["clusters"]))
+        share = 100 * np.mean(np.asarray(doc["labels"]) >= 0)
+        assert cells("clustered share (not noise)") == f"{share:.1f}%"
+        ra = doc["role_agreement"]
+        assert (f"purity {_fmt(ra['purity'])} vs {_fmt(ra['purity_shuffled'])} shuffled"
+                in cells("token roles: purity vs shuffled labels"))
+        assert cells("split-half ARI (cluster stability)") == _fmt(doc["stability"]["ari"])
+    sae = json.loads((d / "sae.json").read_text())
+    matched = re.findall(r"<td>(.*?)</td>", rows["SAE: matched fraction vs null"])
+    assert matched[0].startswith(f"{_fmt(sae['matched_fraction'])} ({sae['n_matched']} of {sae['n_clusters']}) vs "
+                                 f"null mean {_fmt(sae['null']['matched_fraction_mean'])}")
+    assert "no sae.json" in matched[1]                # the control ran without the SAE stage
+    f1 = re.findall(r"<td>(.*?)</td>", rows["SAE: mean best F1 vs null"])[0]
+    assert f1.startswith(f"{_fmt(sae['mean_best_f1'])} vs null mean {_fmt(sae['null']['mean_best_f1_mean'])}")
+    assert re.findall(r"<td>(.*?)</td>", rows["nβ"])[1] == "0.000"
+    # the control named in the run's config.json (what the report stage of a stage=all run reads)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["report"]["control"] = str(control_dir)
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert 'data-fig="ari-control"' in _section_html(write_report(d, map_method="pca").read_text(), "control")
+    # a control sampled with the run's own seed shares its noise: said so
+    c2 = tmp_path / "same-seed"
+    shutil.copytree(control_dir, c2, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    cc = json.loads((c2 / "config.json").read_text())
+    cc["sampler"]["seed"] = cfg["sampler"]["seed"]
+    (c2 / "config.json").write_text(json.dumps(cc))
+    sec = _section_html(write_report(d, map_method="pca", control=c2).read_text(), "control")
+    assert "share their SGLD noise" in sec and 'data-fig="ari-control"' in sec
+
+
+def test_control_refused_when_its_tokens_differ(run_dir, control_dir, tmp_path):
+    import zarr
+
+    from spectro.report import write_report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    c = tmp_path / "control"
+    shutil.copytree(control_dir, c, ignore=shutil.ignore_patterns("checkpoints", "report*.html"))
+    s = zarr.open_group(str(c / "susceptibilities.zarr"), mode="r+")
+    ids = np.array(s["token_id"][:])
+    ids[:5] = (ids[:5] + 1) % 96
+    s["token_id"][:] = ids
+    sec = _section_html(write_report(d, map_method="pca", control=c).read_text(encoding="utf-8"), "control")
+    assert "Control refused: 5 of" in sec and "other token ids" in sec
+    assert 'data-fig="ari-control"' not in sec and "<table" not in sec
+    # no section at all without a control: a pointer to experiment=control, no notice
+    sec = _section_html(write_report(d, map_method="pca", control=None).read_text(encoding="utf-8"), "control")
+    assert "No control run given" in sec and 'class="notice"' not in sec
+
+
+def test_control_directory_that_does_not_exist_is_an_error(run_dir, tmp_path):
+    from spectro.config import to_config
+    from spectro.errors import ConfigError
+    from spectro.report import write_report
+
+    missing = tmp_path / "no-such-control"
+    with pytest.raises(ConfigError, match="report.control.*does not exist"):
+        write_report(run_dir, control=missing)
+    with pytest.raises(ConfigError, match=r"report.control must be an existing run directory"):
+        to_config({"report": {"control": str(missing)}})
+    with pytest.raises(ConfigError, match=r"report.map must be 'umap' or 'pca'"):
+        to_config({"report": {"map": "tsne"}})
+    with pytest.raises(ConfigError, match="report.map"):
+        write_report(run_dir, map_method="tsne")
+    cfg = to_config({"report": {"control": str(run_dir), "map": "pca"}})
+    assert cfg.report.control == str(run_dir) and cfg.report.map == "pca"
+    assert to_config({}).report.map == "umap" and to_config({}).report.control is None
 
 
 # --------------------------------------------------------------------------- #
@@ -415,7 +595,9 @@ PROBE_JS = """<script>
   var q = document.getElementById("q");
   q.value = ""; q.dispatchEvent(new Event("input"));
   setTimeout(function () {
-    var ids = function () { return Array.prototype.map.call(document.querySelectorAll("#cards article"), function (a) { return a.id; }); };
+    var ids = function () {
+      return Array.prototype.map.call(document.querySelectorAll("#cards article"), function (a) { return a.id; });
+    };
     out.afterClear = ids();
     var next = document.querySelector("#pager-top button[data-p='1']");
     if (next) { next.click(); out.page2 = ids(); out.pagerText = document.getElementById("pager-top").textContent; }

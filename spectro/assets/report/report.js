@@ -114,8 +114,10 @@
       });
       ctx.globalAlpha = 1;
       ctx.fillStyle = "#8c959f"; ctx.font = "11px system-ui, sans-serif";
-      ctx.fillText("PC1 →", W - 44, H - 6);
-      ctx.save(); ctx.translate(12, 50); ctx.rotate(-Math.PI / 2); ctx.fillText("PC2 →", -10, 0); ctx.restore();
+      var ax = M.ax || ["PC1", "PC2"];
+      ctx.textAlign = "right"; ctx.fillText(ax[0] + " →", W - 6, H - 6); ctx.textAlign = "left";
+      ctx.save(); ctx.translate(12, 50); ctx.rotate(-Math.PI / 2); ctx.textAlign = "right";
+      ctx.fillText(ax[1] + " →", 10, 0); ctx.restore();
       clear.hidden = mapHighlight === null;
     }
 
@@ -176,6 +178,7 @@
   if (!G) return;
   var COMPS = G.components || [];
   var WIDE = COMPS.length > 12;             // many components: the profile gets the card's full width
+  var PLABEL = "profile: " + esc(G.plabel || "mean z-scored χ per component");
   var PAGE = Math.max(1, D.page_size || 25);
   var state = { q: "", min: 0, sort: "size", page: 0 };
   var lowerTexts = G.clusters.map(function (c) { return c.texts.map(function (t) { return t.toLowerCase(); }); });
@@ -258,7 +261,8 @@
 
   function roleMix(roles, size) {
     if (!roles || !roles.length || !size) return "";
-    return '<div class="label" title="rule-based token roles (spectro/roles.py); the most common four">token roles</div>' +
+    return '<div class="label" title="rule-based token roles (spectro/roles.py); the most common four">' +
+      "token roles</div>" +
       '<div class="srcleg">' + roles.map(function (r) {
         return esc(r[0]) + " " + (100 * r[1] / size).toFixed(0) + "%";
       }).join(" · ") + "</div>";
@@ -275,7 +279,9 @@
     if (q && !/^#\d+$/.test(q.trim())) {
       var shown = {};
       c.top.forEach(function (tc) { shown[String(tc[0]).toLowerCase()] = 1; });
-      var more = c.texts.filter(function (t, j) { return lowerTexts[i][j].indexOf(q) >= 0 && !shown[lowerTexts[i][j]]; });
+      var more = c.texts.filter(function (t, j) {
+        return lowerTexts[i][j].indexOf(q) >= 0 && !shown[lowerTexts[i][j]];
+      });
       if (more.length) {
         extra = '<div class="matches">also matching: ' + more.slice(0, 8).map(function (t) {
           return '<span class="chip hit"><span class="tok">' + vis(t) + "</span></span>";
@@ -284,7 +290,8 @@
     }
     var ex = c.ex.map(function (e) {
       return '<li><span class="l"><span>' + vis(e[0]) + '</span></span><mark>' + vis(e[1]) + '</mark><span class="r">' +
-        vis(e[2]) + '</span><span class="where">' + esc(e[3] >= 0 ? SOURCES[e[3]] || "" : "") + " " + e[4] + ":" + e[5] +
+        vis(e[2]) + '</span><span class="where">' + esc(e[3] >= 0 ? SOURCES[e[3]] || "" : "") + " " + e[4] + ":" +
+        e[5] +
         "</span></li>";
     }).join("");
     return '<article class="card" id="cluster-' + c.id + '" style="--c:' + col + '">' +
@@ -293,11 +300,12 @@
       fmt(c.cond, 3) + '</span><span class="spacer"></span>' +
       '<button type="button" class="onmap" data-id="' + c.id + '">show on map</button></header>' +
       (WIDE ?
-        '<div class="label">top tokens</div>' + top + extra + '<div class="label">sources</div>' + sourceMix(c.src) + roleMix(c.roles, c.size) +
-        '<div class="label">profile: mean z-scored χ per component</div>' + profileSvg(c.profile, 570) :
+        '<div class="label">top tokens</div>' + top + extra + '<div class="label">sources</div>' + sourceMix(c.src) +
+        roleMix(c.roles, c.size) +
+        '<div class="label">' + PLABEL + '</div>' + profileSvg(c.profile, 570) :
         '<div class="row"><div><div class="label">top tokens</div>' + top + extra +
         '<div class="label">sources</div>' + sourceMix(c.src) + roleMix(c.roles, c.size) + "</div>" +
-        '<div><div class="label">profile: mean z-scored χ per component</div>' + profileSvg(c.profile, 290) +
+        '<div><div class="label">' + PLABEL + '</div>' + profileSvg(c.profile, 290) +
         "</div></div>") +
       '<div class="label">typical contexts</div>' +
       (ex ? '<ol class="examples">' + ex + "</ol>" : '<div class="muted small">no contexts available</div>') +
@@ -309,8 +317,10 @@
       '<button type="button" data-p="0"' + (page === 0 ? " disabled" : "") + ">« first</button>" +
       '<button type="button" data-p="' + (page - 1) + '"' + (page === 0 ? " disabled" : "") + ">‹ prev</button>" +
       "<span>page " + (page + 1) + " of " + pages + "</span>" +
-      '<button type="button" data-p="' + (page + 1) + '"' + (page >= pages - 1 ? " disabled" : "") + ">next ›</button>" +
-      '<button type="button" data-p="' + (pages - 1) + '"' + (page >= pages - 1 ? " disabled" : "") + ">last »</button>";
+      '<button type="button" data-p="' + (page + 1) + '"' + (page >= pages - 1 ? " disabled" : "") +
+      ">next ›</button>" +
+      '<button type="button" data-p="' + (pages - 1) + '"' + (page >= pages - 1 ? " disabled" : "") +
+      ">last »</button>";
   }
 
   function render() {
@@ -361,7 +371,9 @@
     var params = new URLSearchParams(window.location.search);
     if (params.has("q")) { state.q = params.get("q"); qEl.value = state.q; }
     if (params.has("min")) { state.min = Number(params.get("min")) || 0; minEl.value = String(state.min); }
-    if (params.get("sort") === "cond" || params.get("sort") === "id") { state.sort = params.get("sort"); sortEl.value = state.sort; }
+    if (params.get("sort") === "cond" || params.get("sort") === "id") {
+      state.sort = params.get("sort"); sortEl.value = state.sort;
+    }
     if (params.has("page")) state.page = Math.max(0, (Number(params.get("page")) || 1) - 1);
   } catch (e) { /* no URLSearchParams: start unfiltered */ }
   render();
