@@ -259,7 +259,9 @@ def run_sae(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] =
 def run_report(config: SpectroConfig, run_dir: Path) -> dict:
     from spectro.report import write_report
 
-    path = write_report(run_dir, max_contexts=config.report.max_contexts, page_size=config.report.page_size)
+    r = config.report
+    path = write_report(run_dir, max_contexts=r.max_contexts, page_size=r.page_size, map_method=r.map,
+                        control=r.control)
     log.info("report: %s", path)
     return {"path": str(path)}
 
