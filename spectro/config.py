@@ -52,15 +52,15 @@ class DataConfig:
 
 @dataclass
 class SamplerConfig:
-    step_size: float = 1e-3             # epsilon
+    step_size: float = 3e-3             # epsilon
     nbeta: Optional[float] = None       # inverse temperature; null -> B / ln B
     gamma: float = 300.0                # localization strength
     noise_level: float = 1.0            # sigma
     batch_size: int = 16
     num_chains: int = 4
-    num_draws: int = 20
+    num_draws: int = 40
     burnin: int = 20
-    steps_between_draws: int = 1
+    steps_between_draws: int = 2
     precondition: str = "none"          # "none" | "rmsprop"
     rmsprop_alpha: float = 0.99
     rmsprop_eps: float = 0.1

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -279,7 +280,9 @@ def run_sampling(config: SpectroConfig, run_dir: Path, p: Prepared) -> dict:
         import shutil
         shutil.rmtree(run_dir / "checkpoints")
     monitor = Monitor(config.wandb, run_dir, as_dict(p.config), nbeta=p.config.sampler.nbeta)
+    cpu0 = time.process_time()
     report = service.sample(p.problem, store, p.config, run_dir / "checkpoints", on_poll=monitor.poll)
+    driver_cpu = time.process_time() - cpu0        # the driver's own CPU while actors sampled (it shares the machine)
     per_component = monitor.finish(store)
     diverged = store.diverged_at()
     n_div = int((diverged >= 0).sum())
@@ -292,6 +295,7 @@ def run_sampling(config: SpectroConfig, run_dir: Path, p: Prepared) -> dict:
             "actor_failures": report.actor_failures, "seconds": round(report.seconds, 2),
             "draws_per_second": round(report.draws_per_second, 3),
             "actor_utilisation": round(report.actor_utilisation, 3), "diverged_chains": n_div,
+            "driver_cpu_seconds": round(driver_cpu, 2),
             "init_loss": p.problem.init_loss, "complete": store.complete(), "components": per_component}
 
 
