@@ -77,7 +77,7 @@ def test_main_job_writes_samples_and_susceptibilities(finished_run):
     assert summary["sample"]["complete"] and summary["sample"]["diverged_chains"] == 0
     store = SampleStore.open(run_dir / "samples.zarr")
     assert store.layout.components == ("full", "l0h1", "l2.mlp")
-    assert store.read("probe_loss").shape == (3, 2, 8, 8 * 63)
+    assert store.read("probe_loss").shape == (3, 4, 8, 8 * 63)
     prov = json.loads((run_dir / "provenance.json").read_text())
     assert prov["model"]["source"] == "embedded" and set(prov["model"]["files"]) >= {"model.safetensors", "config.json"}
     assert len(prov["data"]["content_hash"]) == 64

@@ -195,7 +195,7 @@ def test_cache_not_used_for_layer_zero_components():
     problem, cfg = tiny_problem(), tiny_config().sampler
     for name in ("full", "embed", "l0h0"):
         comp = problem.components(problem.model, [name])[0]
-        assert not UnitRunner(problem, comp, [0], cfg, run_seed=0).cached
+        assert not UnitRunner(problem, comp, [0, 1], cfg, run_seed=0).cached
 
 
 def test_resume_bit_identical_with_cache():

@@ -74,7 +74,7 @@ def test_only_the_component_moves():
     problem = tiny_problem()
     config = tiny_config()
     comp = resolve_components(problem.model, ["l0h1"])[0]
-    runner = UnitRunner(problem, comp, [0], config.sampler, run_seed=0)
+    runner = UnitRunner(problem, comp, [0, 1], config.sampler, run_seed=0)
     state, _ = draws(runner, runner.start(), 2)
     params = dict(problem.model.named_parameters())
     assert set(state.sgld.params) == set(comp.masks)           # only the component's tensors are sampled

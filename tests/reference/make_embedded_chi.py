@@ -2,7 +2,7 @@
 
 The acceptance test for token roles (tests/test_roles.py) clusters this
 matrix. It comes from the main job on its embedded default (every component,
-4 chains x 20 draws; ~10 minutes on 2 cores), so the test does not rerun
+2 antithetic pairs x 40 draws), so the test does not rerun
 sampling. Regenerate it whenever the embedded model, the corpus or the
 sampler defaults change (the test checks the model and corpus hashes):
 
@@ -50,6 +50,7 @@ def main() -> None:
         OUT,
         chi=np.asarray(ds["chi"].values, dtype=np.float32),              # (tokens, components)
         chi_se=np.asarray(ds["chi_se"].values, dtype=np.float32),
+        chi_half=np.asarray(ds["chi_half"].values, dtype=np.float32),     # (2, tokens, components)
         components=np.array(names),
         token_text=np.array([str(t) for t in ds["token_text"].values]),
         token_source=np.array([str(s) for s in ds["token_source"].values]),
