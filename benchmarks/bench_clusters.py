@@ -22,10 +22,14 @@ grid on the tune seeds, as the defaults were chosen.
     python benchmarks/bench_clusters.py --grid k=8,10,12,15 max_conductance=0.3,0.4,0.5 --held-out
     python benchmarks/bench_clusters.py --knn-recall --sizes 100000 --tune-seeds --held-out 100
     python benchmarks/bench_clusters.py --real                   # the committed chi of the embedded default
+    python benchmarks/bench_clusters.py --knn-compare --sizes 100000 --tune-seeds --held-out 0
 
 `--real` clusters tests/reference/embedded_chi.npz (every component but `full`) with each
 config and prints the number of clusters, the noise share, the cluster sizes, and role
 purity and NMI against the same clusters with shuffled roles (`spectro.roles`, 20 shuffles).
+`--knn-compare` times the kNN libraries on the centred features (k from the defaults) and
+prints each one's recall against exact neighbours on 1,000 tokens: faiss exact, faiss IVF
+(the library's approximate path, and with 16 and 64 cells searched), faiss HNSW, pynndescent.
 
 Set OMP_NUM_THREADS=1 for one-thread figures (faiss and BLAS).
 """
@@ -241,6 +245,63 @@ def real(configs: dict) -> None:
               + ", ".join(f"{r} {e:.1f}x" for r, e in sorted(enriched.items(), key=lambda x: -x[1])), flush=True)
 
 
+def knn_compare(n: int, seed: int) -> None:
+    import faiss
+
+    from spectro import clusters as C
+
+    chi, _ = hard_planted(n, seed, n_groups=n_groups_for(n))
+    X = features(chi)
+    Xf = np.ascontiguousarray(X, dtype=np.float32)
+    k = ClusterParams().k
+    print(f"== kNN on {n} tokens (seed {seed}), k={k}, {faiss.omp_get_max_threads()} faiss thread(s)", flush=True)
+
+    def lib(exact_below, probe=None):
+        old = C._IVF_PROBE
+        C._IVF_PROBE = probe or old
+        try:
+            return knn_lists(X, k, seed, exact_below)[0]
+        finally:
+            C._IVF_PROBE = old
+
+    def hnsw(ef):
+        index = faiss.IndexHNSWFlat(Xf.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 64
+        index.add(Xf)
+        index.hnsw.efSearch = ef
+        return _drop_self(index.search(Xf, k + 1)[1], k)
+
+    def nndescent():
+        from pynndescent import NNDescent
+
+        index = NNDescent(Xf, metric="cosine", n_neighbors=k + 1, random_state=seed, n_jobs=1, low_memory=True)
+        return _drop_self(index.neighbor_graph[0], k)
+
+    runs = [("faiss exact (IndexFlatIP)", lambda: lib(10 ** 12)),
+            (f"faiss IVF, {C._IVF_PROBE} cells searched (default)", lambda: lib(0)),
+            ("faiss IVF, 16 cells searched", lambda: lib(0, 16)),
+            ("faiss IVF, 64 cells searched", lambda: lib(0, 64)),
+            ("faiss HNSW (M 32, efSearch 64)", lambda: hnsw(64)),
+            ("pynndescent (defaults, one job)", nndescent)]
+    for name, fn in runs:
+        t = time.perf_counter()
+        try:
+            nbr = fn()
+        except ImportError as e:
+            print(f"  {name}: not installed ({e})")
+            continue
+        secs = time.perf_counter() - t
+        print(f"  {name}: {secs:.1f} s, recall {knn_recall(X, nbr, np.random.default_rng(seed)):.4f}", flush=True)
+
+
+def _drop_self(found: np.ndarray, k: int) -> np.ndarray:
+    own = found == np.arange(found.shape[0])[:, None]
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+    keep = np.ones(found.shape, dtype=bool)
+    keep[np.arange(found.shape[0]), drop] = False
+    return found[keep].reshape(-1, k)
+
+
 def parse_grid(items: list[str]) -> list[dict]:
     fields = {f.name: f.type for f in dataclasses.fields(ClusterParams)}
     axes = []
@@ -265,7 +326,13 @@ def main() -> None:
                     help="conductance over this grid of ClusterParams values (on --tune-seeds)")
     ap.add_argument("--knn-recall", action="store_true", help="also print the kNN's recall against exact")
     ap.add_argument("--real", action="store_true", help="cluster the committed chi of the embedded default")
+    ap.add_argument("--knn-compare", action="store_true", help="time the kNN libraries and their recall")
     args = ap.parse_args()
+    if args.knn_compare:
+        for n in args.sizes:
+            for seed in args.tune_seeds + args.held_out:
+                knn_compare(n, seed)
+        return
     configs = {m: CONFIGS[m] for m in args.methods}
     if args.real:
         real(configs)

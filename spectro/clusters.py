@@ -904,7 +904,9 @@ def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
 
 def write_clusters(run_dir, clustering: Clustering, chi: np.ndarray, components: Sequence[str],
                    token_text: Sequence[str], token_source: Sequence[str], top_n: int = 20) -> Path:
-    """Write `<run_dir>/clusters.json` (schema in the issue) and return its path."""
+    """Write `<run_dir>/clusters.json` and return its path: method, params, components, n_tokens,
+    n_clusters, n_noise, role_agreement, labels (-1 = noise), and per cluster id, size,
+    conductance, profile (mean z-scored chi), profile_raw, top_tokens, sources, roles, members."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory {run_dir} does not exist; create it or pass the run's directory")
