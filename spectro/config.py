@@ -85,19 +85,20 @@ class EstimatorConfig:
 
 @dataclass
 class ClusterConfig:
-    """Mirrors spectro.clusters.ClusterParams (DESIGN 1.6)."""
+    """Mirrors spectro.clusters.ClusterParams; defaults measured in docs/clustering.md."""
     method: str = "conductance"         # "conductance" | "leiden" | "spectral"
-    k: int = 15                         # nearest neighbours per token (cosine)
+    features: str = "centred"           # "centred" (z-score, minus each token's mean) | "zscore"
+    k: int = 10                         # nearest neighbours per token (cosine)
     alpha: float = 0.15                 # personalised-PageRank teleport probability
     epsilon: float = 1e-4               # push tolerance
     max_conductance: float = 0.4        # accept a local cluster at or below this conductance
-    min_size: int = 5
-    max_size: int = 400                 # largest local cluster; 0: no limit (README: chosen on the embedded default)
-    resolution: float = 1.0             # Leiden
+    min_size: int = 20                  # smaller clusters are noise (all methods)
+    max_size: int = 0                   # largest local cluster; 0: no limit
+    resolution: float = 2.0             # Leiden
     n_clusters: int = 0                 # spectral; 0: by eigengap
     seed: int = 0
-    exact_knn_below: int = 20000        # exact kNN below this many tokens, approximate above
-    outlier_ratio: float = 0.8          # noise if mean kNN similarity < ratio x densest neighbour's; 0: off
+    exact_knn_below: int = 50000        # exact kNN below this many tokens, approximate (faiss IVF) above
+    outlier_ratio: float = 0.0          # noise if mean kNN similarity < ratio x densest neighbour's; 0: off
 
 
 @dataclass
@@ -254,16 +255,18 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     k = c.clustering
     _require(k.method in ("conductance", "leiden", "spectral"), "clustering.method", k.method,
              "must be conductance, leiden or spectral", "pick one of those")
-    _require(k.k >= 2, "clustering.k", k.k, "must be >= 2", "e.g. clustering.k=15")
+    _require(k.features in ("centred", "zscore"), "clustering.features", k.features,
+             "must be centred or zscore", "pick one of those")
+    _require(k.k >= 2, "clustering.k", k.k, "must be >= 2", "e.g. clustering.k=10")
     _require(0 < k.alpha < 1, "clustering.alpha", k.alpha, "must be in (0, 1)", "e.g. clustering.alpha=0.15")
     _require(k.epsilon > 0, "clustering.epsilon", k.epsilon, "must be > 0", "e.g. clustering.epsilon=1e-4")
     _require(0 < k.max_conductance <= 1, "clustering.max_conductance", k.max_conductance, "must be in (0, 1]",
-             "e.g. clustering.max_conductance=0.3")
-    _require(k.min_size >= 1, "clustering.min_size", k.min_size, "must be >= 1", "e.g. clustering.min_size=5")
+             "e.g. clustering.max_conductance=0.4")
+    _require(k.min_size >= 1, "clustering.min_size", k.min_size, "must be >= 1", "e.g. clustering.min_size=20")
     _require(k.max_size >= 0, "clustering.max_size", k.max_size, "must be >= 0", "0 means no limit")
     _require(k.resolution > 0, "clustering.resolution", k.resolution, "must be > 0", "e.g. 1.0")
     _require(0 <= k.outlier_ratio < 1, "clustering.outlier_ratio", k.outlier_ratio, "must be in [0, 1)",
-             "e.g. clustering.outlier_ratio=0.8, or 0 to turn the outlier step off")
+             "e.g. clustering.outlier_ratio=0.7, or 0 to turn the outlier step off")
     _require(k.n_clusters >= 0, "clustering.n_clusters", k.n_clusters, "must be >= 0", "0 picks by eigengap")
     a = c.sae
     _require(a.site in ("resid_post", "mlp_out"), "sae.site", a.site, "must be resid_post or mlp_out",

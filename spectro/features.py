@@ -15,15 +15,18 @@ Non-obvious choices:
   tell token types apart.
 - `kind="zscore"` skips the centring (the earlier behaviour), for comparison.
 - A zero-variance column becomes 0 rather than a division by zero.
+- A centred row shorter than 1e-9 of its z-scored row (a token that was
+  nothing but the uniform mode) is set to exactly 0: it has no direction.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from spectro.errors import DataError
+from spectro.errors import ConfigError, DataError
 
 KINDS = ("centred", "zscore")
+_ZERO_ROW = 1e-9     # a centred row shorter than this times its z-scored row has no direction
 
 
 def standardize(chi: np.ndarray) -> np.ndarray:
@@ -51,10 +54,12 @@ def standardize(chi: np.ndarray) -> np.ndarray:
 
 
 def feature_matrix(chi: np.ndarray, kind: str = "centred") -> np.ndarray:
-    """(tokens, components) features before any row normalisation (module notes)."""
+    """(tokens, components) float64 features before any row normalisation (module notes)."""
     if kind not in KINDS:
-        raise DataError(f"unknown feature kind {kind!r}; use one of {', '.join(KINDS)}")
-    z = standardize(chi)
-    if kind == "centred":
-        z = z - z.mean(axis=1, keepdims=True)
-    return z
+        raise ConfigError(f"features must be one of {', '.join(KINDS)}; got {kind!r}")
+    z = standardize(chi)                                  # (tokens, components)
+    if kind == "zscore":
+        return z
+    c = z - z.mean(axis=1, keepdims=True)                 # (tokens, components)
+    c[np.linalg.norm(c, axis=1) <= _ZERO_ROW * np.linalg.norm(z, axis=1)] = 0.0
+    return c

@@ -1,7 +1,9 @@
-"""Clustering (DESIGN 1.6): ARI and conductance against hand-computed values,
-the kNN graph, planted partitions recovered by all three methods with the
-noise tokens labelled -1, determinism, clear errors for bad input, and the
-clusters.json / cluster_run outputs."""
+"""Clustering: ARI and conductance against hand-computed values, the features
+(centring removes a uniform mode exactly; a token with nothing else is noise),
+the kNN graph, a hard planted family recovered by the default clustering (where
+the previous features and defaults fail), the easy family recovered by all
+three methods, determinism, clear errors for bad input, and the clusters.json /
+cluster_run outputs."""
 
 import json
 
@@ -10,9 +12,15 @@ import pytest
 import scipy.sparse as sp
 
 from spectro.clusters import (ClusterParams, Clustering, _pick_cut, adjusted_rand_index, cluster, cluster_run,
-                              conductance, conductance_clusters, features, knn_graph, knn_lists, planted_partition,
+                              conductance, conductance_clusters, feature_matrix, features, knn_graph, knn_lists,
                               relative_density, write_clusters)
 from spectro.errors import ConfigError, DataError, StoreError
+from tests.synthetic import hard_planted, planted_partition
+
+# The defaults before they were chosen on hard_planted (docs/clustering.md): z-scored features,
+# 15 neighbours, local clusters capped at 400 tokens, outlier ratio 0.8.
+OLD_DEFAULTS = dict(features="zscore", k=15, alpha=0.15, epsilon=1e-4, max_conductance=0.4, min_size=5,
+                    max_size=400, resolution=1.0, exact_knn_below=20000, outlier_ratio=0.8)
 
 
 def two_triangles() -> sp.csr_matrix:
@@ -73,11 +81,60 @@ def test_pick_cut_takes_the_first_valley_not_the_later_union():
 def test_features_zscore_then_unit_rows():
     rng = np.random.default_rng(0)
     chi = rng.normal(size=(50, 4)) * [1.0, 10.0, 100.0, 0.0] + [0, 5, -3, 7]   # last column constant
-    X = features(chi)
+    X = features(chi, "zscore")
     assert np.allclose(X[:, 3], 0.0)
     assert np.allclose(np.linalg.norm(X, axis=1), 1.0)
     z = (chi[:, :3] - chi[:, :3].mean(0)) / chi[:, :3].std(0)
     assert np.allclose(X[:, :3], z / np.linalg.norm(z, axis=1, keepdims=True))
+    assert np.allclose(feature_matrix(chi, "zscore")[:, :3], z)
+
+
+def test_features_centred_rows_have_zero_mean_before_normalising():
+    rng = np.random.default_rng(1)
+    chi = rng.normal(size=(200, 6)) * [0.1, 1.0, 3.0, 10.0, 30.0, 100.0] + rng.normal(size=6)
+    M = feature_matrix(chi)                                   # the default kind is "centred"
+    z = (chi - chi.mean(0)) / chi.std(0)
+    assert np.allclose(M, z - z.mean(axis=1, keepdims=True))
+    assert np.allclose(M.mean(axis=1), 0.0, atol=1e-12)
+    X = features(chi)
+    assert np.allclose(np.linalg.norm(X, axis=1), 1.0)
+    assert np.allclose(X, M / np.linalg.norm(M, axis=1, keepdims=True))
+
+
+def test_centring_removes_a_uniform_mode_exactly():
+    """chi = (Z0 + u 1^T) diag(s) + offsets with Z0's columns centred, of unit variance and orthogonal
+    to u: z-scoring divides every column by the same sqrt(1 + var u), so the uniform mode u 1^T is a
+    per-row constant in z-space and centring removes it: the features equal those of Z0 alone, although
+    u carries 97% of the variance and decides the z-scored features."""
+    rng = np.random.default_rng(2)
+    n, C = 500, 8
+    u = rng.standard_t(3, n) * 6.0
+    u -= u.mean()
+    Z0 = rng.normal(size=(n, C))
+    Z0 -= Z0.mean(0)
+    Z0 -= np.outer(u, u @ Z0) / (u @ u)                          # columns orthogonal to u
+    Z0 /= Z0.std(0)
+    scales = np.exp(rng.uniform(0, np.log(30), C))
+    chi = (Z0 + u[:, None]) * scales + rng.normal(size=C)
+    s = np.linalg.svd(feature_matrix(chi, "zscore"), compute_uv=False)
+    assert s[0] ** 2 / (s ** 2).sum() > 0.9
+    assert np.allclose(features(chi), features(Z0), atol=1e-9)
+    assert not np.allclose(features(chi, "zscore"), features(Z0, "zscore"), atol=0.1)
+
+
+def test_a_token_with_nothing_but_the_uniform_mode_is_noise():
+    """Two tokens at column mean +- t column std: their z-scored rows are constant, so after
+    centring they have no direction. They get a zero feature row, no edges, and label -1."""
+    chi, _ = planted_partition(600, np.random.default_rng(3), n_groups=3)
+    mu, sd = chi.mean(0), chi.std(0)
+    chi = np.vstack([mu + 1.5 * sd, mu - 1.5 * sd, chi])
+    X = features(chi)
+    assert np.all(X[:2] == 0.0) and np.allclose(np.linalg.norm(X[2:], axis=1), 1.0)
+    assert np.all(feature_matrix(chi)[:2] == 0.0)
+    for method in ("conductance", "leiden"):
+        result = cluster(chi, ClusterParams(method=method))
+        assert np.all(result.labels[:2] == -1)
+        assert result.graph_stats["n_isolated"] >= 2
 
 
 def test_features_nonfinite_is_a_data_error_naming_the_count():
@@ -121,17 +178,67 @@ def test_relative_density_hand_example():
 
 # ------------------------------------------------------- planted partitions
 
+def recovered(groups: np.ndarray, labels: np.ndarray) -> int:
+    """Groups whose best-overlapping cluster has Jaccard >= 0.5 with them."""
+    out = 0
+    for g in range(int(groups.max()) + 1):
+        lab = labels[groups == g]
+        lab = lab[lab >= 0]
+        if lab.size:
+            c = np.bincount(lab).argmax()
+            inter = int((lab == c).sum())
+            out += inter / ((groups == g).sum() + (labels == c).sum() - inter) >= 0.5
+    return out
+
+
+@pytest.fixture(scope="module")
+def hard():
+    """6,000 tokens, 30 Zipf groups (42 to 1,200 tokens), 15% background, a uniform mode with 97%
+    of the z-scored variance, component scales over 30x (tests/synthetic.py)."""
+    return hard_planted(6000, 0, n_groups=30)
+
+
+def test_hard_planted_family_recovered_by_the_defaults(hard):
+    """Measured when written: defaults ARI 0.906, 43% of background and 4% of grouped tokens noise,
+    29 clusters, 28 of 30 groups recovered; Leiden ARI 0.861, 16 recovered; the previous features and
+    defaults ARI 0.19 (0 recovered), z-scored features with today's defaults ARI -0.01 (4 clusters:
+    slices of the uniform mode)."""
+    chi, groups = hard
+    grouped = groups >= 0
+
+    def measure(**kw):
+        labels = cluster(chi, ClusterParams(**kw)).labels
+        return (adjusted_rand_index(groups[grouped], labels[grouped]), float((labels[~grouped] < 0).mean()),
+                float((labels[grouped] < 0).mean()), int(labels.max()) + 1, recovered(groups, labels))
+
+    ari, bg_noise, grouped_noise, n_clusters, n_recovered = measure()
+    print(f"defaults: ARI {ari:.3f}, background noise {bg_noise:.2f}, grouped noise {grouped_noise:.2f}, "
+          f"{n_clusters} clusters, {n_recovered} of 30 groups recovered")
+    assert ari >= 0.85
+    assert bg_noise >= 0.3 and grouped_noise <= 0.08
+    assert 25 <= n_clusters <= 35 and n_recovered >= 25
+    leiden = measure(method="leiden")
+    assert ari >= leiden[0] and n_recovered > leiden[4]
+    assert measure(**OLD_DEFAULTS)[0] < 0.5
+    assert measure(features="zscore")[0] < 0.5
+
+
 @pytest.fixture(scope="module")
 def planted():
     chi, groups = planted_partition(3000, np.random.default_rng(2026), noise=0.3)
     return chi, groups
 
 
-@pytest.mark.parametrize("method, min_ari, min_noise", [("conductance", 0.9, 0.7), ("leiden", 0.8, 0.0),
-                                                        ("spectral", 0.8, 0.0)])
-def test_planted_partition_recovered(planted, method, min_ari, min_noise):
+@pytest.mark.parametrize("method, extra, min_ari, min_noise", [("conductance", {}, 0.9, 0.3),
+                                                               ("leiden", {"resolution": 1.0}, 0.8, 0.0),
+                                                               ("spectral", {}, 0.8, 0.0)])
+def test_planted_partition_recovered(planted, method, extra, min_ari, min_noise):
+    """The easy family (8 groups of similar size); its noise tokens are isotropic. With the outlier
+    step off (the default) the conductance method labels about a third of them noise (0.34 when
+    written). Leiden's default resolution (2.0, best on the Zipf-sized hard family) splits these equal
+    groups (13 clusters, ARI 0.79 when written), so Leiden runs at resolution 1.0 here."""
     chi, groups = planted
-    result = cluster(chi, ClusterParams(method=method))
+    result = cluster(chi, ClusterParams(method=method, **extra))
     grouped = groups >= 0
     ari = adjusted_rand_index(groups[grouped], result.labels[grouped])
     noise_rate = float((result.labels[~grouped] < 0).mean())
@@ -141,18 +248,19 @@ def test_planted_partition_recovered(planted, method, min_ari, min_noise):
     assert 6 <= len(result.clusters) <= 12
     sizes = [c["size"] for c in result.clusters]
     assert sizes == sorted(sizes, reverse=True) and [c["id"] for c in result.clusters] == list(range(len(sizes)))
-    W = knn_graph(features(chi), 15)
+    W = knn_graph(features(chi), ClusterParams().k)
     for c in result.clusters:
         assert np.array_equal(c["members"], np.flatnonzero(result.labels == c["id"]))
         assert c["conductance"] == pytest.approx(conductance(W, c["members"]), abs=1e-9)
 
 
-def test_without_the_outlier_step_groups_are_still_recovered(planted):
+def test_the_outlier_step_labels_isotropic_noise(planted):
     chi, groups = planted
-    result = cluster(chi, ClusterParams(outlier_ratio=0.0))
     grouped = groups >= 0
-    assert result.graph_stats["n_outliers"] == 0
-    assert adjusted_rand_index(groups[grouped], result.labels[grouped]) >= 0.9
+    result = cluster(chi, ClusterParams(outlier_ratio=0.8))
+    assert result.graph_stats["n_outliers"] > 0
+    assert float((result.labels[~grouped] < 0).mean()) >= 0.7
+    assert adjusted_rand_index(groups[grouped], result.labels[grouped]) >= 0.8
 
 
 def test_max_size_and_min_size_are_respected(planted):
@@ -189,6 +297,10 @@ def test_bad_inputs_give_clear_errors():
         cluster(chi, ClusterParams(k=200))
     with pytest.raises(ConfigError, match="method must be one of conductance, leiden, spectral"):
         ClusterParams(method="kmeans")
+    with pytest.raises(ConfigError, match="features must be one of centred, zscore"):
+        ClusterParams(features="pca")
+    with pytest.raises(ConfigError, match="features must be one of"):
+        features(chi, "raw")
     with pytest.raises(ConfigError, match="alpha"):
         ClusterParams(alpha=0.0)
     with pytest.raises(ConfigError, match="max_size"):
@@ -221,7 +333,8 @@ def test_write_clusters_json_round_trip(tmp_path, planted):
     doc = json.loads(path.read_text())
     assert path == tmp_path / "clusters.json"
     assert set(doc) == SCHEMA
-    assert doc["method"] == "conductance" and doc["params"]["k"] == 15 and doc["components"] == components
+    assert doc["method"] == "conductance" and doc["components"] == components
+    assert doc["params"]["k"] == 10 and doc["params"]["features"] == "centred"
     assert doc["n_tokens"] == n and len(doc["labels"]) == n
     assert doc["n_clusters"] == len(doc["clusters"]) == len(result.clusters) > 0
     assert doc["n_noise"] == sum(label == -1 for label in doc["labels"])
