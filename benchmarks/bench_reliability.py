@@ -126,14 +126,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", nargs="+", default=[OLD_DEFAULT, ""])
     ap.add_argument("--components", default=COMPONENTS)
-    ap.add_argument("--seeds", type=int, nargs=2, default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--against", default=None,
+                    help="a reference setting (e.g. control=true): noise-corrected feature agreement of every "
+                         "setting with it, and the role information of each")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     components = args.components.split(",")
     if "full" not in components:
         components = ["full"] + components
-    for setting in args.settings:
+    results = {}
+    settings = list(args.settings) + ([args.against] if args.against is not None else [])
+    for setting in settings:
         runs = []
         for seed in args.seeds:
             config = to_config({"sampler": {**parse(setting), "seed": seed}})
@@ -145,6 +150,7 @@ def main() -> int:
             cov = estimates(draws, init, "covariance", paired)
             runs.append({"peer": peer, "cov": cov, "seconds": seconds, "mix": mixing(draws, init, paired)})
         names = runs[0]["peer"][0]
+        results[setting] = runs
         print(f"setting [{setting or 'default'}]: " + ", ".join(f"{k}={v}" for k, v in
                                                              json.loads(json.dumps(vars(config.sampler))).items()
                                                              if k in ("step_size", "num_chains", "num_draws", "burnin",
@@ -154,16 +160,48 @@ def main() -> int:
             print(f"  seed {seed}: sampling {r['seconds']:.0f} s; R-hat max {r['mix'][0]:.3f}, ESS min "
                   f"{r['mix'][1]:.0f}; within-run feature reliability {reliability(r['peer'][2]):.3f} (halves "
                   f"sharing full: {reliability(r['peer'][3]):.3f}); covariance form {reliability(r['cov'][2]):.3f}")
-        a, b = runs[0]["peer"][1], runs[1]["peer"][1]
-        feat = column_correlations(feature_matrix(a), feature_matrix(b))
-        raw = column_correlations(a, b)
-        covx = column_correlations(feature_matrix(runs[0]["cov"][1]), feature_matrix(runs[1]["cov"][1]))
-        print(f"  across seeds: features r median {np.median(feat):.3f} (min {feat.min():.3f}), raw median "
-              f"{np.median(raw):.3f}; covariance form features median {np.median(covx):.3f}")
-        print("   per component: " + " ".join(f"{c}:{v:.2f}" for c, v in zip(names, feat)))
+        print(f"  role information: 25-nearest-neighbour role accuracy of the features (5-fold) "
+              f"{role_accuracy(runs[0]['peer'][1], prepared):.3f} (majority class {majority(prepared):.3f})")
+        if len(runs) >= 2:
+            a, b = runs[0]["peer"][1], runs[1]["peer"][1]
+            feat = column_correlations(feature_matrix(a), feature_matrix(b))
+            raw = column_correlations(a, b)
+            covx = column_correlations(feature_matrix(runs[0]["cov"][1]), feature_matrix(runs[1]["cov"][1]))
+            print(f"  across seeds: features r median {np.median(feat):.3f} (min {feat.min():.3f}), raw median "
+                  f"{np.median(raw):.3f}; covariance form features median {np.median(covx):.3f}")
+            print("   per component: " + " ".join(f"{c}:{v:.2f}" for c, v in zip(names, feat)))
         print(f"  peer chi over tokens: sd of the covariance part / sd of the mean-shift part, median "
               f"{np.median(runs[0]['peer'][4] / runs[0]['peer'][5]):.4f}")
+    if args.against is not None:
+        ref = results[args.against][0]["peer"]
+        ref_rel = spearman_brown(column_correlations(feature_matrix(ref[2][0]), feature_matrix(ref[2][1])))
+        for setting in args.settings:
+            run = results[setting][0]["peer"]
+            rel = spearman_brown(column_correlations(feature_matrix(run[2][0]), feature_matrix(run[2][1])))
+            r = column_correlations(feature_matrix(run[1]), feature_matrix(ref[1]))
+            corrected = r / np.sqrt(np.clip(rel * ref_rel, 1e-12, None))
+            print(f"[{setting or 'default'}] against [{args.against}]: features r median {np.median(r):.3f}, "
+                  f"noise-corrected median {np.median(corrected):.3f} (min {corrected.min():.3f})")
     return 0
+
+
+def _roles(prepared):
+    from spectro.roles import token_roles
+
+    return token_roles(prepared.probe.token_text, prepared.probe.token_source).astype(str)
+
+
+def majority(prepared) -> float:
+    _, counts = np.unique(_roles(prepared), return_counts=True)
+    return float(counts.max() / counts.sum())
+
+
+def role_accuracy(chi, prepared) -> float:
+    """How much token-role information the features carry, whatever a clustering makes of it."""
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return float(cross_val_score(KNeighborsClassifier(25), feature_matrix(chi), _roles(prepared), cv=5).mean())
 
 
 if __name__ == "__main__":
