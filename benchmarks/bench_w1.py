@@ -1,4 +1,4 @@
-"""Workload W1 (issue 7): spectro vs devinterp 2.0.1 on identical work, end to end.
+"""Workload W1: spectro vs devinterp 2.0.1 on identical work, end to end.
 
     python benchmarks/bench_w1.py [--repeats 3] [--quick] [--skip-peer] [--draws 50]
                                   [--variants float32,bfloat16] [--chain-group 1]

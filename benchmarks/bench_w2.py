@@ -1,11 +1,11 @@
-"""Workload W2 (issue 7) and FLOP accounting: Pythia-14M shape through the service.
+"""Workload W2 and FLOP accounting: the Pythia-14M shape through the service.
 
     python benchmarks/bench_w2.py [--draws 20] [--components all] [--actors 2] [--skip-service]
-                                  [--skip-hot-paths] [--tokenizer ../shared/tokenizers/gpt-neox-20b.json]
+                                  [--skip-hot-paths] [--tokenizer /path/to/gpt-neox-20b/tokenizer.json]
 
 W2: the Pythia-14M architecture (random fp16 weights under the hub's key names,
-the real GPT-NeoX-20B tokenizer from ../shared/tokenizers/, written to a temp
-dir by tests/pythia_fixture.py's logic; nothing from ../shared is committed),
+the real GPT-NeoX-20B tokenizer given by --tokenizer, which is not part of the
+repository; written to a temp dir by tests/pythia_fixture.py's logic),
 all 32 components + full, 2 chains x 20 draws (chain group 2), SGLD minibatch
 16, no burn-in, 1 step between draws, step 1e-4, nβ 30, γ 100; 32 sampling
 contexts and 32 probe contexts of 65 tokens = 2,048 probe tokens; the data are
@@ -26,11 +26,10 @@ eager kernel computes it), 2*H*V for the head; backward = activation gradients
 (same as the forward of the component's layer and those above it, head
 included; none when only the head is sampled) plus 2 x (sampled parameters)
 per token for the weight gradients, the token embedding's excepted (its
-gradient is a scatter-add, not a matmul). Session 5 corrected the count:
-earlier versions counted the activation gradients of the whole forward that
-ran (over-counting components above layer 0 run without the cache, and
-`unembed`) and the embedding's gradient as a matmul (over-counting `full`
-and `embed`). With the lower-layer cache a
+gradient is a scatter-add, not a matmul): counting the activation gradients
+of the whole forward that ran would over-count components above layer 0 run
+without the cache, and `unembed`, and counting the embedding's gradient as a
+matmul would over-count `full` and `embed`. With the lower-layer cache a
 component in layer L counts only layers L.. . Achieved FLOP/s / matmul rate is
 the fraction of the machine's dense limit.
 """
