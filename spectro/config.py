@@ -85,7 +85,7 @@ class EstimatorConfig:
 
 @dataclass
 class ClusterConfig:
-    """Mirrors spectro.clusters.ClusterParams; defaults measured in docs/clustering.md."""
+    """The clustering defaults (spectro.clusters.ClusterParams takes them from here); measured in docs/clustering.md."""
     method: str = "conductance"         # "conductance" | "leiden" | "spectral"
     features: str = "centred"           # "centred" (z-score, minus each token's mean) | "zscore"
     k: int = 10                         # nearest neighbours per token (cosine)

@@ -181,7 +181,6 @@ def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
     """Cluster the susceptibility matrix and compute its modes; then how far to trust the clusters: the
     clustering features' split-half reliability and the stability of the clusters across halves of the
     chains (spectro.stability), with the plain verdict, added to clusters.json."""
-    import dataclasses
     import time
 
     from spectro.clusters import ClusterParams, cluster_run
@@ -190,7 +189,7 @@ def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
     from spectro.store import read_susceptibilities
 
     t0 = time.perf_counter()
-    params = ClusterParams(**dataclasses.asdict(config.clustering))
+    params = ClusterParams.from_config(config.clustering)
     out = cluster_run(run_dir, params)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     ds = read_susceptibilities(run_dir / rundir.SUSCEPTIBILITIES)
