@@ -106,11 +106,12 @@ def layout_for(p: Prepared) -> Layout:
 
 
 def provenance(p: Prepared) -> dict:
-    import ray
     import transformers
-    import zarr
+
+    from spectro.service import ray_version
+    from spectro.store import zarr_version
     return {"spectro": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__, "zarr": zarr.__version__,
+            "transformers": transformers.__version__, "ray": ray_version(), "zarr": zarr_version(),
             "model": p.loaded.provenance, "data": p.corpus_info, "init_loss": p.problem.init_loss,
             "n_probe_tokens": p.probe.n_tokens}
 
@@ -154,8 +155,7 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
             _update_summary(run_dir, summary)
     finally:
         if started:
-            import ray
-            ray.shutdown()
+            service.shutdown_ray()
     if "clusters" in stages:
         summary["clusters"] = run_clusters(config, run_dir)
         summary["verdict"] = summary["clusters"]["verdict"]

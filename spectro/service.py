@@ -270,10 +270,20 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     else:
         # "local": a private instance even if `ray start` left a cluster on this machine.
         # Ray starts workers at nice 15 by default: on a shared node they then lose the CPU to any
-        # normal-priority process (issue 7); the sampler actors are the work, so run them at nice 0.
+        # normal-priority process (docs/performance.md); the sampler actors are the work, so run them at nice 0.
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     return True
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray instance `ensure_ray` started (the driver's own; a joined cluster keeps running)."""
+    ray.shutdown()
+
+
+def ray_version() -> str:
+    """The Ray library's version, for a run's provenance."""
+    return ray.__version__
 
 
 def repair(store: SampleStore, checkpoint_dir: Path) -> list[dict]:
