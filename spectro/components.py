@@ -1,4 +1,4 @@
-"""Named components of a GPT-NeoX model and their parameter masks (DESIGN 1.4).
+"""Named components of a GPT-NeoX model and their parameter masks (docs/method.md).
 
 A component is a set of parameter entries that SGLD samples while every other
 entry stays at w*. Names and the canonical order:

@@ -13,7 +13,7 @@ Non-obvious choices:
   (`experiment=control`), never by accident.
 - `components` lists names or group keywords ("all", "heads", "mlps"); the
   unrestricted run `full` is always sampled as well, because the default
-  estimator centres on it (DESIGN 1.3).
+  estimator centres on it (docs/method.md).
 - Model, component and data *names* are checked against the real model and
   corpus later (their modules own that knowledge); only their shape is checked
   here.
@@ -103,7 +103,7 @@ class ClusterConfig:
 
 @dataclass
 class SAEConfig:
-    """Sparse-autoencoder check of the clusters (DESIGN 1.7; spectro.sae)."""
+    """Sparse-autoencoder check of the clusters (docs/method.md; spectro.sae)."""
     enabled: bool = True                # stage=all runs the sae stage (after clusters, before report)
     load: Optional[str] = None          # SAELens-layout dir (cfg.json + sae_weights.safetensors): use it, train nothing
     site: str = "resid_post"            # "resid_post" (residual stream after block `layer`) | "mlp_out"

@@ -1,7 +1,7 @@
 """The susceptibility estimator, from per-chain moments accumulated in float64.
 
 For a component C with draws of `sampling_loss` s and per-token `probe_loss`
-l_xy (DESIGN 1.2–1.3):
+l_xy (docs/method.md):
 
     phi   = s - init_loss                 (the component's observable)
     D_xy  = s - l_xy                      (per draw)

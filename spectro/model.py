@@ -30,7 +30,7 @@ Non-obvious choices:
   not change the caller's global RNG stream.
 - Weights are cast to float32 (hub Pythia checkpoints are fp16; the cast is
   exact) and the attention is ``eager``, because ``torch.func.vmap`` over the
-  SDPA path falls back to a slow loop on CPU (DESIGN 3).
+  SDPA path falls back to a slow loop on CPU (docs/performance.md).
 - ``config.use_cache`` is set to False: spectro only evaluates losses, and a
   KV cache is wasted work inside SGLD steps.
 - Tied input/output embeddings are refused: the ``embed`` and ``unembed``

@@ -1,4 +1,4 @@
-"""Modes of the susceptibility matrix (DESIGN 1.8): the SVD spectrum of the
+"""Modes of the susceptibility matrix (docs/method.md): the SVD spectrum of the
 standardized `chi`, the share of variance in each mode, and for the top modes
 their component loadings and the tokens at either end.
 

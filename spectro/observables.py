@@ -1,4 +1,4 @@
-"""Per-token losses of a causal LM at given weights (DESIGN 1.2).
+"""Per-token losses of a causal LM at given weights (docs/method.md).
 
 `token_losses(model, params, input_ids)` returns -log p_w(y | x) for every
 position after the first of every context, with the parameters in `params`
@@ -7,14 +7,14 @@ keep the model's own values, i.e. w*). `mean_loss` is their mean over a
 minibatch, differentiable for SGLD.
 
 Non-obvious choices:
-- Fused, chunked head + cross-entropy (issue 7). For a GPT-NeoX model the
+- Fused, chunked head + cross-entropy. For a GPT-NeoX model the
   body gives the final hidden states (after the final LayerNorm) and the head
   and the loss are computed a block of token rows at a time: a (rows, vocab)
   block of logits is reduced to logsumexp and the target logit at once and
   never written out in full. A block has `CE_ROWS` = 128 rows (per chain):
   fewer make the (rows, d) @ (d, vocab) product memory-bound on the head
-  (50k head: 32 rows 1.4x slower than 128). On this CPU the fused path halves
-  the cost of the head's cross-entropy against `F.cross_entropy` on
+  (docs/performance.md). The fused path cuts the cost of the head's
+  cross-entropy well below that of `F.cross_entropy` on
   materialised logits (which also copies the non-contiguous `logits[:, :-1]`
   slice, forward and backward). Two variants, each checked against the plain
   path (values and gradients, under vmap) by a test:
@@ -31,16 +31,14 @@ Non-obvious choices:
     instead of two, and only the gradients that are needed (a sampled head:
     d_weight; any sampled body weight: d_hidden). Its own vmap rule runs the
     vmapped chains as one stacked computation with one (chains, rows, vocab)
-    buffer and d_weight accumulated in place (baddbmm_). Measured, W2
-    (Pythia-14M shape), 2-chain step, one thread: l5.mlp 1,543 -> 813 ms,
-    unembed 1,974 -> 966 ms, full 2,794 -> 1,728 ms.
-- Softmax in place (session 6): a block's float32 logits go through torch's
+    buffer and d_weight accumulated in place (baddbmm_). Step times before
+    and after are measured in docs/performance.md.
+- Softmax in place: a block's float32 logits go through torch's
   fused `log_softmax` (evaluations) / `softmax` (SGLD loss) kernels with
   `out=` the block itself. They work a row at a time while it is in cache
   (max, exp-sum, write), where amax / sub_ / exp_ / sum / div_ are each a
-  pass over the whole block (25.7 MB on Pythia). Measured, (128, 50,304)
-  block, one thread: log_softmax 3 ms against 9 ms, softmax with the two
-  extra amax passes ~5 against ~9.5 ms (the head product is ~27 ms). The
+  pass over the whole block (25.7 MB on Pythia); the kernel times are
+  measured in docs/performance.md. The
   SGLD loss takes logsumexp = max - log(p at the max) (p_max = 1 / sum exp(z
   - max) >= 1 / vocab never underflows; the target's probability can). The
   kernels sum a row in float32 lanes, so the losses and gradients are as
@@ -56,12 +54,12 @@ Non-obvious choices:
   `linear_cross_entropy` uses one buffer per block, freed before the next
   block allocates. Outputs are allocated once. Small tensors kept
   alive between the big blocks pinned glibc's heap, which then grew by
-  hundreds of MB per draw (issue 7; README, W2).
+  hundreds of MB per draw (docs/performance.md).
 - Cross-entropy is computed from float32 logits (float64 inputs stay
   float64; bf16 autocast for evaluation rounds the matmul only); means over
   tokens are taken in float64 (by the callers of `token_losses`, and inside
   `linear_cross_entropy_mean`).
-- Lower-layer cache (issue 7): a component in layer L leaves the residual
+- Lower-layer cache: a component in layer L leaves the residual
   stream entering layer L unchanged, so `residual_at(model, ids, L)` computes
   it once at w* and `Body(model, L)` evaluates layers L.. + final LayerNorm
   from it. `Body` holds the model as its child `m`, so `functional_call`

@@ -22,7 +22,7 @@ Non-obvious choices:
   docs/calibration.md). Chain 2p is the chain a non-antithetic run would draw.
 - Minibatches are drawn with replacement from the pool; the data position
   is therefore the data generator's state, saved with the checkpoint.
-- Lower-layer cache (issue 7): for a GPT-NeoX problem with the standard LM
+- Lower-layer cache: for a GPT-NeoX problem with the standard LM
   losses and a component in layer L >= 1, the residual stream entering layer
   L is computed once at w* for the SGLD pool, the sampling set and the probe
   contexts; SGLD steps (minibatch = rows of the cached pool) and evaluations

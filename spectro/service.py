@@ -33,13 +33,13 @@ Non-obvious choices:
 - Checkpoint file names come from component names; `store.confined` refuses
   one that could write outside `checkpoints/`.
 - Every actor is killed at the end (also on error): on a small node a later
-  Ray Data job would otherwise wait forever for their CPUs (DESIGN 3).
+  Ray Data job would otherwise wait forever for their CPUs (docs/architecture.md).
 - torch threads per actor = its CPU share, so two actors on two cores do not
   oversubscribe, and results are the same whatever the number of actors.
 - A unit hands its freed heap pages back to the OS once when it ends, and
   after a draw only if the actor grew past a slack (`device.HeapTrimmer`):
-  trimming after every draw made the next draw fault them back in (W1: 11-13%
-  of a draw). The unit's report counts its trims (`heap_trims`).
+  trimming after every draw made the next draw fault them back in (measured
+  in docs/performance.md). The unit's report counts its trims (`heap_trims`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ in the style of `posteriors`: `build(...)` fixes the hyperparameters, anchor
 `w*`, masks and per-chain loss; `init(num_chains)` gives the state at `w*`;
 `update(state, batch, generators)` takes one step for every chain. It targets
 
-    p(w) ∝ exp( -nβ · L(w) - (γ/2) · ||w - w*||² )       (DESIGN 1.1)
+    p(w) ∝ exp( -nβ · L(w) - (γ/2) · ||w - w*||² )       (docs/method.md)
 
 with the step, for masked entries only,
 
@@ -123,7 +123,7 @@ class SGLD:
         noise_sq = torch.zeros(n_chains, dtype=torch.float64)
         dist_sq = torch.zeros(n_chains, dtype=torch.float64)
         with torch.no_grad():
-            # memory (issue 7): the `full` component of a 50k-vocab model has 2 x 6.4M-entry matrices per chain,
+            # memory: the `full` component of a 50k-vocab model has 2 x 6.4M-entry matrices per chain,
             # so every full-size temporary costs 25 MB per chain. Per tensor this loop holds the chain-stacked
             # gradient (popped, so it is freed once used, and reused as scratch), one noise buffer and the new
             # weights; norms never square into a new tensor (`_sq_norms`).

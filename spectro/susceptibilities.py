@@ -1,6 +1,6 @@
 """Susceptibilities from `samples.zarr`, as a Ray Data job, plus diagnostics.
 
-The job (DESIGN 1.3, issue 4):
+The job (docs/method.md, docs/architecture.md):
 1. The driver plans token blocks aligned with the store's token chunks.
 2. A Ray Data pipeline (`from_items(blocks).map_batches(...)`) reduces each
    block: it reads `probe_loss` one Zarr chunk (component, chain group, draw
@@ -16,7 +16,7 @@ Non-obvious choices:
 - Memory is bounded by one Zarr chunk plus (components x chains x block)
   float64 accumulators per task, whatever the number of probe tokens; the
   driver never holds a token-sized array. `ray.data.read_zarr` is not used: it
-  reads only Zarr v2 (DESIGN 3).
+  reads only Zarr v2 (docs/architecture.md).
 - A chain that diverged is excluded entirely (all its draws), listed in the
   output's attrs, and counted in the diagnostics. A component left with no
   usable chain gets chi = NaN *and* `n_chains_used = 0`, with a warning, and
