@@ -137,7 +137,8 @@ class RayConfig:
     address: Optional[str] = None       # None: start a local instance; "auto" or "ray://..." to join
     num_actors: int = 2
     num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: Optional[float] = None  # None: 1 per actor (shared if fewer GPUs) when the cluster has GPUs, else 0
+    # None: 1 per actor (shared if fewer GPUs) when the cluster has GPUs, else 0
+    num_gpus_per_actor: Optional[float] = None
     torch_threads: int = 0              # 0: match num_cpus_per_actor
     gpu_memory_fraction: float = 0.0    # CUDA only: cap each actor at this share of its GPU's memory; 0: no cap
 
@@ -304,7 +305,8 @@ def validate(c: SpectroConfig) -> SpectroConfig:
              "must be in [0, 1]", "e.g. ray.gpu_memory_fraction=0.45 for two actors per GPU, or 0 for no cap")
     _require(s.probe_dtype in ("float32", "bfloat16"), "sampler.probe_dtype", s.probe_dtype,
              "must be float32 or bfloat16", "e.g. sampler.probe_dtype=bfloat16 (see README: effect on chi)")
-    _require(c.ray.torch_threads >= 0, "ray.torch_threads", c.ray.torch_threads, "must be >= 0", "0 matches num_cpus_per_actor")
+    _require(c.ray.torch_threads >= 0, "ray.torch_threads", c.ray.torch_threads, "must be >= 0",
+             "0 matches num_cpus_per_actor")
     _require(c.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", c.wandb.mode,
              "must be offline, online or disabled", "offline needs no account")
     _require(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device", c.device,

@@ -102,7 +102,8 @@ def make_contexts(
     if not corpus.documents:
         raise DataError(f"the corpus is empty ({corpus.description}); point data at a non-empty corpus")
     if seq_len < 2:
-        raise DataError(f"context length {seq_len} is too short: a probe token needs at least 2 tokens; raise data.seq_len")
+        raise DataError(f"context length {seq_len} is too short: a probe token needs at least 2 tokens; "
+                        f"raise data.seq_len")
     if max_len is not None and seq_len > max_len:
         raise DataError(
             f"context length {seq_len} exceeds the model's limit of {max_len} positions; lower data.seq_len"
@@ -180,7 +181,8 @@ class ProbeSet:
         if not 0 <= token < self.n_tokens:
             raise DataError(f"probe token {token} is out of range; the probe set has {self.n_tokens} tokens")
         if self.tokenizer is None:
-            raise DataError("this probe set has no tokenizer attached; build it with make_probe_set(contexts, tokenizer)")
+            raise DataError("this probe set has no tokenizer attached; "
+                            "build it with make_probe_set(contexts, tokenizer)")
         ids = self.contexts.input_ids[int(self.token_context[token])].tolist()  # (seq_len,)
         pos = int(self.token_position[token])
         left = self.tokenizer.decode(ids[max(0, pos - width) : pos], skip_special_tokens=False)

@@ -214,4 +214,5 @@ def susceptibility_from_arrays(sampling_loss: np.ndarray, probe_loss: np.ndarray
     def moments(s, l):
         return [ChainMoments(l.shape[-1]).add(s[c], l[c], init_loss) for c in range(s.shape[0])]
     return susceptibility(moments(sampling_loss, probe_loss), moments(full_sampling_loss, full_probe_loss), form,
-                          units_of(sampling_loss.shape[0], antithetic), units_of(full_sampling_loss.shape[0], antithetic))
+                          units_of(sampling_loss.shape[0], antithetic),
+                          units_of(full_sampling_loss.shape[0], antithetic))

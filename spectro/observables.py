@@ -309,7 +309,8 @@ def linear_cross_entropy_mean(hidden: torch.Tensor, weight: torch.Tensor, target
 
 
 # transformers renamed create_causal_mask's `past_key_values` to `cache` (the old name warns, then goes away)
-_NO_CACHE = {"cache": None} if "cache" in inspect.signature(create_causal_mask).parameters else {"past_key_values": None}
+_NO_CACHE = ({"cache": None} if "cache" in inspect.signature(create_causal_mask).parameters
+             else {"past_key_values": None})
 
 
 def _mask_and_rotary(base: torch.nn.Module, hidden: torch.Tensor):

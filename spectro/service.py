@@ -183,7 +183,8 @@ class SamplerActor:
         t0 = time.perf_counter()
         report = run_unit(self.problem, self.store, component, chains, self.payload.sampler,
                           self.payload.run_seed, Path(self.payload.checkpoint_dir))
-        return {**report, "seconds": time.perf_counter() - t0, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        return {**report, "seconds": time.perf_counter() - t0, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id()}
 
 
 # ---------------------------------------------------------------- the driver

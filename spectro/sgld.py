@@ -161,7 +161,8 @@ class SGLD:
                 del noise, xi
                 dist_sq += _sq_norms(torch.sub(w_new, self.anchor[name], out=g))   # g's memory as scratch
                 del g
-        info = StepInfo(loss=loss.detach(), grad_norm=grad_sq.sqrt(), noise_norm=noise_sq.sqrt(), distance=dist_sq.sqrt())
+        info = StepInfo(loss=loss.detach(), grad_norm=grad_sq.sqrt(), noise_norm=noise_sq.sqrt(),
+                        distance=dist_sq.sqrt())
         return SGLDState(params=new_params, sq_avg=new_sq, step=state.step + 1), info
 
 

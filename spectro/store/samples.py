@@ -210,7 +210,8 @@ class SampleStore:
                        dimension_names=("component", "chain"), compressors=_compressors())
         comp = g.create_array("component", shape=(C,), dtype=str, dimension_names=("component",))
         comp[:] = np.array(L.components, dtype=object)
-        for name, values, dtype in [("token_context", probe.context, "int32"), ("token_position", probe.position, "int32"),
+        for name, values, dtype in [("token_context", probe.context, "int32"),
+                                    ("token_position", probe.position, "int32"),
                                     ("token_id", probe.token_id, "int64")]:
             a = g.create_array(name, shape=(T,), dtype=dtype, dimension_names=("token",), compressors=_compressors())
             a[:] = np.asarray(values, dtype=dtype)
@@ -288,7 +289,8 @@ class SampleStore:
         ci = self.component_index(component)
         c0, c1 = chains[0], chains[-1] + 1
         n = sampling_loss.shape[1]
-        if draw_start % self.layout.draw_chunk != 0 or (n != self.layout.draw_chunk and draw_start + n != self.layout.n_draws):
+        aligned = draw_start % self.layout.draw_chunk == 0
+        if not aligned or (n != self.layout.draw_chunk and draw_start + n != self.layout.n_draws):
             raise StoreError(f"block at draw {draw_start} with {n} draws is not chunk-aligned")
         d = slice(draw_start, draw_start + n)
         self._array("sampling_loss")[ci, c0:c1, d] = sampling_loss

@@ -49,10 +49,12 @@ class SusceptibilityStore:
                                dimension_names=("token", "component"), compressors=_compressors())
             a.attrs["coordinates"] = coords
         a = g.create_array("chi_per_chain", shape=(n_chains, T, C), chunks=(n_chains, token_chunk, C), dtype="float64",
-                           fill_value=np.nan, dimension_names=("chain", "token", "component"), compressors=_compressors())
+                           fill_value=np.nan, dimension_names=("chain", "token", "component"),
+                           compressors=_compressors())
         a.attrs["coordinates"] = coords
         a = g.create_array("chi_half", shape=(2, T, C), chunks=(2, token_chunk, C), dtype="float64",
-                           fill_value=np.nan, dimension_names=("half", "token", "component"), compressors=_compressors())
+                           fill_value=np.nan, dimension_names=("half", "token", "component"),
+                           compressors=_compressors())
         a.attrs["coordinates"] = coords
         comp = g.create_array("component", shape=(C,), dtype=str, dimension_names=("component",))
         comp[:] = np.array(L.components, dtype=object)
