@@ -47,6 +47,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from spectro.config import EstimatorConfig
+
+_FORM = EstimatorConfig().form     # the schema's default
+
 FORMS = ("peer", "covariance")
 
 
@@ -154,7 +158,7 @@ def _jackknife(units_sums: list, other, form: str, component_side: bool):
     return (U - 1) / U * ((loo - loo.mean(0)) ** 2).sum(0)
 
 
-def susceptibility(component: list[ChainMoments], full: list[ChainMoments], form: str = "peer",
+def susceptibility(component: list[ChainMoments], full: list[ChainMoments], form: str = _FORM,
                    component_units: list[list[int]] | None = None,
                    full_units: list[list[int]] | None = None) -> Susceptibility:
     """chi for one component from its chains' moments and the full run's.
@@ -209,7 +213,7 @@ def t_quantile(dof: np.ndarray, level: float = 0.95) -> np.ndarray:
 
 def susceptibility_from_arrays(sampling_loss: np.ndarray, probe_loss: np.ndarray, init_loss: float,
                                full_sampling_loss: np.ndarray, full_probe_loss: np.ndarray,
-                               form: str = "peer", antithetic: bool = False) -> Susceptibility:
+                               form: str = _FORM, antithetic: bool = False) -> Susceptibility:
     """Convenience over dense arrays: sampling (chains, draws), probe (chains, draws, tokens)."""
     def moments(s, l):
         return [ChainMoments(l.shape[-1]).add(s[c], l[c], init_loss) for c in range(s.shape[0])]

@@ -61,7 +61,10 @@ import torch
 import transformers
 
 import spectro
+from spectro.config import ModelConfig
 from spectro.errors import ModelLoadError
+
+_M = ModelConfig()        # the schema's defaults: the one place they are written
 
 EMBEDDED_MODEL_DIR: Path = Path(spectro.__file__).parent / "assets" / "default_model"
 
@@ -99,7 +102,7 @@ class LoadedModel:
 
 
 def resolve_model_dir(
-    source: str, revision: str | None = None, *, allow_download: bool = True
+    source: str, revision: str | None = _M.revision, *, allow_download: bool = _M.allow_download
 ) -> tuple[Path, dict]:
     """Turn a source into a local snapshot directory and partial provenance
     ({"source", "id", "revision", "path"}, plus "commit" for a hub id)."""
@@ -146,11 +149,11 @@ def resolve_model_dir(
 
 
 def load_model(
-    source: str = "embedded",
-    revision: str | None = None,
+    source: str = _M.source,
+    revision: str | None = _M.revision,
     *,
     device: str | torch.device = "cpu",
-    allow_download: bool = True,
+    allow_download: bool = _M.allow_download,
 ) -> LoadedModel:
     """Load a GPT-NeoX causal LM and its tokenizer from `source` (see module doc)."""
     directory, provenance = resolve_model_dir(source, revision, allow_download=allow_download)

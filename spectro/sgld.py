@@ -40,6 +40,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 from torch.func import grad_and_value, vmap
 
+from spectro.config import SamplerConfig
+
+_S = SamplerConfig()      # the schema's defaults: the one place they are written
+
 Params = dict[str, torch.Tensor]
 # loss_fn(params_one_chain, batch_one_chain) -> scalar tensor (mean loss L_batch)
 LossFn = Callable[[Params, Any], torch.Tensor]
@@ -50,10 +54,10 @@ class SGLDHyper:
     step_size: float                 # ε
     nbeta: float                     # nβ
     gamma: float                     # γ, localization
-    noise_level: float = 1.0         # σ
-    precondition: str = "none"       # "none" | "rmsprop"
-    rmsprop_alpha: float = 0.99
-    rmsprop_eps: float = 0.1
+    noise_level: float = _S.noise_level         # σ
+    precondition: str = _S.precondition         # "none" | "rmsprop"
+    rmsprop_alpha: float = _S.rmsprop_alpha
+    rmsprop_eps: float = _S.rmsprop_eps
 
 
 class SGLDState(NamedTuple):
@@ -75,7 +79,7 @@ class SGLD:
     anchor: Params                   # name -> (*shape) w*
     masks: dict[str, Optional[torch.Tensor]]
     loss_fn: LossFn
-    chain_mode: str = "vmap"
+    chain_mode: str = _S.chain_mode
 
     def init(self, num_chains: int) -> SGLDState:
         params = {n: w.detach().unsqueeze(0).repeat(num_chains, *([1] * w.dim())) for n, w in self.anchor.items()}
@@ -167,7 +171,7 @@ class SGLD:
 
 
 def build(hyper: SGLDHyper, anchor: Params, masks: dict[str, Optional[torch.Tensor]], loss_fn: LossFn,
-          chain_mode: str = "vmap") -> SGLD:
+          chain_mode: str = _S.chain_mode) -> SGLD:
     """Fix the sampler's hyperparameters, anchor w*, masks and loss."""
     return SGLD(hyper=hyper, anchor={n: a.detach() for n, a in anchor.items()}, masks=dict(masks),
                 loss_fn=loss_fn, chain_mode=chain_mode)
@@ -200,7 +204,7 @@ def _index(batch: Any, c: int) -> Any:
 
 
 def gaussian_stationary_moments(precision: torch.Tensor, mean: torch.Tensor, step_size: float,
-                                noise_level: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                                noise_level: float = _S.noise_level) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact stationary mean and covariance of full-batch SGLD on a Gaussian target.
 
     For potential U(w) = ½ (w-μ)ᵀ Λ (w-μ) the update w' = w - (ε/2) Λ (w-μ) + σ√ε ξ

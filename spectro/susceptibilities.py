@@ -42,10 +42,13 @@ from typing import Optional
 
 import numpy as np
 
+from spectro.config import EstimatorConfig
 from spectro.errors import DivergenceError, StoreError
 from spectro.estimator import ChainMoments, susceptibility
 from spectro.reliability import split_half
 from spectro.store import SampleStore, SusceptibilityStore
+
+_E = EstimatorConfig()    # the schema's defaults: the one place they are written
 
 log = logging.getLogger("spectro.susceptibilities")
 
@@ -60,7 +63,7 @@ class Selection:
     partial: bool
 
 
-def select_chains(store: SampleStore, partial: bool = False) -> Selection:
+def select_chains(store: SampleStore, partial: bool = _E.partial) -> Selection:
     L = store.layout
     progress = store.progress()
     if not partial and not store.complete():
@@ -205,8 +208,9 @@ def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold
     return out
 
 
-def compute(run_dir: Path, *, form: str = "peer", nbeta: float, rhat_threshold: float = 1.1,
-            partial: bool = False, tokens_per_block: Optional[int] = None, concurrency: Optional[int] = None) -> dict:
+def compute(run_dir: Path, *, form: str = _E.form, nbeta: float, rhat_threshold: float = _E.rhat_threshold,
+            partial: bool = _E.partial, tokens_per_block: Optional[int] = None,
+            concurrency: Optional[int] = None) -> dict:
     """Run the covariance job over `run_dir/samples.zarr`; writes `run_dir/susceptibilities.zarr`."""
     import ray
 
@@ -263,7 +267,7 @@ def run_reliability(out: SusceptibilityStore, components: list[str]) -> dict | N
     return rel
 
 
-def online_estimate(store: SampleStore, form: str = "peer") -> dict:
+def online_estimate(store: SampleStore, form: str = _E.form) -> dict:
     """Running chi from the chunks committed so far, in the driver (for monitoring small runs)."""
     sel = select_chains(store, partial=True)
     chi, se, _, _ = block_estimate(store, sel, 0, store.layout.n_tokens, form)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from spectro import rundir
+from spectro.config import ReportConfig
 from spectro.report.analysis import _gallery_data, _map_data
 from spectro.report.html import _asset, _e, _notice, _script_json, SECTIONS
 from spectro.report.loading import _feature_kind, _features, _labels, _Run
@@ -31,11 +32,12 @@ log = logging.getLogger("spectro")
 MAP_METHODS = ("umap", "pca")
 
 
+_R = ReportConfig()       # the schema's defaults: the one place they are written
 _FROM_RUN = object()      # write_report's default for `control`: the run's own config.json says
 
 
-def write_report(run_dir: Path, *, max_contexts: int = 8, page_size: int = 25, map_method: Optional[str] = None,
-                 control: Any = _FROM_RUN) -> Path:
+def write_report(run_dir: Path, *, max_contexts: int = _R.max_contexts, page_size: int = _R.page_size,
+                 map_method: Optional[str] = None, control: Any = _FROM_RUN) -> Path:
     """Write `<run_dir>/report.html` from whatever the run directory holds; returns its path.
 
     `map_method` ("umap" | "pca") and `control` (a control run's directory, or None for no comparison) default
