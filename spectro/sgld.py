@@ -201,17 +201,3 @@ def _index(batch: Any, c: int) -> Any:
     if isinstance(batch, dict):
         return {k: _index(v, c) for k, v in batch.items()}
     raise TypeError(f"unsupported batch type {type(batch).__name__}")
-
-
-def gaussian_stationary_moments(precision: torch.Tensor, mean: torch.Tensor, step_size: float,
-                                noise_level: float = _S.noise_level) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact stationary mean and covariance of full-batch SGLD on a Gaussian target.
-
-    For potential U(w) = ½ (w-μ)ᵀ Λ (w-μ) the update w' = w - (ε/2) Λ (w-μ) + σ√ε ξ
-    is a linear recursion whose stationary covariance solves Σ = A Σ A + σ²ε I with
-    A = I - (ε/2)Λ; since A and Λ commute, Σ = σ² (Λ - ε Λ²/4)⁻¹ (→ σ² Λ⁻¹ as ε → 0).
-    Used by the tests as the closed form the sampler must reproduce.
-    """
-    lam = precision.double()
-    cov = noise_level ** 2 * torch.linalg.inv(lam - step_size * lam @ lam / 4.0)
-    return mean.double(), cov
