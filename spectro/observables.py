@@ -63,26 +63,26 @@ Non-obvious choices:
   stream entering layer L unchanged, so `residual_at(model, ids, L)` computes
   it once at w* and `Body(model, L)` evaluates layers L.. + final LayerNorm
   from it. `Body` holds the model as its child `m`, so `functional_call`
-  substitutes parameters named `"m." + name`; it builds the causal mask and
-  rotary embeddings exactly as `GPTNeoXModel.forward` does, and a test checks
-  it against the full forward to float tolerance. `Body(model, None)` is the
+  substitutes parameters named `"m." + name`; the layers run through the
+  architecture adapter (`spectro.neox.run_layers`), and a test checks the
+  result against the full forward to float tolerance. `Body(model, None)` is the
   whole model from token ids. L = n_layers (the unembedding) runs no layer at
   all: only the head changes.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from transformers.masking_utils import create_causal_mask
+
+from spectro import neox
 
 CE_ROWS = 128          # token rows (per chain) per block of logits in the fused head + cross-entropy
 BODY_ROWS = 4096       # token rows per forward chunk when evaluating many contexts (bounds activation memory)
-HEAD = "lm_head.weight"
+HEAD = neox.UNEMBED_PARAM
 
 
 def logits(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
@@ -308,29 +308,13 @@ def linear_cross_entropy_mean(hidden: torch.Tensor, weight: torch.Tensor, target
 # ---- the body: final hidden states from token ids, or from a cached residual stream
 
 
-# transformers renamed create_causal_mask's `past_key_values` to `cache` (the old name warns, then goes away)
-_NO_CACHE = ({"cache": None} if "cache" in inspect.signature(create_causal_mask).parameters
-             else {"past_key_values": None})
-
-
-def _mask_and_rotary(base: torch.nn.Module, hidden: torch.Tensor):
-    pos = torch.arange(hidden.shape[-2], device=hidden.device).unsqueeze(0)          # (1, seq)
-    mask = create_causal_mask(config=base.config, inputs_embeds=hidden, attention_mask=None, position_ids=pos,
-                              **_NO_CACHE)
-    return pos, mask, base.rotary_emb(hidden, position_ids=pos)
-
-
 @torch.no_grad()
 def residual_at(model: torch.nn.Module, input_ids: torch.Tensor, layer: int, chunk: int = 64) -> torch.Tensor:
     """(n, seq) ids -> (n, seq, hidden) residual stream entering layer `layer`, at the model's own weights."""
-    base = model.gpt_neox
     outs = []
     for start in range(0, input_ids.shape[0], chunk):
-        h = base.embed_in(input_ids[start:start + chunk])                            # (chunk, seq, hidden)
-        pos, mask, rot = _mask_and_rotary(base, h)
-        for blk in base.layers[:layer]:
-            h = blk(h, attention_mask=mask, position_ids=pos, position_embeddings=rot)
-        outs.append(h)
+        h = neox.embed(model, input_ids[start:start + chunk])                        # (chunk, seq, hidden)
+        outs.append(neox.run_layers(model, h, 0, layer))
     return torch.cat(outs)
 
 
@@ -344,17 +328,9 @@ class Body(torch.nn.Module):
         self.start = start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.m.gpt_neox
         if self.start is None:
-            return base(input_ids=x, use_cache=False).last_hidden_state              # (batch, seq, hidden)
-        pos, mask, rot = _mask_and_rotary(base, x)
-        for blk in base.layers[self.start:]:
-            x = blk(x, attention_mask=mask, position_ids=pos, position_embeddings=rot)
-        return base.final_layer_norm(x)                                               # (batch, seq, hidden)
-
-
-def is_gpt_neox(model: torch.nn.Module) -> bool:
-    return hasattr(model, "gpt_neox") and hasattr(model, "lm_head") and getattr(model.lm_head, "bias", None) is None
+            return neox.final_hidden(self.m, x)                                      # (batch, seq, hidden)
+        return neox.final_norm(self.m, neox.run_layers(self.m, x, self.start))      # (batch, seq, hidden)
 
 
 def _head_inputs(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: torch.Tensor):
@@ -382,7 +358,7 @@ def mean_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids
               rows: Optional[int] = None) -> torch.Tensor:
     """Mean next-token cross-entropy over a (batch, seq) block: scalar, differentiable for `params` (the SGLD
     loss; see `linear_cross_entropy_mean`). `rows`: rows per chain and block of the fused head."""
-    if not is_gpt_neox(model):
+    if not neox.is_neox(model):
         z = logits(model, params, input_ids)                                     # (batch, seq, vocab)
         return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), input_ids[:, 1:].reshape(-1))
     return _mean(Body(model), params, input_ids, input_ids, rows)
@@ -398,7 +374,7 @@ def mean_loss_from(body: Body, params: dict[str, torch.Tensor], batch, rows: Opt
 def token_losses(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
                  rows: int = BODY_ROWS) -> torch.Tensor:
     """(contexts, seq) -> (contexts, seq - 1) float32 per-token losses."""
-    if not is_gpt_neox(model):
+    if not neox.is_neox(model):
         z = logits(model, params, input_ids)[:, :-1]
         return F.cross_entropy(z.reshape(-1, z.shape[-1]).float(), input_ids[:, 1:].reshape(-1),
                                reduction="none").view(input_ids.shape[0], -1)

@@ -27,7 +27,8 @@ LAYERS = {
     # 1: the config schema and small utilities
     "spectro.config": 1, "spectro.rundir": 1, "spectro.features": 1, "spectro.device": 1,
     # 2: model and data
-    "spectro.model": 2, "spectro.components": 2, "spectro.observables": 2, "spectro.corpus": 2, "spectro.data": 2,
+    "spectro.model": 2, "spectro.neox": 2, "spectro.components": 2, "spectro.observables": 2,
+    "spectro.corpus": 2, "spectro.data": 2,
     # 3: the sampler
     "spectro.sgld": 3, "spectro.sampling": 3,
     # 4: the store

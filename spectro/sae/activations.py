@@ -1,10 +1,10 @@
 """The language model's activations at an SAE site, and how well an SAE
 stands in for them.
 
-`collect_activations` runs the real transformers GPT-NeoX
-   module with a forward hook on `gpt_neox.layers[L]` (site `resid_post`: the
-   residual stream after block L) or on `gpt_neox.layers[L].mlp` (site
-   `mlp_out`: the MLP's output, before it is added to the stream).
+`collect_activations` runs the real transformers module with a forward hook
+on block L (site `resid_post`: the residual stream after block L) or on its
+MLP (site `mlp_out`: the MLP's output, before it is added to the stream);
+the architecture adapter (`spectro.neox`) names those modules.
 `fve` is the fraction of variance an SAE explains; `spliced_losses` the
 model's loss with the SAE's reconstruction spliced in place of the real
 activation, beside the clean and mean-ablated losses.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from spectro import neox
 from spectro.errors import SAEError
 from spectro.sae.model import SAE, SITES
 
@@ -21,11 +22,11 @@ from spectro.sae.model import SAE, SITES
 def _site_module(model: torch.nn.Module, site: str, layer: int) -> torch.nn.Module:
     if site not in SITES:
         raise SAEError(f"sae.site {site!r} is not one of {', '.join(SITES)}; pick one of those")
-    layers = model.gpt_neox.layers
+    layers = neox.layers(model)
     if not 0 <= layer < len(layers):
         raise SAEError(f"sae.layer {layer} is out of range: the model has layers 0..{len(layers) - 1}; "
                        f"pick one of those")
-    return layers[layer] if site == "resid_post" else layers[layer].mlp
+    return layers[layer] if site == "resid_post" else neox.mlp(layers[layer])
 
 
 class _Stop(Exception):
@@ -47,7 +48,7 @@ def collect_activations(model: torch.nn.Module, input_ids: torch.Tensor, site: s
     try:
         for i in range(0, input_ids.shape[0], batch_size):
             try:
-                model.gpt_neox(input_ids=input_ids[i:i + batch_size])
+                neox.backbone(model)(input_ids=input_ids[i:i + batch_size])
             except _Stop:
                 pass
     finally:
