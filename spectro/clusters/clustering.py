@@ -72,7 +72,7 @@ def cluster(chi: np.ndarray, params: ClusterParams = ClusterParams()) -> Cluster
 def cluster_graph(W: sp.csr_matrix, outlier: np.ndarray, params: ClusterParams,
                   X: np.ndarray | None = None) -> np.ndarray:
     """Labels by `params.method` on graph W, outliers -1, clusters numbered largest first; X: the
-    unit feature rows W was built from (the conductance method uses them, module notes)."""
+    unit feature rows W was built from (the conductance method uses them: spectro.clusters.local)."""
     if params.method == "conductance":
         raw, _ = conductance_clusters(W, params, exclude=outlier, X=X)
     else:

@@ -1,6 +1,14 @@
 """Report sections about the run itself: the verdict box under the title, run
 configuration and provenance, sampling diagnostics per component, per-chain
 traces, and the mode spectrum.
+
+Non-obvious choices:
+- The verdict box shows clusters.json's `verdict`, its reasons, the
+  split-half reliability of the clustering features and of raw chi and the
+  ARI between the clusterings of two halves of the chains, with how to read
+  them; where they come from when clusters.json lacks them is
+  `spectro.report.loading`'s business (`_trust`). A run without any gets a
+  grey box saying which stage provides them, not a warning.
 """
 
 from __future__ import annotations
