@@ -39,14 +39,12 @@ Non-obvious choices:
   cosine about 0.25 or more; without the features, half the conductance
   threshold instead). Without that, the background tokens left between
   clusters, weakly tied to each other, form one large cluster whose
-  conductance falls slowly as it grows (at 1,000,000 planted tokens: 137,000
-  tokens, 55% of them background, conductance 0.32). Cohesion on the planted
-  families: groups 0.58-0.73, background 0.2; on the committed chi of the
-  embedded default, a newline-rich cluster left between two large ones
-  0.9. The tokens of a rejected unconfirmed cut are no longer seeds until
-  every other seed has been tried, and then once more at most: each would
-  lead back into the same region, at a cost proportional to its size (at
-  100,000 planted tokens this cut the seeds from 22,000 to 2,300).
+  conductance falls slowly as it grows (the cohesion of planted groups,
+  background and real clusters is measured in docs/clustering.md). The
+  tokens of a rejected unconfirmed cut are no longer seeds until every
+  other seed has been tried, and then once more at most: each would lead
+  back into the same region, at a cost proportional to its size (the seeds
+  saved are measured in docs/clustering.md).
 - Polish: an accepted cut is improved greedily: moving one token across the
   cut lowers conductance phi iff its share of weight into the set is below
   (a member) or above (a free outsider) (1 - phi)/2; all such moves are made
@@ -57,9 +55,8 @@ Non-obvious choices:
   (1 - max_conductance)/2 of its degree (it would lower the conductance of
   a cluster at the acceptance threshold), repeated while any token joins.
   Without it the tokens at the rim of a cluster, whose neighbours were still
-  free when the cluster was accepted, stay noise: on the planted families 11%
-  of the grouped tokens instead of 5% (adjusted Rand index 0.81 instead of
-  0.88). The cluster's own (1 - phi_c)/2 instead of the threshold's attaches
+  free when the cluster was accepted, stay noise: on the planted families
+  about twice as many grouped tokens (docs/clustering.md). The cluster's own (1 - phi_c)/2 instead of the threshold's attaches
   almost nothing. Whatever is still free is noise (-1).
 """
 
