@@ -24,7 +24,7 @@ import numpy as np
 from spectro.report.loading import _num
 
 
-ASSETS = Path(__file__).parent / "assets" / "report"
+ASSETS = Path(__file__).parent.parent / "assets" / "report"     # spectro/assets/report
 
 
 # Section ids and headings, in page order (tests check them).
