@@ -49,7 +49,9 @@ from typing import Optional
 import numpy as np
 
 from spectro import rundir
+from spectro.config import EstimatorConfig
 from spectro.errors import StoreError
+from spectro.reliability import MIN_RELIABILITY
 from spectro.store import read_susceptibilities
 
 # The keys that define the local posterior (a change is a different target, not a less exact one); jobs are
@@ -61,11 +63,11 @@ SWEPT_KEYS = ("step_size", "nbeta", "gamma", "noise_level", "batch_size", "preco
 
 @dataclass(frozen=True)
 class Thresholds:
-    rhat_max: float = 1.1
+    rhat_max: float = EstimatorConfig().rhat_threshold     # the estimator's "not mixed" threshold
     ess_min: float = 20.0
     llc_rel_spread_max: float = 0.2
     min_signal_agreement: float = 0.95
-    target_reliability: float = 0.8
+    target_reliability: float = MIN_RELIABILITY            # the verdict's "reliable" median
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
