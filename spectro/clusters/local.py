@@ -56,8 +56,8 @@ Non-obvious choices:
   a cluster at the acceptance threshold), repeated while any token joins.
   Without it the tokens at the rim of a cluster, whose neighbours were still
   free when the cluster was accepted, stay noise: on the planted families
-  about twice as many grouped tokens (docs/clustering.md). The cluster's own (1 - phi_c)/2 instead of the threshold's attaches
-  almost nothing. Whatever is still free is noise (-1).
+  about twice as many grouped tokens (docs/clustering.md). The cluster's
+  own (1 - phi_c)/2 instead of the threshold's attaches almost nothing. Whatever is still free is noise (-1).
 """
 
 from __future__ import annotations

@@ -38,29 +38,13 @@ log = logging.getLogger("spectro")
 
 
 MAP_MAX_POINTS = 20_000
-
-
 MAP_MIN_PER_CLUSTER = 25
-
-
 MAP_UMAP_MIN_POINTS = 10         # fewer points: PCA
-
-
 UMAP_NEIGHBOURS = 45             # n_neighbors; a tenth of the points when that is fewer
-
-
 UMAP_MIN_DIST = 0.1
-
-
 MAP_SEED = 0
-
-
 SEARCH_TEXTS_PER_CLUSTER = 300   # distinct member texts kept per cluster for search
-
-
 TOP_TOKENS_SHOWN = 12
-
-
 PROFILE_LABELS = {"centred": "mean feature per component (z-scored χ, each token's mean over components removed)",
                   "zscore": "mean z-scored χ per component"}
 

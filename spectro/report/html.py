@@ -23,9 +23,7 @@ import numpy as np
 
 from spectro.report.loading import _num
 
-
 ASSETS = Path(__file__).parent.parent / "assets" / "report"     # spectro/assets/report
-
 
 # Section ids and headings, in page order (tests check them).
 SECTIONS = (
@@ -38,25 +36,13 @@ SECTIONS = (
     ("sae", "SAE validation"),
     ("control", "Against the nβ = 0 control"),
 )
-
-
 _TITLE = dict(SECTIONS)
 
-
 CHAIN_COLOURS = ("#3b6fb6", "#2a9d8f", "#8e6bbf", "#e09f3e", "#5c8001", "#c05780", "#457b9d", "#9c6644")
-
-
 DIVERGED_COLOUR = "#c62828"
-
-
 POS_COLOUR, NEG_COLOUR = "#3b6fb6", "#d0643a"
-
-
 MAX_SPECTRUM_BARS = 48
-
-
 TRACE_MAX_POINTS = 400
-
 
 _e = html.escape
 

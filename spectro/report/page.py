@@ -30,8 +30,6 @@ log = logging.getLogger("spectro")
 
 
 MAP_METHODS = ("umap", "pca")
-
-
 _R = ReportConfig()       # the schema's defaults: the one place they are written
 _FROM_RUN = object()      # write_report's default for `control`: the run's own config.json says
 

@@ -29,17 +29,9 @@ from spectro.errors import SAEError
 
 
 SITES = ("resid_post", "mlp_out")
-
-
 POSITIONS = ("predicting", "token")
-
-
 ARCHITECTURES = ("topk", "standard", "jumprelu")
-
-
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
-
-
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out)$")
 
 
