@@ -248,7 +248,7 @@ def real(configs: dict) -> None:
 def knn_compare(n: int, seed: int) -> None:
     import faiss
 
-    from spectro import clusters as C
+    from spectro.clusters import graph as C          # the kNN settings live there
 
     chi, _ = hard_planted(n, seed, n_groups=n_groups_for(n))
     X = features(chi)

@@ -1,4 +1,4 @@
-"""Named components of a GPT-NeoX model and their parameter masks (DESIGN 1.4).
+"""Named components of a GPT-NeoX model and their parameter masks (docs/method.md).
 
 A component is a set of parameter entries that SGLD samples while every other
 entry stays at w*. Names and the canonical order:
@@ -10,17 +10,9 @@ which is never part of a group and must be asked for by name. Group keywords:
 ``all`` (every component above), ``heads``, ``mlps``.
 
 Non-obvious choices:
-- Fused QKV layout, verified against transformers 5.23's
-  ``GPTNeoXAttention.forward``: ``query_key_value(x)`` (3*hidden outputs) is
-  ``.view(batch, seq, n_heads, 3 * head_dim)`` and then split with
-  ``.chunk(3, dim=-1)`` into q, k, v. So the outputs are interleaved per head,
-  ``[head0 q | head0 k | head0 v | head1 q | ...]``, each block ``head_dim``
-  long: head j owns rows ``[3*j*head_dim, 3*(j+1)*head_dim)`` of the weight
-  (and the same entries of the bias), *not* ``[all q | all k | all v]``.
-  The attention output is transposed back to (batch, seq, heads, head_dim) and
-  reshaped to (batch, seq, hidden) before ``dense``, so head j feeds columns
-  ``[j*head_dim, (j+1)*head_dim)`` of ``attention.dense.weight``.
-  ``tests/test_components.py`` checks this behaviourally.
+- Which entries of which parameters a head or an MLP owns is the
+  architecture adapter's knowledge (`spectro.neox`: parameter names and the
+  fused QKV layout); ``tests/test_components.py`` checks it behaviourally.
 - ``attention.dense.bias`` is shared by all heads of a layer, and LayerNorm
   weights and biases belong to no head or MLP: these are sampled only by
   ``full``. So the components of ``all`` plus LayerNorms plus the dense biases
@@ -45,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spectro import neox
 from spectro.errors import ComponentError
 
 GROUPS = ("all", "heads", "mlps")
@@ -52,9 +45,8 @@ FULL = "full"
 
 _HEAD = re.compile(r"^l(\d+)h(\d+)$")
 _MLP = re.compile(r"^l(\d+)\.mlp$")
-_PREFIX = "gpt_neox.layers.{i}."
-EMBED_PARAM = "gpt_neox.embed_in.weight"
-UNEMBED_PARAM = "lm_head.weight"
+EMBED_PARAM = neox.EMBED_PARAM
+UNEMBED_PARAM = neox.UNEMBED_PARAM
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,20 +147,16 @@ def _build(name: str, params: dict[str, torch.nn.Parameter], n_layers: int, head
         return _component(name, n_layers, {UNEMBED_PARAM: None}, params)
     if m := _MLP.match(name):
         i = int(m.group(1))
-        prefix = _PREFIX.format(i=i) + "mlp."
-        names = [prefix + s for s in ("dense_h_to_4h.weight", "dense_h_to_4h.bias",
-                                      "dense_4h_to_h.weight", "dense_4h_to_h.bias")]
-        return _component(name, i, {p: None for p in names}, params)
+        return _component(name, i, {p: None for p in neox.mlp_params(i)}, params)
     m = _HEAD.match(name)
     i, j = int(m.group(1)), int(m.group(2))
     return _component(name, i, _head_masks(i, j, params, head_dim), params)
 
 
 def _head_masks(i: int, j: int, params: dict[str, torch.nn.Parameter], head_dim: int) -> dict[str, torch.Tensor]:
-    prefix = _PREFIX.format(i=i) + "attention."
-    qkv_w, qkv_b, dense_w = prefix + "query_key_value.weight", prefix + "query_key_value.bias", prefix + "dense.weight"
-    rows = slice(3 * j * head_dim, 3 * (j + 1) * head_dim)  # head j's q, k, v blocks, contiguous
-    cols = slice(j * head_dim, (j + 1) * head_dim)          # head j's slice of the concatenated head outputs
+    qkv_w, qkv_b, dense_w = neox.attention_params(i)
+    rows = neox.head_qkv_rows(j, head_dim)                  # head j's q, k, v outputs of the fused projection
+    cols = neox.head_output_cols(j, head_dim)               # head j's slice of the concatenated head outputs
 
     masks: dict[str, torch.Tensor] = {}
     w = _param(params, qkv_w)

@@ -13,7 +13,7 @@ Non-obvious choices:
   (`experiment=control`), never by accident.
 - `components` lists names or group keywords ("all", "heads", "mlps"); the
   unrestricted run `full` is always sampled as well, because the default
-  estimator centres on it (DESIGN 1.3).
+  estimator centres on it (docs/method.md).
 - Model, component and data *names* are checked against the real model and
   corpus later (their modules own that knowledge); only their shape is checked
   here.
@@ -85,7 +85,7 @@ class EstimatorConfig:
 
 @dataclass
 class ClusterConfig:
-    """Mirrors spectro.clusters.ClusterParams; defaults measured in docs/clustering.md."""
+    """The clustering defaults (spectro.clusters.ClusterParams takes them from here); measured in docs/clustering.md."""
     method: str = "conductance"         # "conductance" | "leiden" | "spectral"
     features: str = "centred"           # "centred" (z-score, minus each token's mean) | "zscore"
     k: int = 10                         # nearest neighbours per token (cosine)
@@ -103,7 +103,7 @@ class ClusterConfig:
 
 @dataclass
 class SAEConfig:
-    """Sparse-autoencoder check of the clusters (DESIGN 1.7; spectro.sae)."""
+    """Sparse-autoencoder check of the clusters (docs/method.md; spectro.sae)."""
     enabled: bool = True                # stage=all runs the sae stage (after clusters, before report)
     load: Optional[str] = None          # SAELens-layout dir (cfg.json + sae_weights.safetensors): use it, train nothing
     site: str = "resid_post"            # "resid_post" (residual stream after block `layer`) | "mlp_out"
@@ -137,7 +137,8 @@ class RayConfig:
     address: Optional[str] = None       # None: start a local instance; "auto" or "ray://..." to join
     num_actors: int = 2
     num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: Optional[float] = None  # None: 1 per actor (shared if fewer GPUs) when the cluster has GPUs, else 0
+    # None: 1 per actor (shared if fewer GPUs) when the cluster has GPUs, else 0
+    num_gpus_per_actor: Optional[float] = None
     torch_threads: int = 0              # 0: match num_cpus_per_actor
     gpu_memory_fraction: float = 0.0    # CUDA only: cap each actor at this share of its GPU's memory; 0: no cap
 
@@ -304,7 +305,8 @@ def validate(c: SpectroConfig) -> SpectroConfig:
              "must be in [0, 1]", "e.g. ray.gpu_memory_fraction=0.45 for two actors per GPU, or 0 for no cap")
     _require(s.probe_dtype in ("float32", "bfloat16"), "sampler.probe_dtype", s.probe_dtype,
              "must be float32 or bfloat16", "e.g. sampler.probe_dtype=bfloat16 (see README: effect on chi)")
-    _require(c.ray.torch_threads >= 0, "ray.torch_threads", c.ray.torch_threads, "must be >= 0", "0 matches num_cpus_per_actor")
+    _require(c.ray.torch_threads >= 0, "ray.torch_threads", c.ray.torch_threads, "must be >= 0",
+             "0 matches num_cpus_per_actor")
     _require(c.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", c.wandb.mode,
              "must be offline, online or disabled", "offline needs no account")
     _require(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device", c.device,

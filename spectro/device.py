@@ -23,13 +23,13 @@ Non-obvious choices:
   actors share a GPU without one starving the others; an allocation beyond
   it raises CUDA OOM in that actor, which the driver treats like any actor
   death (its unit resumes from its checkpoint elsewhere).
-- Host memory (issue 7): torch's CPU tensors come from glibc malloc, which
+- Host memory: torch's CPU tensors come from glibc malloc, which
   keeps freed heap pages resident; large blocks freed and reallocated many
   times per draw (the fused cross-entropy's (rows, vocab) blocks, before
   they were reused within a call) left the heap far above what is live.
   `release_host_memory` (malloc_trim) hands those pages back. Trimming is
-  not free: the next draw faults the same pages back in (W1, one thread:
-  11-13% of a draw; W2 1-4%), so the service trims after a draw only when
+  not free: the next draw faults the same pages back in (its cost is
+  measured in docs/performance.md), so the service trims after a draw only when
   `HeapTrimmer` sees the process grow more than `slack` above where the
   unit's draws settled, and once at the end of every unit. A steady heap is
   never trimmed; a growing one is cut back before it grows by more than

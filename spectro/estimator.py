@@ -1,7 +1,7 @@
 """The susceptibility estimator, from per-chain moments accumulated in float64.
 
 For a component C with draws of `sampling_loss` s and per-token `probe_loss`
-l_xy (DESIGN 1.2–1.3):
+l_xy (docs/method.md):
 
     phi   = s - init_loss                 (the component's observable)
     D_xy  = s - l_xy                      (per draw)
@@ -46,6 +46,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from spectro.config import EstimatorConfig
+
+_FORM = EstimatorConfig().form     # the schema's default
 
 FORMS = ("peer", "covariance")
 
@@ -154,7 +158,7 @@ def _jackknife(units_sums: list, other, form: str, component_side: bool):
     return (U - 1) / U * ((loo - loo.mean(0)) ** 2).sum(0)
 
 
-def susceptibility(component: list[ChainMoments], full: list[ChainMoments], form: str = "peer",
+def susceptibility(component: list[ChainMoments], full: list[ChainMoments], form: str = _FORM,
                    component_units: list[list[int]] | None = None,
                    full_units: list[list[int]] | None = None) -> Susceptibility:
     """chi for one component from its chains' moments and the full run's.
@@ -209,9 +213,10 @@ def t_quantile(dof: np.ndarray, level: float = 0.95) -> np.ndarray:
 
 def susceptibility_from_arrays(sampling_loss: np.ndarray, probe_loss: np.ndarray, init_loss: float,
                                full_sampling_loss: np.ndarray, full_probe_loss: np.ndarray,
-                               form: str = "peer", antithetic: bool = False) -> Susceptibility:
+                               form: str = _FORM, antithetic: bool = False) -> Susceptibility:
     """Convenience over dense arrays: sampling (chains, draws), probe (chains, draws, tokens)."""
     def moments(s, l):
         return [ChainMoments(l.shape[-1]).add(s[c], l[c], init_loss) for c in range(s.shape[0])]
     return susceptibility(moments(sampling_loss, probe_loss), moments(full_sampling_loss, full_probe_loss), form,
-                          units_of(sampling_loss.shape[0], antithetic), units_of(full_sampling_loss.shape[0], antithetic))
+                          units_of(sampling_loss.shape[0], antithetic),
+                          units_of(full_sampling_loss.shape[0], antithetic))

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from spectro.config import ClusterConfig
 from spectro.errors import ConfigError, DataError
 
 KINDS = ("centred", "zscore")
+DEFAULT_KIND = ClusterConfig().features     # the schema's default (clustering.features)
 _ZERO_ROW = 1e-9     # a centred row shorter than this times its z-scored row has no direction
 
 
@@ -53,7 +55,7 @@ def standardize(chi: np.ndarray) -> np.ndarray:
     return z
 
 
-def feature_matrix(chi: np.ndarray, kind: str = "centred") -> np.ndarray:
+def feature_matrix(chi: np.ndarray, kind: str = DEFAULT_KIND) -> np.ndarray:
     """(tokens, components) float64 features before any row normalisation (module notes)."""
     if kind not in KINDS:
         raise ConfigError(f"features must be one of {', '.join(KINDS)}; got {kind!r}")

@@ -30,7 +30,7 @@ Non-obvious choices:
   not change the caller's global RNG stream.
 - Weights are cast to float32 (hub Pythia checkpoints are fp16; the cast is
   exact) and the attention is ``eager``, because ``torch.func.vmap`` over the
-  SDPA path falls back to a slow loop on CPU (DESIGN 3).
+  SDPA path falls back to a slow loop on CPU (docs/performance.md).
 - ``config.use_cache`` is set to False: spectro only evaluates losses, and a
   KV cache is wasted work inside SGLD steps.
 - Tied input/output embeddings are refused: the ``embed`` and ``unembed``
@@ -58,14 +58,17 @@ import safetensors
 import safetensors.torch
 import tokenizers
 import torch
-import transformers
 
 import spectro
+from spectro import neox
+from spectro.config import ModelConfig
 from spectro.errors import ModelLoadError
+
+_M = ModelConfig()        # the schema's defaults: the one place they are written
 
 EMBEDDED_MODEL_DIR: Path = Path(spectro.__file__).parent / "assets" / "default_model"
 
-ARCHITECTURE = "GPTNeoXForCausalLM"
+ARCHITECTURE = neox.ARCHITECTURE
 
 # Weight files, in order of preference. A sharded set is named by its index.
 _WEIGHT_CANDIDATES = (
@@ -79,8 +82,8 @@ _WEIGHT_CANDIDATES = (
 _HUB_PATTERNS = ["*.json", "*.safetensors"]
 _HUB_BIN_PATTERNS = ["pytorch_model*.bin"]
 
-_HEAD_RENAMES = ((re.compile(r"^embed_out\."), "lm_head."),)
-_LEGACY_BUFFERS = re.compile(r"^gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
+_HEAD_RENAMES = neox.HEAD_RENAMES
+_LEGACY_BUFFERS = neox.LEGACY_BUFFERS
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -88,7 +91,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class LoadedModel:
     """A float32, eval-mode, frozen GPT-NeoX model with its tokenizer."""
 
-    model: transformers.GPTNeoXForCausalLM
+    model: neox.Model
     tokenizer: tokenizers.Tokenizer
     provenance: dict
 
@@ -99,7 +102,7 @@ class LoadedModel:
 
 
 def resolve_model_dir(
-    source: str, revision: str | None = None, *, allow_download: bool = True
+    source: str, revision: str | None = _M.revision, *, allow_download: bool = _M.allow_download
 ) -> tuple[Path, dict]:
     """Turn a source into a local snapshot directory and partial provenance
     ({"source", "id", "revision", "path"}, plus "commit" for a hub id)."""
@@ -146,11 +149,11 @@ def resolve_model_dir(
 
 
 def load_model(
-    source: str = "embedded",
-    revision: str | None = None,
+    source: str = _M.source,
+    revision: str | None = _M.revision,
     *,
     device: str | torch.device = "cpu",
-    allow_download: bool = True,
+    allow_download: bool = _M.allow_download,
 ) -> LoadedModel:
     """Load a GPT-NeoX causal LM and its tokenizer from `source` (see module doc)."""
     directory, provenance = resolve_model_dir(source, revision, allow_download=allow_download)
@@ -170,7 +173,7 @@ def load_model(
     state = _read_weights(directory, files)
 
     with torch.random.fork_rng(devices=[]):  # the throwaway random init must not move the global RNG
-        model = transformers.GPTNeoXForCausalLM(config)
+        model = neox.build(config)
     _load_state(model, state, directory)
     model.eval()
     model.requires_grad_(False)
@@ -270,7 +273,7 @@ def _read_json(path: Path, files: dict[str, str]) -> dict:
     return data
 
 
-def _read_config(directory: Path, files: dict[str, str]) -> transformers.GPTNeoXConfig:
+def _read_config(directory: Path, files: dict[str, str]) -> neox.Config:
     path = directory / "config.json"
     if not path.is_file():
         raise ModelLoadError(
@@ -279,7 +282,7 @@ def _read_config(directory: Path, files: dict[str, str]) -> transformers.GPTNeoX
         )
     raw = _read_json(path, files)
     model_type = raw.get("model_type")
-    if model_type != "gpt_neox":
+    if model_type != neox.MODEL_TYPE:
         raise ModelLoadError(
             f"{path} declares model_type={model_type!r}; only GPT-NeoX-style causal LMs "
             "(model_type 'gpt_neox', e.g. the Pythia models) are supported"
@@ -291,7 +294,7 @@ def _read_config(directory: Path, files: dict[str, str]) -> transformers.GPTNeoX
             "a language-modelling head) is supported"
         )
     try:
-        config = transformers.GPTNeoXConfig.from_dict(raw)
+        config = neox.config_from_dict(raw)
     except (TypeError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{path} is not a valid GPT-NeoX config: {err}") from err
     if config.tie_word_embeddings:
@@ -378,7 +381,7 @@ def _read_bin(path: Path) -> dict[str, torch.Tensor]:
 # --- weights into the model ------------------------------------------------
 
 
-def _load_state(model: transformers.GPTNeoXForCausalLM, state: dict[str, torch.Tensor], directory: Path) -> None:
+def _load_state(model: neox.Model, state: dict[str, torch.Tensor], directory: Path) -> None:
     renamed: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if _LEGACY_BUFFERS.match(key):
@@ -423,7 +426,7 @@ def _few(items: list[str], limit: int = 5) -> str:
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _config_summary(config: transformers.GPTNeoXConfig) -> dict:
+def _config_summary(config: neox.Config) -> dict:
     rope = config.rope_parameters or {}
     return {
         "model_type": config.model_type,

@@ -1,4 +1,4 @@
-"""Modes of the susceptibility matrix (DESIGN 1.8): the SVD spectrum of the
+"""Modes of the susceptibility matrix (docs/method.md): the SVD spectrum of the
 standardized `chi`, the share of variance in each mode, and for the top modes
 their component loadings and the tokens at either end.
 
@@ -24,12 +24,12 @@ Non-obvious choices:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from spectro import rundir
 from spectro.errors import ConfigError, DataError
 from spectro.features import standardize  # noqa: F401  (re-exported: clusters and report use it from here)
 
@@ -95,8 +95,4 @@ def write_modes(run_dir, result: dict) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory {run_dir} does not exist; create it or pass the run's directory")
-    path = run_dir / "modes.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, allow_nan=False))
-    tmp.replace(path)
-    return path
+    return rundir.write_json(run_dir / rundir.MODES, result, indent=None)

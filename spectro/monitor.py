@@ -57,7 +57,8 @@ class Monitor:
                 if stop <= start:
                     continue
                 s = store.read("sampling_loss", (ci, k, slice(0, stop)))          # (stop,)
-                tr = {n: store.read(n, (ci, k, slice(start, stop))) for n in ("step_loss", "grad_norm", "noise_norm", "distance")}
+                tr = {n: store.read(n, (ci, k, slice(start, stop)))
+                      for n in ("step_loss", "grad_norm", "noise_norm", "distance")}
                 phi = s - init
                 running = np.cumsum(phi) / np.arange(1, stop + 1)
                 for j, d in enumerate(range(start, stop)):

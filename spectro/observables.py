@@ -1,4 +1,4 @@
-"""Per-token losses of a causal LM at given weights (DESIGN 1.2).
+"""Per-token losses of a causal LM at given weights (docs/method.md).
 
 `token_losses(model, params, input_ids)` returns -log p_w(y | x) for every
 position after the first of every context, with the parameters in `params`
@@ -7,14 +7,14 @@ keep the model's own values, i.e. w*). `mean_loss` is their mean over a
 minibatch, differentiable for SGLD.
 
 Non-obvious choices:
-- Fused, chunked head + cross-entropy (issue 7). For a GPT-NeoX model the
+- Fused, chunked head + cross-entropy. For a GPT-NeoX model the
   body gives the final hidden states (after the final LayerNorm) and the head
   and the loss are computed a block of token rows at a time: a (rows, vocab)
   block of logits is reduced to logsumexp and the target logit at once and
   never written out in full. A block has `CE_ROWS` = 128 rows (per chain):
   fewer make the (rows, d) @ (d, vocab) product memory-bound on the head
-  (50k head: 32 rows 1.4x slower than 128). On this CPU the fused path halves
-  the cost of the head's cross-entropy against `F.cross_entropy` on
+  (docs/performance.md). The fused path cuts the cost of the head's
+  cross-entropy well below that of `F.cross_entropy` on
   materialised logits (which also copies the non-contiguous `logits[:, :-1]`
   slice, forward and backward). Two variants, each checked against the plain
   path (values and gradients, under vmap) by a test:
@@ -31,16 +31,14 @@ Non-obvious choices:
     instead of two, and only the gradients that are needed (a sampled head:
     d_weight; any sampled body weight: d_hidden). Its own vmap rule runs the
     vmapped chains as one stacked computation with one (chains, rows, vocab)
-    buffer and d_weight accumulated in place (baddbmm_). Measured, W2
-    (Pythia-14M shape), 2-chain step, one thread: l5.mlp 1,543 -> 813 ms,
-    unembed 1,974 -> 966 ms, full 2,794 -> 1,728 ms.
-- Softmax in place (session 6): a block's float32 logits go through torch's
+    buffer and d_weight accumulated in place (baddbmm_). Step times before
+    and after are measured in docs/performance.md.
+- Softmax in place: a block's float32 logits go through torch's
   fused `log_softmax` (evaluations) / `softmax` (SGLD loss) kernels with
   `out=` the block itself. They work a row at a time while it is in cache
   (max, exp-sum, write), where amax / sub_ / exp_ / sum / div_ are each a
-  pass over the whole block (25.7 MB on Pythia). Measured, (128, 50,304)
-  block, one thread: log_softmax 3 ms against 9 ms, softmax with the two
-  extra amax passes ~5 against ~9.5 ms (the head product is ~27 ms). The
+  pass over the whole block (25.7 MB on Pythia); the kernel times are
+  measured in docs/performance.md. The
   SGLD loss takes logsumexp = max - log(p at the max) (p_max = 1 / sum exp(z
   - max) >= 1 / vocab never underflows; the target's probability can). The
   kernels sum a row in float32 lanes, so the losses and gradients are as
@@ -56,35 +54,35 @@ Non-obvious choices:
   `linear_cross_entropy` uses one buffer per block, freed before the next
   block allocates. Outputs are allocated once. Small tensors kept
   alive between the big blocks pinned glibc's heap, which then grew by
-  hundreds of MB per draw (issue 7; README, W2).
+  hundreds of MB per draw (docs/performance.md).
 - Cross-entropy is computed from float32 logits (float64 inputs stay
   float64; bf16 autocast for evaluation rounds the matmul only); means over
   tokens are taken in float64 (by the callers of `token_losses`, and inside
   `linear_cross_entropy_mean`).
-- Lower-layer cache (issue 7): a component in layer L leaves the residual
+- Lower-layer cache: a component in layer L leaves the residual
   stream entering layer L unchanged, so `residual_at(model, ids, L)` computes
   it once at w* and `Body(model, L)` evaluates layers L.. + final LayerNorm
   from it. `Body` holds the model as its child `m`, so `functional_call`
-  substitutes parameters named `"m." + name`; it builds the causal mask and
-  rotary embeddings exactly as `GPTNeoXModel.forward` does, and a test checks
-  it against the full forward to float tolerance. `Body(model, None)` is the
+  substitutes parameters named `"m." + name`; the layers run through the
+  architecture adapter (`spectro.neox.run_layers`), and a test checks the
+  result against the full forward to float tolerance. `Body(model, None)` is the
   whole model from token ids. L = n_layers (the unembedding) runs no layer at
   all: only the head changes.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from transformers.masking_utils import create_causal_mask
+
+from spectro import neox
 
 CE_ROWS = 128          # token rows (per chain) per block of logits in the fused head + cross-entropy
 BODY_ROWS = 4096       # token rows per forward chunk when evaluating many contexts (bounds activation memory)
-HEAD = "lm_head.weight"
+HEAD = neox.UNEMBED_PARAM
 
 
 def logits(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
@@ -310,28 +308,13 @@ def linear_cross_entropy_mean(hidden: torch.Tensor, weight: torch.Tensor, target
 # ---- the body: final hidden states from token ids, or from a cached residual stream
 
 
-# transformers renamed create_causal_mask's `past_key_values` to `cache` (the old name warns, then goes away)
-_NO_CACHE = {"cache": None} if "cache" in inspect.signature(create_causal_mask).parameters else {"past_key_values": None}
-
-
-def _mask_and_rotary(base: torch.nn.Module, hidden: torch.Tensor):
-    pos = torch.arange(hidden.shape[-2], device=hidden.device).unsqueeze(0)          # (1, seq)
-    mask = create_causal_mask(config=base.config, inputs_embeds=hidden, attention_mask=None, position_ids=pos,
-                              **_NO_CACHE)
-    return pos, mask, base.rotary_emb(hidden, position_ids=pos)
-
-
 @torch.no_grad()
 def residual_at(model: torch.nn.Module, input_ids: torch.Tensor, layer: int, chunk: int = 64) -> torch.Tensor:
     """(n, seq) ids -> (n, seq, hidden) residual stream entering layer `layer`, at the model's own weights."""
-    base = model.gpt_neox
     outs = []
     for start in range(0, input_ids.shape[0], chunk):
-        h = base.embed_in(input_ids[start:start + chunk])                            # (chunk, seq, hidden)
-        pos, mask, rot = _mask_and_rotary(base, h)
-        for blk in base.layers[:layer]:
-            h = blk(h, attention_mask=mask, position_ids=pos, position_embeddings=rot)
-        outs.append(h)
+        h = neox.embed(model, input_ids[start:start + chunk])                        # (chunk, seq, hidden)
+        outs.append(neox.run_layers(model, h, 0, layer))
     return torch.cat(outs)
 
 
@@ -345,17 +328,9 @@ class Body(torch.nn.Module):
         self.start = start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.m.gpt_neox
         if self.start is None:
-            return base(input_ids=x, use_cache=False).last_hidden_state              # (batch, seq, hidden)
-        pos, mask, rot = _mask_and_rotary(base, x)
-        for blk in base.layers[self.start:]:
-            x = blk(x, attention_mask=mask, position_ids=pos, position_embeddings=rot)
-        return base.final_layer_norm(x)                                               # (batch, seq, hidden)
-
-
-def is_gpt_neox(model: torch.nn.Module) -> bool:
-    return hasattr(model, "gpt_neox") and hasattr(model, "lm_head") and getattr(model.lm_head, "bias", None) is None
+            return neox.final_hidden(self.m, x)                                      # (batch, seq, hidden)
+        return neox.final_norm(self.m, neox.run_layers(self.m, x, self.start))      # (batch, seq, hidden)
 
 
 def _head_inputs(body: Body, params: dict[str, torch.Tensor], x: torch.Tensor, ids: torch.Tensor):
@@ -383,7 +358,7 @@ def mean_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids
               rows: Optional[int] = None) -> torch.Tensor:
     """Mean next-token cross-entropy over a (batch, seq) block: scalar, differentiable for `params` (the SGLD
     loss; see `linear_cross_entropy_mean`). `rows`: rows per chain and block of the fused head."""
-    if not is_gpt_neox(model):
+    if not neox.is_neox(model):
         z = logits(model, params, input_ids)                                     # (batch, seq, vocab)
         return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), input_ids[:, 1:].reshape(-1))
     return _mean(Body(model), params, input_ids, input_ids, rows)
@@ -399,7 +374,7 @@ def mean_loss_from(body: Body, params: dict[str, torch.Tensor], batch, rows: Opt
 def token_losses(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
                  rows: int = BODY_ROWS) -> torch.Tensor:
     """(contexts, seq) -> (contexts, seq - 1) float32 per-token losses."""
-    if not is_gpt_neox(model):
+    if not neox.is_neox(model):
         z = logits(model, params, input_ids)[:, :-1]
         return F.cross_entropy(z.reshape(-1, z.shape[-1]).float(), input_ids[:, 1:].reshape(-1),
                                reduction="none").view(input_ids.shape[0], -1)

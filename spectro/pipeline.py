@@ -20,23 +20,22 @@ Non-obvious choices:
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from spectro import __version__, rundir
 from spectro.components import Component, resolve_components
-from spectro.config import RESUME_NEUTRAL_KEYS, SpectroConfig, as_dict
+from spectro.config import RESUME_NEUTRAL_KEYS, SAEConfig, SpectroConfig, as_dict
 from spectro.data import ContextSet, ProbeSet, load_corpus, make_contexts, make_probe_set
 from spectro.device import resolve_device
-from spectro.errors import ConfigError, StoreError
+from spectro.errors import ConfigError, SAEError, StoreError
 from spectro.model import LoadedModel, load_model
 from spectro.sampling import Problem, make_problem
 from spectro.store import Layout, ProbeTable, SampleStore
@@ -107,11 +106,12 @@ def layout_for(p: Prepared) -> Layout:
 
 
 def provenance(p: Prepared) -> dict:
-    import ray
     import transformers
-    import zarr
+
+    from spectro.service import ray_version
+    from spectro.store import zarr_version
     return {"spectro": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__, "zarr": zarr.__version__,
+            "transformers": transformers.__version__, "ray": ray_version(), "zarr": zarr_version(),
             "model": p.loaded.provenance, "data": p.corpus_info, "init_loss": p.problem.init_loss,
             "n_probe_tokens": p.probe.n_tokens}
 
@@ -142,7 +142,8 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
     if config.stage == "all" and not config.sae.enabled:
         stages = tuple(s for s in stages if s != "sae")
     need = int(np.ceil(config.ray.num_actors * config.ray.num_cpus_per_actor))
-    started = service.ensure_ray(config.ray.address, num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
+    started = service.ensure_ray(config.ray.address,
+                                 num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
     summary: dict = {"run_dir": str(run_dir)}
     try:
         if "sample" in stages:
@@ -154,8 +155,7 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
             _update_summary(run_dir, summary)
     finally:
         if started:
-            import ray
-            ray.shutdown()
+            service.shutdown_ray()
     if "clusters" in stages:
         summary["clusters"] = run_clusters(config, run_dir)
         summary["verdict"] = summary["clusters"]["verdict"]
@@ -181,7 +181,6 @@ def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
     """Cluster the susceptibility matrix and compute its modes; then how far to trust the clusters: the
     clustering features' split-half reliability and the stability of the clusters across halves of the
     chains (spectro.stability), with the plain verdict, added to clusters.json."""
-    import dataclasses
     import time
 
     from spectro.clusters import ClusterParams, cluster_run
@@ -190,7 +189,7 @@ def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
     from spectro.store import read_susceptibilities
 
     t0 = time.perf_counter()
-    params = ClusterParams(**dataclasses.asdict(config.clustering))
+    params = ClusterParams.from_config(config.clustering)
     out = cluster_run(run_dir, params)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     ds = read_susceptibilities(run_dir / rundir.SUSCEPTIBILITIES)
@@ -220,15 +219,13 @@ def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
 
 
 def run_sae(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = None) -> dict:
-    """Train (or load) a sparse autoencoder and match its features to the clusters (DESIGN 1.7).
+    """Train (or load) a sparse autoencoder and match its features to the clusters (docs/method.md).
 
     Model and data come from the run's own config.json (the run is defined by it), the SAE settings from
     `config.sae`; the SAE trains on the run's sampling-distribution contexts (SGLD pool + sampling set)."""
     import dataclasses
 
     from spectro.config import DataConfig, ModelConfig
-    from spectro.errors import SAEError
-    from spectro.sae import sae_stage
     from spectro.store import read_susceptibilities
 
     run_dir = Path(run_dir)
@@ -240,7 +237,7 @@ def run_sae(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] =
     ctx = np.asarray(ds["token_context"].values, dtype=np.int64)
     pos = np.asarray(ds["token_position"].values, dtype=np.int64)
     if prepared is None:
-        stored = json.loads((run_dir / "config.json").read_text())
+        stored = rundir.read_json(run_dir / rundir.CONFIG)
         prepared = prepare(dataclasses.replace(config, model=ModelConfig(**stored["model"]),
                                                data=DataConfig(**stored["data"])))
     probe_ids = prepared.problem.probe_ids.cpu()
@@ -248,13 +245,80 @@ def run_sae(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] =
     if not inside or not np.array_equal(probe_ids.numpy()[ctx, pos], np.asarray(ds["token_id"].values)):
         raise SAEError(f"the model/data in {run_dir / 'config.json'} no longer reproduce the run's probe tokens "
                        "(corpus or tokenizer changed?); the SAE stage cannot align activations with probe tokens")
-    clusters = json.loads((run_dir / "clusters.json").read_text())
+    clusters = rundir.read_json(run_dir / rundir.CLUSTERS)
     train_ids = torch.cat([prepared.problem.train_ids, prepared.problem.sampling_ids]).cpu()
-    out = sae_stage(run_dir, config.sae, prepared.loaded.model.cpu(), train_ids, probe_ids, ctx, pos,
-                    [str(t) for t in ds["token_text"].values.tolist()], clusters)
+    out = _sae_stage(run_dir, config.sae, prepared.loaded.model.cpu(), train_ids, probe_ids, ctx, pos,
+                     [str(t) for t in ds["token_text"].values.tolist()], clusters)
     log.info("sae: FVE %.3f, matched %s of %d clusters (null mean %s, p %s)", out["fve_probe"],
              out["matched_fraction"], out["n_clusters"], out["null_mean"], out["p_value"])
     return out
+
+
+def _sae_stage(run_dir: Path, settings: SAEConfig, model: torch.nn.Module, train_ids: torch.Tensor,
+               probe_ids: torch.Tensor, token_context: np.ndarray, token_position: np.ndarray,
+               token_text: Sequence[str], clusters: dict) -> dict:
+    """Train (or load) the SAE, measure it, match it to clusters.json; write sae.json (+ sae/); return a summary.
+
+    settings: the config's `sae` section; train_ids: (n, seq) sampling-distribution contexts; probe_ids:
+    (n_probe_contexts, seq) the run's probe contexts; token_*: the run's probe table."""
+    from spectro.sae import (TrainSettings, cluster_examples, collect_activations, fve, hook_name, load_sae,
+                             match_clusters, parse_hook_name, probe_features, save_sae, spliced_losses, top_tokens,
+                             train_topk)
+    from spectro.sae.activations import _site_module
+
+    a = settings
+    t0, c0 = time.perf_counter(), time.process_time()
+    run_dir = Path(run_dir)
+    d_model = int(model.config.hidden_size)
+    labels = np.asarray(clusters.get("labels", []), dtype=np.int64)
+    if labels.size != len(token_text):
+        raise SAEError(f"clusters.json labels {labels.size} tokens but the run has {len(token_text)} probe tokens; "
+                       f"re-run the clusters stage")
+    site, layer = a.site, a.layer
+    if a.load:
+        sae = load_sae(Path(a.load), d_in=d_model)
+        parsed = parse_hook_name(sae.hook_name)
+        if parsed is not None and parsed != (site, layer):
+            raise SAEError(f"the SAE in {a.load} was trained on {sae.hook_name} but sae.site={site}, "
+                           f"sae.layer={layer}; "
+                           f"set sae.site={parsed[0]} sae.layer={parsed[1]}")
+    _site_module(model, site, layer)                                  # refuses a bad site/layer early
+    train_acts = collect_activations(model, train_ids, site, layer)   # (n, seq, d)
+    X = train_acts.reshape(-1, d_model)                               # (n * seq, d)
+    train_log = None
+    if not a.load:
+        ts = TrainSettings.from_config(a)
+        sae, train_log = train_topk(X, ts)
+        sae.hook_name = hook_name(site, layer)
+        sae.meta = {"trained_by": "spectro", "training": train_log, "settings": ts.__dict__}
+        save_sae(sae, run_dir / "sae")
+    probe_acts = collect_activations(model, probe_ids, site, layer)   # (n_probe_ctx, seq, d)
+    quality = {"fve_probe": fve(sae, probe_acts), "fve_train": fve(sae, X),
+               **spliced_losses(model, probe_ids, sae, site, layer, X.double().mean(dim=0).float())}
+    active = probe_features(sae, probe_acts, token_context, token_position, a.position, a.active_threshold)
+    n_active_feat = np.asarray((active != 0).sum(axis=0)).ravel()     # (features,)
+    ids = [int(c["id"]) for c in clusters.get("clusters") or []]
+    match = match_clusters(active, labels, a.match_threshold, a.n_null, a.seed, cluster_ids=ids)
+    top_of = {int(c["id"]): c.get("top_tokens") or [] for c in clusters.get("clusters") or []}
+    for c in match["clusters"]:
+        c["feature_top"] = [[t, v] for t, v in top_tokens(active, c["feature"], a.top_contexts)]
+        c["examples"] = cluster_examples(labels, c["id"], token_text, a.top_contexts, a.seed)
+        c["top_tokens"] = top_of.get(c["id"], [])[:8]
+    doc = {"site": site, "layer": layer, "hook_name": hook_name(site, layer), "position": a.position,
+           "source": str(a.load) if a.load else "trained", "path": str(Path(a.load).resolve()) if a.load
+           else str(run_dir / "sae"), "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
+           "k": sae.k, "training": train_log, "quality": quality,
+           "l0_probe": float((active != 0).sum() / max(1, active.shape[0])),
+           "features_never_active_on_probe": int((n_active_feat == 0).sum()),
+           "active_threshold": a.active_threshold, "clustering_method": clusters.get("method"),
+           "n_tokens": int(labels.size), **match, "seconds": round(time.perf_counter() - t0, 2),
+           "cpu_seconds": round(time.process_time() - c0, 2)}
+    rundir.write_json(run_dir / rundir.SAE, doc, indent=1, allow_nan=True)
+    null = match["null"] or {}
+    return {"path": str(run_dir / "sae.json"), "fve_probe": quality["fve_probe"],
+            "loss_increase": quality["loss_increase"], "n_clusters": match["n_clusters"],
+            "matched_fraction": match["matched_fraction"], "null_mean": null.get("matched_fraction_mean"),
+            "p_value": null.get("p_value"), "seconds": doc["seconds"], "cpu_seconds": doc["cpu_seconds"]}
 
 
 def run_report(config: SpectroConfig, run_dir: Path) -> dict:

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from spectro.features import feature_matrix
+from spectro.features import DEFAULT_KIND, feature_matrix
 
 MIN_RELIABILITY = 0.8           # median feature reliability for "reliable"
 MIN_STABILITY = 0.5             # ARI between the halves' clusterings for "reproducible"
@@ -64,7 +64,7 @@ def column_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
 
 
-def split_half(chi_half: np.ndarray, components: Sequence[str], kind: str = "centred") -> Optional[dict]:
+def split_half(chi_half: np.ndarray, components: Sequence[str], kind: str = DEFAULT_KIND) -> Optional[dict]:
     """Reliability per component from chi_half (2, tokens, components) of the clustered components.
 
     Returns None when the halves are missing (fewer than two units in a run)."""

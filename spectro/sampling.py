@@ -22,7 +22,7 @@ Non-obvious choices:
   docs/calibration.md). Chain 2p is the chain a non-antithetic run would draw.
 - Minibatches are drawn with replacement from the pool; the data position
   is therefore the data generator's state, saved with the checkpoint.
-- Lower-layer cache (issue 7): for a GPT-NeoX problem with the standard LM
+- Lower-layer cache: for a GPT-NeoX problem with the standard LM
   losses and a component in layer L >= 1, the residual stream entering layer
   L is computed once at w* for the SGLD pool, the sampling set and the probe
   contexts; SGLD steps (minibatch = rows of the cached pool) and evaluations
@@ -49,11 +49,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from spectro import neox
 from spectro.components import Component, resolve_components
 from spectro.config import SamplerConfig
 from spectro.device import eval_autocast
-from spectro.observables import (Body, is_gpt_neox, mean_loss, mean_loss_from, residual_at, token_losses,
-                                  token_losses_from)
+from spectro.observables import Body, mean_loss, mean_loss_from, residual_at, token_losses, token_losses_from
 from spectro.sgld import SGLD, SGLDHyper, SGLDState, build
 
 STREAMS = ("data", "noise")
@@ -67,7 +67,7 @@ def chain_seed(run_seed: int, component: str, chain: int, stream: str) -> int:
 
 def _is_lm(problem: "Problem") -> bool:
     """A GPT-NeoX problem with the standard LM losses (the lower-layer cache applies)."""
-    return problem.loss is mean_loss and problem.per_token is token_losses and is_gpt_neox(problem.model)
+    return problem.loss is mean_loss and problem.per_token is token_losses and neox.is_neox(problem.model)
 
 
 def lm_components(model: torch.nn.Module, names: Sequence[str]) -> list[Component]:

@@ -33,13 +33,13 @@ Non-obvious choices:
 - Checkpoint file names come from component names; `store.confined` refuses
   one that could write outside `checkpoints/`.
 - Every actor is killed at the end (also on error): on a small node a later
-  Ray Data job would otherwise wait forever for their CPUs (DESIGN 3).
+  Ray Data job would otherwise wait forever for their CPUs (docs/architecture.md).
 - torch threads per actor = its CPU share, so two actors on two cores do not
   oversubscribe, and results are the same whatever the number of actors.
 - A unit hands its freed heap pages back to the OS once when it ends, and
   after a draw only if the actor grew past a slack (`device.HeapTrimmer`):
-  trimming after every draw made the next draw fault them back in (W1: 11-13%
-  of a draw). The unit's report counts its trims (`heap_trims`).
+  trimming after every draw made the next draw fault them back in (measured
+  in docs/performance.md). The unit's report counts its trims (`heap_trims`).
 """
 
 from __future__ import annotations
@@ -183,7 +183,8 @@ class SamplerActor:
         t0 = time.perf_counter()
         report = run_unit(self.problem, self.store, component, chains, self.payload.sampler,
                           self.payload.run_seed, Path(self.payload.checkpoint_dir))
-        return {**report, "seconds": time.perf_counter() - t0, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        return {**report, "seconds": time.perf_counter() - t0, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id()}
 
 
 # ---------------------------------------------------------------- the driver
@@ -270,10 +271,20 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
     else:
         # "local": a private instance even if `ray start` left a cluster on this machine.
         # Ray starts workers at nice 15 by default: on a shared node they then lose the CPU to any
-        # normal-priority process (issue 7); the sampler actors are the work, so run them at nice 0.
+        # normal-priority process (docs/performance.md); the sampler actors are the work, so run them at nice 0.
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     return True
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray instance `ensure_ray` started (the driver's own; a joined cluster keeps running)."""
+    ray.shutdown()
+
+
+def ray_version() -> str:
+    """The Ray library's version, for a run's provenance."""
+    return ray.__version__
 
 
 def repair(store: SampleStore, checkpoint_dir: Path) -> list[dict]:

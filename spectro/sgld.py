@@ -5,7 +5,7 @@ in the style of `posteriors`: `build(...)` fixes the hyperparameters, anchor
 `w*`, masks and per-chain loss; `init(num_chains)` gives the state at `w*`;
 `update(state, batch, generators)` takes one step for every chain. It targets
 
-    p(w) ∝ exp( -nβ · L(w) - (γ/2) · ||w - w*||² )       (DESIGN 1.1)
+    p(w) ∝ exp( -nβ · L(w) - (γ/2) · ||w - w*||² )       (docs/method.md)
 
 with the step, for masked entries only,
 
@@ -40,6 +40,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 from torch.func import grad_and_value, vmap
 
+from spectro.config import SamplerConfig
+
+_S = SamplerConfig()      # the schema's defaults: the one place they are written
+
 Params = dict[str, torch.Tensor]
 # loss_fn(params_one_chain, batch_one_chain) -> scalar tensor (mean loss L_batch)
 LossFn = Callable[[Params, Any], torch.Tensor]
@@ -50,10 +54,10 @@ class SGLDHyper:
     step_size: float                 # ε
     nbeta: float                     # nβ
     gamma: float                     # γ, localization
-    noise_level: float = 1.0         # σ
-    precondition: str = "none"       # "none" | "rmsprop"
-    rmsprop_alpha: float = 0.99
-    rmsprop_eps: float = 0.1
+    noise_level: float = _S.noise_level         # σ
+    precondition: str = _S.precondition         # "none" | "rmsprop"
+    rmsprop_alpha: float = _S.rmsprop_alpha
+    rmsprop_eps: float = _S.rmsprop_eps
 
 
 class SGLDState(NamedTuple):
@@ -75,7 +79,7 @@ class SGLD:
     anchor: Params                   # name -> (*shape) w*
     masks: dict[str, Optional[torch.Tensor]]
     loss_fn: LossFn
-    chain_mode: str = "vmap"
+    chain_mode: str = _S.chain_mode
 
     def init(self, num_chains: int) -> SGLDState:
         params = {n: w.detach().unsqueeze(0).repeat(num_chains, *([1] * w.dim())) for n, w in self.anchor.items()}
@@ -123,7 +127,7 @@ class SGLD:
         noise_sq = torch.zeros(n_chains, dtype=torch.float64)
         dist_sq = torch.zeros(n_chains, dtype=torch.float64)
         with torch.no_grad():
-            # memory (issue 7): the `full` component of a 50k-vocab model has 2 x 6.4M-entry matrices per chain,
+            # memory: the `full` component of a 50k-vocab model has 2 x 6.4M-entry matrices per chain,
             # so every full-size temporary costs 25 MB per chain. Per tensor this loop holds the chain-stacked
             # gradient (popped, so it is freed once used, and reused as scratch), one noise buffer and the new
             # weights; norms never square into a new tensor (`_sq_norms`).
@@ -161,12 +165,13 @@ class SGLD:
                 del noise, xi
                 dist_sq += _sq_norms(torch.sub(w_new, self.anchor[name], out=g))   # g's memory as scratch
                 del g
-        info = StepInfo(loss=loss.detach(), grad_norm=grad_sq.sqrt(), noise_norm=noise_sq.sqrt(), distance=dist_sq.sqrt())
+        info = StepInfo(loss=loss.detach(), grad_norm=grad_sq.sqrt(), noise_norm=noise_sq.sqrt(),
+                        distance=dist_sq.sqrt())
         return SGLDState(params=new_params, sq_avg=new_sq, step=state.step + 1), info
 
 
 def build(hyper: SGLDHyper, anchor: Params, masks: dict[str, Optional[torch.Tensor]], loss_fn: LossFn,
-          chain_mode: str = "vmap") -> SGLD:
+          chain_mode: str = _S.chain_mode) -> SGLD:
     """Fix the sampler's hyperparameters, anchor w*, masks and loss."""
     return SGLD(hyper=hyper, anchor={n: a.detach() for n, a in anchor.items()}, masks=dict(masks),
                 loss_fn=loss_fn, chain_mode=chain_mode)
@@ -196,17 +201,3 @@ def _index(batch: Any, c: int) -> Any:
     if isinstance(batch, dict):
         return {k: _index(v, c) for k, v in batch.items()}
     raise TypeError(f"unsupported batch type {type(batch).__name__}")
-
-
-def gaussian_stationary_moments(precision: torch.Tensor, mean: torch.Tensor, step_size: float,
-                                noise_level: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact stationary mean and covariance of full-batch SGLD on a Gaussian target.
-
-    For potential U(w) = ½ (w-μ)ᵀ Λ (w-μ) the update w' = w - (ε/2) Λ (w-μ) + σ√ε ξ
-    is a linear recursion whose stationary covariance solves Σ = A Σ A + σ²ε I with
-    A = I - (ε/2)Λ; since A and Λ commute, Σ = σ² (Λ - ε Λ²/4)⁻¹ (→ σ² Λ⁻¹ as ε → 0).
-    Used by the tests as the closed form the sampler must reproduce.
-    """
-    lam = precision.double()
-    cov = noise_level ** 2 * torch.linalg.inv(lam - step_size * lam @ lam / 4.0)
-    return mean.double(), cov

@@ -1,6 +1,6 @@
 """Susceptibilities from `samples.zarr`, as a Ray Data job, plus diagnostics.
 
-The job (DESIGN 1.3, issue 4):
+The job (docs/method.md, docs/architecture.md):
 1. The driver plans token blocks aligned with the store's token chunks.
 2. A Ray Data pipeline (`from_items(blocks).map_batches(...)`) reduces each
    block: it reads `probe_loss` one Zarr chunk (component, chain group, draw
@@ -16,7 +16,7 @@ Non-obvious choices:
 - Memory is bounded by one Zarr chunk plus (components x chains x block)
   float64 accumulators per task, whatever the number of probe tokens; the
   driver never holds a token-sized array. `ray.data.read_zarr` is not used: it
-  reads only Zarr v2 (DESIGN 3).
+  reads only Zarr v2 (docs/architecture.md).
 - A chain that diverged is excluded entirely (all its draws), listed in the
   output's attrs, and counted in the diagnostics. A component left with no
   usable chain gets chi = NaN *and* `n_chains_used = 0`, with a warning, and
@@ -42,10 +42,13 @@ from typing import Optional
 
 import numpy as np
 
+from spectro.config import EstimatorConfig
 from spectro.errors import DivergenceError, StoreError
 from spectro.estimator import ChainMoments, susceptibility
 from spectro.reliability import split_half
 from spectro.store import SampleStore, SusceptibilityStore
+
+_E = EstimatorConfig()    # the schema's defaults: the one place they are written
 
 log = logging.getLogger("spectro.susceptibilities")
 
@@ -60,7 +63,7 @@ class Selection:
     partial: bool
 
 
-def select_chains(store: SampleStore, partial: bool = False) -> Selection:
+def select_chains(store: SampleStore, partial: bool = _E.partial) -> Selection:
     L = store.layout
     progress = store.progress()
     if not partial and not store.complete():
@@ -205,8 +208,9 @@ def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold
     return out
 
 
-def compute(run_dir: Path, *, form: str = "peer", nbeta: float, rhat_threshold: float = 1.1,
-            partial: bool = False, tokens_per_block: Optional[int] = None, concurrency: Optional[int] = None) -> dict:
+def compute(run_dir: Path, *, form: str = _E.form, nbeta: float, rhat_threshold: float = _E.rhat_threshold,
+            partial: bool = _E.partial, tokens_per_block: Optional[int] = None,
+            concurrency: Optional[int] = None) -> dict:
     """Run the covariance job over `run_dir/samples.zarr`; writes `run_dir/susceptibilities.zarr`."""
     import ray
 
@@ -263,7 +267,7 @@ def run_reliability(out: SusceptibilityStore, components: list[str]) -> dict | N
     return rel
 
 
-def online_estimate(store: SampleStore, form: str = "peer") -> dict:
+def online_estimate(store: SampleStore, form: str = _E.form) -> dict:
     """Running chi from the chunks committed so far, in the driver (for monitoring small runs)."""
     sel = select_chains(store, partial=True)
     chi, se, _, _ = block_estimate(store, sel, 0, store.layout.n_tokens, form)

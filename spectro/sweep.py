@@ -48,7 +48,10 @@ from typing import Optional
 
 import numpy as np
 
+from spectro import rundir
+from spectro.config import EstimatorConfig
 from spectro.errors import StoreError
+from spectro.reliability import MIN_RELIABILITY
 from spectro.store import read_susceptibilities
 
 # The keys that define the local posterior (a change is a different target, not a less exact one); jobs are
@@ -60,11 +63,11 @@ SWEPT_KEYS = ("step_size", "nbeta", "gamma", "noise_level", "batch_size", "preco
 
 @dataclass(frozen=True)
 class Thresholds:
-    rhat_max: float = 1.1
+    rhat_max: float = EstimatorConfig().rhat_threshold     # the estimator's "not mixed" threshold
     ess_min: float = 20.0
     llc_rel_spread_max: float = 0.2
     min_signal_agreement: float = 0.95
-    target_reliability: float = 0.8
+    target_reliability: float = MIN_RELIABILITY            # the verdict's "reliable" median
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -99,7 +102,8 @@ def summarize_job(job: Path, t: Thresholds) -> dict:
     fi = comps.index("full")
     row.update({
         "llc_full": float(llc[fi]), "llc_full_std": float(llc_std[fi]),
-        "llc_min": float(np.nanmin(llc)), "rhat_max": float(np.nanmax(rhat)) if np.isfinite(rhat).any() else float("nan"),
+        "llc_min": float(np.nanmin(llc)),
+        "rhat_max": float(np.nanmax(rhat)) if np.isfinite(rhat).any() else float("nan"),
         "ess_min": float(np.nanmin(ess)) if np.isfinite(ess).any() else float("nan"),
         "divergence_rate": float(n_div.sum() / (n_chains * len(comps))),
     })
@@ -114,7 +118,8 @@ def summarize_job(job: Path, t: Thresholds) -> dict:
         failures.append(f"R-hat > {t.rhat_max} for {len(bad)}/{len(comps)} components (worst {row['rhat_max']:.2f})")
     bad = [c for c, v in zip(comps, ess) if not v >= t.ess_min]
     if bad:
-        failures.append(f"bulk ESS < {t.ess_min:g} for {len(bad)}/{len(comps)} components (lowest {row['ess_min']:.1f})")
+        failures.append(f"bulk ESS < {t.ess_min:g} for {len(bad)}/{len(comps)} components "
+                        f"(lowest {row['ess_min']:.1f})")
     spread = llc_std[fi] / llc[fi] if llc[fi] > 0 else float("inf")
     if not spread <= t.llc_rel_spread_max:
         failures.append(f"full LLC spread over chains {spread:.2f} > {t.llc_rel_spread_max}")
@@ -213,7 +218,7 @@ def summarize(sweep_dir: Path, thresholds: Optional[Thresholds] = None) -> dict:
         r["target"] = t.target_reliability
     signal_agreement(rows, jobs, t)
     result = {"sweep_dir": str(sweep_dir), "thresholds": t.__dict__, "jobs": rows, "recommendation": recommend(rows)}
-    (Path(sweep_dir) / "sweep_summary.json").write_text(json.dumps(result, indent=2))
+    rundir.write_json(Path(sweep_dir) / "sweep_summary.json", result, indent=2, allow_nan=True)
     return result
 
 

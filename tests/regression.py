@@ -14,7 +14,7 @@ import torch
 from spectro.components import Component
 from spectro.errors import ComponentError
 from spectro.sampling import make_problem
-from spectro.sgld import gaussian_stationary_moments
+from tests.synthetic import gaussian_stationary_moments
 
 
 class Regression(torch.nn.Module):

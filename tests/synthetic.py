@@ -10,11 +10,17 @@ Two generators:
   shared mode with nearly all the variance, many groups of very unequal size, tokens
   that belong to no group, components on very different scales with different
   signal and noise levels.
+
+And one closed form for the sampler's tests:
+
+- `gaussian_stationary_moments`: the exact stationary mean and covariance of
+  full-batch SGLD on a Gaussian target.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def planted_partition(n_tokens: int, rng: np.random.Generator, n_components: int = 20, n_groups: int = 8,
@@ -147,3 +153,17 @@ def hard_planted(n_tokens: int = 20000, rng: np.random.Generator | int = 0, n_co
     chi = x * s + o
     perm = rng.permutation(n)
     return chi[perm], groups[perm]
+
+
+def gaussian_stationary_moments(precision: torch.Tensor, mean: torch.Tensor, step_size: float,
+                                noise_level: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact stationary mean and covariance of full-batch SGLD on a Gaussian target.
+
+    For potential U(w) = ½ (w-μ)ᵀ Λ (w-μ) the update w' = w - (ε/2) Λ (w-μ) + σ√ε ξ
+    is a linear recursion whose stationary covariance solves Σ = A Σ A + σ²ε I with
+    A = I - (ε/2)Λ; since A and Λ commute, Σ = σ² (Λ - ε Λ²/4)⁻¹ (→ σ² Λ⁻¹ as ε → 0).
+    The closed form the sampler must reproduce.
+    """
+    lam = precision.double()
+    cov = noise_level ** 2 * torch.linalg.inv(lam - step_size * lam @ lam / 4.0)
+    return mean.double(), cov

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from spectro.estimator import ChainMoments, susceptibility, susceptibility_from_arrays
-from spectro.sgld import SGLDHyper, build, gaussian_stationary_moments
+from spectro.sgld import SGLDHyper, build
+from tests.synthetic import gaussian_stationary_moments
 from tests.test_sgld import closed_form, loss_fn, regression_problem
 
 

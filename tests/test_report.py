@@ -358,7 +358,7 @@ def test_verdict_box_colours(run_dir, tmp_path):
 
 
 def test_map_umap_and_pca_both_render(run_dir, tmp_path, monkeypatch):
-    from spectro import report as report_mod
+    from spectro.report import analysis as report_mod      # the map settings live there
     from spectro.report import write_report
 
     d = tmp_path / "run"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from spectro.sgld import SGLDHyper, build, gaussian_stationary_moments
+from spectro.sgld import SGLDHyper, build
+from tests.synthetic import gaussian_stationary_moments
 
 
 def regression_problem(d=2, n=200, seed=0):

@@ -1,0 +1,15 @@
+"""The run's stores, and the only place that touches Zarr.
+
+    samples            `samples.zarr`: the per-draw losses of every chain, progress, the probe table
+    susceptibilities   `susceptibilities.zarr`: chi and its diagnostics, and its reader
+
+The public names are re-exported here (`from spectro.store import SampleStore`).
+"""
+
+from spectro.store.samples import (DISK_FULL, PROBE_ARRAYS, STATE_ARRAYS, STORE_FORMAT, TRACE_ARRAYS, UNIT_ARRAYS,
+                                   Layout, ProbeTable, SampleStore, confined, disk_full, zarr_version)
+from spectro.store.susceptibilities import DIAGNOSTICS, PROBE_COORDS, SusceptibilityStore, read_susceptibilities
+
+__all__ = ["DIAGNOSTICS", "DISK_FULL", "PROBE_ARRAYS", "PROBE_COORDS", "STATE_ARRAYS", "STORE_FORMAT", "TRACE_ARRAYS",
+           "UNIT_ARRAYS", "Layout", "ProbeTable", "SampleStore", "SusceptibilityStore", "confined", "disk_full",
+           "read_susceptibilities", "zarr_version"]

@@ -1,0 +1,118 @@
+"""The susceptibilities store, `susceptibilities.zarr`: chi, its standard errors,
+per-chain and split-half estimates, diagnostics and reliability per component,
+written block by block by the susceptibilities job into a temporary group that
+is committed by one rename; and its reader (`read_susceptibilities`, an
+xarray Dataset).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from spectro.errors import StoreError
+from spectro.store.samples import SampleStore, _compressors
+
+PROBE_COORDS = ("token_context", "token_position", "token_id", "token_text", "token_source")
+DIAGNOSTICS = {"llc_mean": "float64", "llc_std": "float64", "mean_phi": "float64", "rhat": "float64",
+               "ess_bulk": "float64", "n_chains_used": "int64", "n_diverged": "int64", "not_mixed": "bool"}
+
+
+class SusceptibilityStore:
+    """`susceptibilities.zarr`: chi (token, component) with standard errors,
+    per-chain values, probe coordinates and per-component diagnostics.
+
+    Written under `<name>.partial` by independent token-block writers and
+    renamed into place by `commit()`, so a reader never sees a half-written one.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+
+    @classmethod
+    def create(cls, path: Path, samples: SampleStore, token_chunk: int, n_chains: int) -> "SusceptibilityStore":
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        g = zarr.open_group(str(tmp), mode="w")
+        L = samples.layout
+        C, T = len(L.components), L.n_tokens
+        coords = " ".join(PROBE_COORDS)
+        for name in ("chi", "chi_se"):
+            a = g.create_array(name, shape=(T, C), chunks=(token_chunk, C), dtype="float64", fill_value=np.nan,
+                               dimension_names=("token", "component"), compressors=_compressors())
+            a.attrs["coordinates"] = coords
+        a = g.create_array("chi_per_chain", shape=(n_chains, T, C), chunks=(n_chains, token_chunk, C), dtype="float64",
+                           fill_value=np.nan, dimension_names=("chain", "token", "component"),
+                           compressors=_compressors())
+        a.attrs["coordinates"] = coords
+        a = g.create_array("chi_half", shape=(2, T, C), chunks=(2, token_chunk, C), dtype="float64",
+                           fill_value=np.nan, dimension_names=("half", "token", "component"),
+                           compressors=_compressors())
+        a.attrs["coordinates"] = coords
+        comp = g.create_array("component", shape=(C,), dtype=str, dimension_names=("component",))
+        comp[:] = np.array(L.components, dtype=object)
+        tok = g.create_array("token", shape=(T,), dtype="int64", dimension_names=("token",), compressors=_compressors())
+        tok[:] = np.arange(T)
+        for name in PROBE_COORDS:
+            src = samples.group[name]
+            dst = g.create_array(name, shape=(T,), dtype=src.dtype if src.dtype != object else str,
+                                 dimension_names=("token",))
+            dst[:] = src[:]
+        return cls(tmp, g)
+
+    def write_block(self, t0: int, t1: int, chi: np.ndarray, chi_se: np.ndarray, chi_per_chain: np.ndarray,
+                    chi_half: np.ndarray) -> None:
+        """chi, chi_se (t1-t0, C); chi_per_chain (chains, t1-t0, C); chi_half (2, t1-t0, C)."""
+        self.group["chi"][t0:t1] = chi
+        self.group["chi_se"][t0:t1] = chi_se
+        self.group["chi_per_chain"][:, t0:t1] = chi_per_chain
+        self.group["chi_half"][:, t0:t1] = chi_half
+
+    def write_reliability(self, rel: dict) -> None:
+        """Per-component split-half reliability (raw chi and features) as arrays over `component`; NaN for
+        `full` and for components without an estimate."""
+        names = [str(c) for c in self.group["component"][:]]
+        for key, name in (("raw", "reliability_raw"), ("features_reliability", "reliability_features")):
+            values = np.full(len(names), np.nan)
+            for c, v in zip(rel["components"], rel[key]):
+                values[names.index(c)] = v
+            a = self.group.create_array(name, shape=(len(names),), dtype="float64", dimension_names=("component",),
+                                        compressors=_compressors(), overwrite=True)
+            a[:] = values
+
+    def write_diagnostics(self, diagnostics: dict[str, np.ndarray], attrs: dict) -> None:
+        C = self.group["component"].shape[0]
+        for name, dtype in DIAGNOSTICS.items():
+            a = self.group.create_array(name, shape=(C,), dtype=dtype, dimension_names=("component",),
+                                        compressors=_compressors(), overwrite=True)
+            a[:] = np.asarray(diagnostics[name], dtype=dtype)
+        self.group.attrs.update(json.loads(json.dumps(attrs)))
+
+    def commit(self, final_path: Path) -> Path:
+        final_path = Path(final_path)
+        if final_path.exists():
+            shutil.rmtree(final_path)
+        self.path.rename(final_path)
+        self.path = final_path
+        return final_path
+
+    @classmethod
+    def open_block_writer(cls, path: Path) -> "SusceptibilityStore":
+        return cls(Path(path), zarr.open_group(str(path), mode="r+"))
+
+
+def read_susceptibilities(path: Path):
+    """The committed susceptibilities as an xarray Dataset (lazy)."""
+    import xarray as xr
+
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"no susceptibilities at {path}; run the susceptibilities stage first")
+    return xr.open_zarr(str(path), consolidated=False)

@@ -1,0 +1,144 @@
+"""The package's shape: data flows one way through `spectro/`, modules stay
+small, and the code cites only what lives in the repository.
+
+- Layers follow the data flow config -> model/data -> sampler -> store ->
+  susceptibilities -> clusters -> report; a module imports only from its own
+  layer or the ones before it (every import counts, also those inside
+  functions). `LAYERS` places every module: a new module must be placed.
+- Only the store package imports Zarr (and xarray, its reader); only the
+  service uses Ray actors (the susceptibilities job uses Ray Data, no actors).
+- No module over 500 lines, no source line over 120 characters.
+- No citation of documents outside the repository or of work periods and
+  tracker items.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "spectro"
+
+# module -> layer; a module may import from its own layer and lower ones.
+LAYERS = {
+    # 0: the package root (version) and the errors every module raises
+    "spectro": 0, "spectro.errors": 0,
+    # 1: the config schema and small utilities
+    "spectro.config": 1, "spectro.rundir": 1, "spectro.features": 1, "spectro.device": 1,
+    # 2: model and data
+    "spectro.model": 2, "spectro.neox": 2, "spectro.components": 2, "spectro.observables": 2,
+    "spectro.corpus": 2, "spectro.data": 2,
+    # 3: the sampler
+    "spectro.sgld": 3, "spectro.sampling": 3,
+    # 4: the store
+    "spectro.store": 4, "spectro.store.samples": 4, "spectro.store.susceptibilities": 4, "spectro.monitor": 4,
+    # 5: susceptibilities
+    "spectro.estimator": 5, "spectro.reliability": 5, "spectro.susceptibilities": 5,
+    # 6: clusters
+    "spectro.clusters": 6, "spectro.clusters.params": 6, "spectro.clusters.graph": 6, "spectro.clusters.push": 6,
+    "spectro.clusters.local": 6, "spectro.clusters.baselines": 6, "spectro.clusters.clustering": 6,
+    "spectro.clusters.files": 6, "spectro.modes": 6, "spectro.roles": 6, "spectro.stability": 6,
+    # 7: the SAE check of the clusters
+    "spectro.sae": 7, "spectro.sae.model": 7, "spectro.sae.activations": 7, "spectro.sae.training": 7,
+    "spectro.sae.matching": 7,
+    # 8: the report, and the summary of a sweep of runs
+    "spectro.report": 8, "spectro.report.loading": 8, "spectro.report.analysis": 8, "spectro.report.html": 8,
+    "spectro.report.sections_run": 8, "spectro.report.sections_clusters": 8, "spectro.report.page": 8,
+    "spectro.sweep": 8,
+    # 9: orchestration
+    "spectro.pipeline": 9, "spectro.service": 9, "spectro.cli": 9, "spectro.__main__": 9,
+}
+
+MAX_LINES = 500
+MAX_LINE_CHARS = 120
+SOURCE_SUFFIXES = (".py", ".css", ".js")          # the model's data files under assets/ are not source
+FORBIDDEN = re.compile(r"[Ss]ession [0-9]|DESIGN|[Ii]ssue [0-9]|team's notes")
+ACTOR_API = re.compile(r"\bray\.remote\b|\.remote\(|\bray\.get_actor\b|\bray\.kill\b|\bActorHandle\b")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """(spectro modules imported, top-level names of other packages imported), anywhere in the file."""
+    known = set(_modules())
+    own, other = set(), set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                (own if alias.name.split(".")[0] == "spectro" else other).add(
+                    alias.name if alias.name.split(".")[0] == "spectro" else alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] != "spectro":
+                other.add(node.module.split(".")[0])
+                continue
+            for alias in node.names:                  # `from spectro import rundir` imports a module
+                sub = f"{node.module}.{alias.name}"
+                own.add(sub if sub in known else node.module)
+    return own, other
+
+
+def _source_files() -> list[Path]:
+    return [p for p in sorted(PACKAGE.rglob("*")) if p.is_file() and p.suffix in SOURCE_SUFFIXES]
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(set(_modules()) - set(LAYERS))
+    assert not missing, f"place these modules in LAYERS (tests/test_layout.py): {missing}"
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_imports_only_from_upstream(module):
+    path = _modules()[module]
+    own, _ = _imports(path)
+    layer = LAYERS.get(module)
+    if layer is None:
+        pytest.skip(f"{module} has no layer (test_every_module_has_a_layer says so)")
+    upward = sorted(m for m in own if m != module and LAYERS.get(m, -1) > layer)
+    assert not upward, (f"{module} (layer {layer}) imports from downstream: "
+                        + ", ".join(f"{m} (layer {LAYERS[m]})" for m in upward))
+
+
+def test_only_the_store_touches_zarr():
+    users = sorted(m for m, p in _modules().items() if _imports(p)[1] & {"zarr", "xarray"})
+    assert users and all(m == "spectro.store" or m.startswith("spectro.store.") for m in users), users
+
+
+def test_only_the_service_uses_ray_actors():
+    actors = sorted(m for m, p in _modules().items() if ACTOR_API.search(p.read_text(encoding="utf-8")))
+    assert actors == ["spectro.service"], actors
+    ray_users = sorted(m for m, p in _modules().items() if "ray" in _imports(p)[1])
+    assert set(ray_users) <= {"spectro.service", "spectro.susceptibilities"}, ray_users    # the latter: Ray Data
+
+
+def test_no_module_over_500_lines():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+def test_no_line_over_120_characters():
+    long = [f"{p.relative_to(PACKAGE.parent)}:{i}" for p in _source_files()
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if len(line) > MAX_LINE_CHARS]
+    assert not long, long
+
+
+def test_no_references_outside_the_repository():
+    hits = []
+    for p in sorted(PACKAGE.rglob("*")):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        if b"\0" in data:                              # binary (the model's weights)
+            continue
+        text = data.decode("utf-8", errors="replace")
+        hits += [f"{p.relative_to(PACKAGE.parent)}:{i}: {line.strip()}"
+                 for i, line in enumerate(text.splitlines(), 1) if FORBIDDEN.search(line)]
+    assert not hits, hits
