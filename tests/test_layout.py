@@ -144,3 +144,17 @@ def test_no_references_outside_the_repository():
         hits += [f"{p.relative_to(PACKAGE.parent)}:{i}: {line.strip()}"
                  for i, line in enumerate(text.splitlines(), 1) if FORBIDDEN.search(line)]
     assert not hits, hits
+
+
+def test_the_repository_cites_nothing_outside_itself():
+    """The same check over the user-facing text: README, docs, configs, jobs, benchmarks and tests."""
+    root = PACKAGE.parent
+    paths = [root / "README.md", *(p for d in ("docs", "conf", "jobs", "benchmarks", "tests")
+                                   for p in sorted((root / d).rglob("*"))
+                                   if p.suffix in (".md", ".py", ".yaml", ".yml", ".txt", ".toml"))]
+    hits = []
+    for p in paths:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        hits += [f"{p.relative_to(root)}:{i}: {line.strip()}"
+                 for i, line in enumerate(text.splitlines(), 1) if FORBIDDEN.search(line)]
+    assert not hits, hits
