@@ -15,20 +15,14 @@ import numpy as np
 import psutil
 import pytest
 import xarray as xr
-from hydra import compose, initialize_config_dir
-
 from spectro import cli
 from spectro.store import SampleStore
+from tests.helpers import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["components=[l0h1,l2.mlp]", "sampler.num_chains=4", "sampler.chain_group=4", "sampler.num_draws=8",
          "sampler.checkpoint_every=2", "data.n_probe_contexts=8", "data.n_train_contexts=64",
          "data.n_sampling_contexts=8", "ray.num_actors=2"]
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -25,8 +25,7 @@ import pytest
 from spectro.errors import DiskFullError, StoreError
 from spectro.service import checkpoint_path, sample
 from spectro.store import SampleStore
-from tests.conftest import tiny_config, tiny_problem
-from tests.test_service import arrays, assert_identical, make_store
+from tests.helpers import arrays, assert_identical, make_store, tiny_config, tiny_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 

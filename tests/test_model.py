@@ -31,6 +31,7 @@ from tests.pythia_fixture import (
     make_pythia14m_checkpoint,
     make_tiny_checkpoint,
 )
+from tests.helpers import malicious_bin
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,26 +134,10 @@ def test_bin_and_sharded_safetensors_load_the_same_weights(tmp_path):
         assert all(torch.equal(other[k], ref[k]) for k in ref)
 
 
-class _WritesAFile:
-    """Unpickling this runs `exec`, which creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
-def _malicious_bin(path: Path, marker: Path) -> None:
-    state = hub_state_dict(TINY_CONFIG)
-    state["gpt_neox.embed_in.weight"] = _WritesAFile(marker)
-    torch.save(state, path)
-
-
 def test_malicious_pickle_is_refused_without_running_it(tmp_path):
     directory = make_tiny_checkpoint(tmp_path / "ckpt", weights="none")
     marker = tmp_path / "pwned.txt"
-    _malicious_bin(directory / "pytorch_model.bin", marker)
+    malicious_bin(directory / "pytorch_model.bin", marker)
 
     with pytest.raises(ModelLoadError, match=r"refused to load .*pytorch_model\.bin.*not a plain tensor "
                                              r"checkpoint.*unpickling can run arbitrary code"):
@@ -184,7 +169,7 @@ def test_training_json_is_recorded(tmp_path):
 def test_safetensors_is_preferred_over_a_bin(tmp_path):
     directory = make_tiny_checkpoint(tmp_path / "ckpt")
     marker = tmp_path / "pwned.txt"
-    _malicious_bin(directory / "pytorch_model.bin", marker)
+    malicious_bin(directory / "pytorch_model.bin", marker)
     loaded = load_model(str(directory))
     assert "pytorch_model.bin" not in loaded.provenance["files"]
     assert not marker.exists()

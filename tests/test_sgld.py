@@ -10,21 +10,7 @@ import pytest
 import torch
 
 from spectro.sgld import SGLDHyper, build, gaussian_stationary_moments
-
-
-def regression_problem(d=2, n=200, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w_true = torch.tensor([1.0, -2.0, 0.5][:d], dtype=torch.float64)
-    y = X @ w_true + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
-    w_hat = torch.linalg.solve(X.T @ X, X.T @ y)
-    return X, y, w_hat
-
-
-def loss_fn(p, batch):
-    X, y = batch
-    r = y - X @ p["w"]
-    return 0.5 * (r * r).mean()
+from tests.helpers import closed_form, loss_fn, regression_problem
 
 
 def run_chains(hyper, anchor, X, y, n_chains, n_steps, burn, mask=None, mode="vmap", seed=0):
@@ -38,14 +24,6 @@ def run_chains(hyper, anchor, X, y, n_chains, n_steps, burn, mask=None, mode="vm
         if t >= burn:
             draws.append(state.params["w"].clone())
     return torch.stack(draws, 1), info  # (chains, draws, d)
-
-
-def closed_form(X, y, w_hat, anchor, nbeta, gamma, eps):
-    n = X.shape[0]
-    H = X.T @ X / n
-    lam = nbeta * H + gamma * torch.eye(X.shape[1], dtype=torch.float64)
-    mean = torch.linalg.solve(lam, nbeta * H @ w_hat + gamma * anchor)
-    return gaussian_stationary_moments(lam, mean, eps)
 
 
 def test_sgld_matches_gaussian_posterior_mean_and_covariance():
