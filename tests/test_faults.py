@@ -7,7 +7,7 @@ never torn; a full disk (a real size-limited tmpfs) stops the run with one
 clear error and a rerun after freeing space finishes bit-identically; the
 covariance job killed mid-run reruns to the identical chi. Killing an actor
 (tests/test_service.py), the driver (tests/test_cli.py) and removing a node
-(tests/test_cluster.py) are tested where they were built.
+(tests/test_multinode.py) are tested where they were built.
 """
 
 import os
