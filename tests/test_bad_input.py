@@ -1,4 +1,4 @@
-"""Bad input, hostile files and numerics under stress (issue 9).
+"""Bad input, hostile files and numerics under stress.
 
 End to end through `spectro.cli.main` (what `jobs/run.py` calls): every bad
 input is one line `spectro: error: ...` naming what is wrong, exit code 2,

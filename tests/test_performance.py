@@ -1,4 +1,4 @@
-"""Optimised paths (issue 7) give the same numbers as the plain ones.
+"""Optimised paths give the same numbers as the plain ones.
 
 - The lower-layer cache: evaluating layers L.. from the cached residual stream
   equals the full forward (logits, per-token losses, the SGLD loss and its

@@ -1,4 +1,4 @@
-"""SAE validation (DESIGN 1.7): a planted-feature world where the answer is known, the matching arithmetic,
+"""SAE validation: a planted-feature world where the answer is known, the matching arithmetic,
 reconstruction quality on the embedded model through the real transformers module, and bad SAE files."""
 
 from __future__ import annotations
