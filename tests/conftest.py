@@ -24,3 +24,30 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# --------------------------------------------------------------------------- #
+# which spectro modules a test run imported (pytest --spectro-modules)
+# --------------------------------------------------------------------------- #
+
+
+def pytest_addoption(parser):
+    parser.addoption("--spectro-modules", action="store_true",
+                     help="after the run, list the spectro modules it imported and those it never did "
+                          "(e.g. to check that -m 'not slow' still reaches every module)")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not config.getoption("--spectro-modules"):
+        return
+    import pkgutil
+    import sys
+
+    import spectro
+
+    every = sorted(m.name for m in pkgutil.walk_packages(spectro.__path__, "spectro."))
+    missed = [m for m in every if m not in sys.modules]
+    tr = terminalreporter
+    tr.section("spectro modules")
+    tr.write_line(f"imported {len(every) - len(missed)} of {len(every)} spectro modules")
+    tr.write_line("never imported: " + (", ".join(missed) if missed else "none"))

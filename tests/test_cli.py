@@ -6,6 +6,7 @@ killed mid-run resumes to bit-identical results."""
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -79,6 +80,10 @@ def test_the_entry_points_are_one_hydra_app():
     same app: the same --help, listing every config group in conf/ with its options."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"spectro": "spectro.cli:app"}
+    import spectro.__main__
+
+    jobs_run = runpy.run_path(str(ROOT / "jobs" / "run.py"))           # not as __main__: defines, runs nothing
+    assert spectro.__main__.app is cli.app and jobs_run["app"] is cli.app
     helps = {entry: run_entry(entry, "--help") for entry in ENTRY_POINTS}
     for entry, proc in helps.items():
         assert proc.returncode == 0, (entry, proc.stderr)
