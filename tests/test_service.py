@@ -16,6 +16,7 @@ from spectro.service import sample
 from spectro.store import SampleStore
 from tests.helpers import COMPONENTS, arrays, assert_identical, make_store, tiny_config, tiny_problem
 
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, ray_local):
     """An uninterrupted run with 2 actors."""
