@@ -126,6 +126,7 @@ def finished_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_main_job_writes_samples_and_susceptibilities(finished_run):
     run_dir = finished_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -164,6 +165,7 @@ def _kill_tree(proc):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_run_resumes_bit_identical(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_job(run_dir)
@@ -191,6 +193,7 @@ def test_driver_killed_mid_run_resumes_bit_identical(finished_run, tmp_path):
     assert summary["sample"]["units_skipped"] + summary["sample"]["units_run"] == 3
 
 
+@pytest.mark.slow
 def test_changed_config_on_existing_run_dir_is_refused(finished_run, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "run.py"), f"hydra.run.dir={finished_run}", *SMALL,
                            "sampler.gamma=123", "stage=sample"], cwd=ROOT, capture_output=True, text=True, timeout=300,

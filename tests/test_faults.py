@@ -29,6 +29,8 @@ from tests.helpers import arrays, assert_identical, make_store, tiny_config, tin
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow          # fault injection: killed processes, a full tmpfs
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, ray_local):

@@ -12,6 +12,8 @@ from spectro.service import sample
 from spectro.store import SampleStore
 from tests.helpers import arrays, assert_identical, make_store, tiny_config, tiny_problem
 
+pytestmark = pytest.mark.slow          # a second Ray node, removed mid-run
+
 
 @pytest.fixture(scope="module")
 def two_nodes():

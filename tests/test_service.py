@@ -63,6 +63,7 @@ def test_one_actor_bit_identical_to_two(reference, tmp_path, ray_local):
     assert_identical(arrays(run / "samples.zarr"), arrays(tmp_path / "samples.zarr"))
 
 
+@pytest.mark.slow
 def test_actor_killed_mid_unit_resumes_bit_identical(reference, tmp_path, ray_local):
     import psutil
 
