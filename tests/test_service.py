@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from spectro.config import as_dict
 from spectro.device import release_host_memory
 from spectro.service import sample
 from spectro.store import SampleStore

@@ -26,6 +26,7 @@ def run_chains(hyper, anchor, X, y, n_chains, n_steps, burn, mask=None, mode="vm
     return torch.stack(draws, 1), info  # (chains, draws, d)
 
 
+@pytest.mark.slow  # thousands of steps for Monte Carlo z-scores
 def test_sgld_matches_gaussian_posterior_mean_and_covariance():
     X, y, w_hat = regression_problem()
     anchor = w_hat + torch.tensor([0.3, -0.2], dtype=torch.float64)   # w* away from the optimum
@@ -57,6 +58,7 @@ def test_sgld_matches_gaussian_posterior_mean_and_covariance():
     assert torch.linalg.norm(cov - torch.linalg.inv(lam)) > 0.01 * torch.linalg.norm(cov)
 
 
+@pytest.mark.slow  # thousands of steps for Monte Carlo z-scores
 def test_small_step_converges_to_continuous_posterior():
     X, y, w_hat = regression_problem(seed=1)
     anchor = w_hat.clone()
