@@ -1,7 +1,12 @@
-"""The plain function behind the Hydra entrypoint: validate, run, report.
+"""The main job: the Hydra app behind every entry point, and the plain
+function it calls.
 
-On bad input it prints one clear error and removes the run directory if this
-invocation created it (so a failed start leaves nothing half-written); an
+`app` is the one Hydra app; `spectro` (the console script), `python -m spectro`
+and `python jobs/run.py` (the Ray Jobs entrypoint) all run it, with the
+configuration in the repository's conf/ directory. `main(cfg, run_dir)` does
+the work: validate, run, report. On bad input it prints one line,
+`spectro: error: ...`, exits with code 2, and removes the run directory if
+this invocation created it (so a failed start leaves nothing half-written); an
 existing run directory with samples is never removed.
 """
 
@@ -13,17 +18,26 @@ import shutil
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 
 from spectro.config import to_config
 from spectro.errors import SpectroError
 
 log = logging.getLogger("spectro")
 
+# conf/ sits at the repository root, beside the package: found from an editable install
+# (`pip install -e .`) or a checkout on sys.path (`ray job submit --working-dir .`).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+JOB_NAME = "spectro"          # Hydra's job name: the run directory's log is spectro.log
+
 
 def _fresh_dir(run_dir: Path) -> bool:
     """True if the directory holds nothing but what Hydra wrote at startup."""
-    return all(p.name in (".hydra", "run.log") for p in run_dir.iterdir()) if run_dir.exists() else True
+    startup = (".hydra", f"{JOB_NAME}.log")
+    return all(p.name in startup for p in run_dir.iterdir()) if run_dir.exists() else True
 
 
 def main(cfg: DictConfig, run_dir: str | Path) -> int:
@@ -53,3 +67,30 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
         return 2
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _job(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and cfg.wandb.group is None:
+        with open_dict(cfg):
+            cfg.wandb.group = f"sweep-{Path(hc.sweep.dir).name}"   # one wandb run per job, one group per sweep
+    code = main(cfg, hc.runtime.output_dir)
+    if code:
+        sys.exit(code)
+
+
+# Hydra names the job after the task function's module (here it would be "cli"): present it as spectro,
+# so the log is spectro.log and --help reads "spectro is powered by Hydra". The config path is absolute:
+# a relative one would be taken inside the package, where there is no conf/.
+_job.__module__ = "spectro"
+_hydra_app = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(_job)
+
+
+def app() -> None:
+    """The command line: `spectro [overrides]`, `python -m spectro`, `python jobs/run.py`; --help lists the
+    config groups."""
+    if not (CONF_DIR / "config.yaml").is_file():
+        print(f"spectro: error: no configuration at {CONF_DIR}; spectro runs from a checkout of its repository "
+              "(pip install -e .), whose conf/ directory holds the configuration", file=sys.stderr)
+        sys.exit(2)
+    _hydra_app()

@@ -2,11 +2,13 @@
 
 `make_pythia14m_checkpoint(dir)` writes what a snapshot of the hub repo
 `EleutherAI/pythia-14m` holds (config.json, model.safetensors, tokenizer.json)
-with random weights: the real architecture (DESIGN 3), fp16 tensors under the
+with random weights: the real architecture, fp16 tensors under the
 hub's key names (`embed_out.weight` for the head, plus the per-layer legacy
 buffers `attention.bias`, `attention.masked_bias`, `attention.rotary_emb.inv_freq`
-that the hub files carry), and the real GPT-NeoX-20B tokenizer copied from
-`../shared` at test time (never committed; the test skips when it is absent).
+that the hub files carry), and the real GPT-NeoX-20B tokenizer copied at test
+time from gpt-neox-20b.json in $SPECTRO_TOKENIZER_DIR (default: shared/tokenizers
+beside the repository; never committed; the tests that need it skip when it is
+absent).
 
 `make_tiny_checkpoint(dir)` writes the same layout for a 2-layer model with a
 small word-level tokenizer, for tests that are not about the Pythia shape.
@@ -18,6 +20,7 @@ model, so the loader is tested against the hub layout, not against itself.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -26,7 +29,9 @@ import safetensors.torch
 import tokenizers
 import torch
 
-SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt-neox-20b.json"
+TOKENIZER_DIR = Path(os.environ.get("SPECTRO_TOKENIZER_DIR")
+                     or Path(__file__).resolve().parents[2] / "shared" / "tokenizers")
+SHARED_TOKENIZER = TOKENIZER_DIR / "gpt-neox-20b.json"
 
 PYTHIA14M_CONFIG = {
     "architectures": ["GPTNeoXForCausalLM"],
@@ -67,8 +72,8 @@ TINY_WORDS = ["<|endoftext|>", "[UNK]", "the", "cat", "sat", "on", "a", "mat", "
 def make_pythia14m_checkpoint(directory: str | Path, seed: int = 0) -> Path:
     """Write a Pythia-14M-shaped hub snapshot (random fp16 weights, real tokenizer) into `directory`."""
     if not SHARED_TOKENIZER.is_file():
-        pytest.skip(f"the shared GPT-NeoX-20B tokenizer is not at {SHARED_TOKENIZER}; "
-                    "the Pythia-14M fixture needs it (see DESIGN 3)")
+        pytest.skip(f"needs the GPT-NeoX-20B tokenizer file gpt-neox-20b.json in SPECTRO_TOKENIZER_DIR "
+                    f"(not found: {SHARED_TOKENIZER})")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(SHARED_TOKENIZER, directory / "tokenizer.json")

@@ -1,4 +1,4 @@
-"""Bad input, hostile files and numerics under stress (issue 9).
+"""Bad input, hostile files and numerics under stress.
 
 End to end through `spectro.cli.main` (what `jobs/run.py` calls): every bad
 input is one line `spectro: error: ...` naming what is wrong, exit code 2,
@@ -24,11 +24,8 @@ from spectro.config import to_config
 from spectro.errors import (ComponentError, ConfigError, DataError, DivergenceError, StoreError,
                             UnsafePathError)
 from spectro.store import SampleStore, confined
-from tests.conftest import tiny_config, tiny_problem
+from tests.helpers import WritesAFile, compose_cfg, make_store, malicious_bin, tiny_config, tiny_problem
 from tests.pythia_fixture import TINY_CONFIG, make_tiny_checkpoint
-from tests.test_cli import compose_cfg
-from tests.test_model import _malicious_bin
-from tests.test_service import make_store
 
 WORDS = "the cat sat on a mat the dog ran on a mat a cat ran the dog sat".split()
 
@@ -47,7 +44,7 @@ def files(tmp_path_factory):
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     hostile = make_tiny_checkpoint(root / "hostile", weights="none")
-    _malicious_bin(hostile / "pytorch_model.bin", root / "pwned.txt")
+    malicious_bin(hostile / "pytorch_model.bin", root / "pwned.txt")
     corpus = root / "corpus.txt"
     corpus.write_text(" ".join(WORDS * 400))                # one token per word: len(WORDS) * 50 windows of 8
     tiny = root / "tiny.txt"
@@ -354,7 +351,6 @@ def test_names_from_configs_or_stores_cannot_escape_the_run_directory(tmp_path):
 
 def test_a_hostile_checkpoint_is_never_unpickled_and_the_unit_restarts(problem, tmp_path):
     from spectro.service import checkpoint_path, run_unit
-    from tests.test_model import _WritesAFile
 
     config = tiny_config(num_draws=3, checkpoint_every=3, burnin=0)
     ref = make_store(tmp_path / "ref" / "samples.zarr", problem, config)
@@ -364,7 +360,7 @@ def test_a_hostile_checkpoint_is_never_unpickled_and_the_unit_restarts(problem, 
     ckpt = checkpoint_path(tmp_path / "run" / "ck", "l0h1", [0, 1])
     ckpt.parent.mkdir(parents=True)
     marker = tmp_path / "pwned.txt"
-    torch.save({"draw": 2, "params": _WritesAFile(marker)}, ckpt)
+    torch.save({"draw": 2, "params": WritesAFile(marker)}, ckpt)
     store.set_progress("l0h1", [0, 1], 3)                  # it even claims the unit is done
     out = run_unit(problem, store, "l0h1", [0, 1], config.sampler, 0, tmp_path / "run" / "ck")
     assert not marker.exists(), "the checkpoint's pickle ran"

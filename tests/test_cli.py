@@ -1,34 +1,31 @@
-"""The main job from the command line on the embedded default: bad input
-fails before any work with one clear message and no run directory left;
-a small run writes samples and susceptibilities; a driver killed mid-run
-resumes to bit-identical results."""
+"""The main job from the command line on the embedded default: the three
+entry points (`spectro`, `python -m spectro`, `python jobs/run.py`) are one
+Hydra app; bad input fails before any work with one clear message and no run
+directory left; a small run writes samples and susceptibilities; a driver
+killed mid-run resumes to bit-identical results."""
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 import xarray as xr
-from hydra import compose, initialize_config_dir
-
 from spectro import cli
 from spectro.store import SampleStore
+from tests.helpers import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["components=[l0h1,l2.mlp]", "sampler.num_chains=4", "sampler.chain_group=4", "sampler.num_draws=8",
          "sampler.checkpoint_every=2", "data.n_probe_contexts=8", "data.n_train_contexts=64",
          "data.n_sampling_contexts=8", "ray.num_actors=2"]
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -55,6 +52,64 @@ def test_bad_input_fails_before_any_work(tmp_path, capsys, overrides, message):
     assert not run_dir.exists(), "a failed start must not leave a run directory behind"
 
 
+# --------------------------------------------------------------------------- #
+# entry points
+# --------------------------------------------------------------------------- #
+
+ENTRY_POINTS = {"module": [sys.executable, "-m", "spectro"], "jobs/run.py": [sys.executable, str(ROOT / "jobs" / "run.py")]}
+
+
+def run_entry(entry, *args, timeout=120):
+    return subprocess.run([*ENTRY_POINTS[entry], *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+
+
+def config_groups(help_text):
+    """{group: options} from the "== Configuration groups ==" section of Hydra's --help."""
+    section = help_text.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
+    groups = {}
+    for line in section.splitlines():
+        name, sep, options = line.partition(": ")
+        if sep and " " not in name:
+            groups[name] = options.split(", ")
+    return groups
+
+
+def test_the_entry_points_are_one_hydra_app():
+    """`spectro` (the console script) is spectro.cli:app; `python -m spectro` and `python jobs/run.py` run the
+    same app: the same --help, listing every config group in conf/ with its options."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"spectro": "spectro.cli:app"}
+    import spectro.__main__
+
+    jobs_run = runpy.run_path(str(ROOT / "jobs" / "run.py"))           # not as __main__: defines, runs nothing
+    assert spectro.__main__.app is cli.app and jobs_run["app"] is cli.app
+    helps = {entry: run_entry(entry, "--help") for entry in ENTRY_POINTS}
+    for entry, proc in helps.items():
+        assert proc.returncode == 0, (entry, proc.stderr)
+        assert proc.stdout.startswith("spectro is powered by Hydra."), (entry, proc.stdout[:200])
+    assert helps["module"].stdout == helps["jobs/run.py"].stdout
+    expected = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in (ROOT / "conf").iterdir() if d.is_dir()}
+    assert config_groups(helps["module"].stdout) == expected
+    assert {"experiment", "model", "data", "sampler", "clustering", "sae"} <= set(expected)
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_bad_input_from_the_command_line_is_one_line_and_exit_code_2(entry, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_entry(entry, "experiment=smoke", "sampler.step_size=0", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        "spectro: error: sampler.step_size must be a positive finite number (got 0.0); e.g. sampler.step_size=1e-4"]
+    assert proc.stdout == ""
+    assert not run_dir.exists(), "a failed start must not leave a run directory behind"
+
+
+# --------------------------------------------------------------------------- #
+# a small run from the command line
+# --------------------------------------------------------------------------- #
+
+
 def run_job(run_dir, extra=(), **popen):
     cmd = [sys.executable, str(ROOT / "jobs" / "run.py"), f"hydra.run.dir={run_dir}", *SMALL, *extra]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -71,6 +126,7 @@ def finished_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_main_job_writes_samples_and_susceptibilities(finished_run):
     run_dir = finished_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -109,6 +165,7 @@ def _kill_tree(proc):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_run_resumes_bit_identical(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_job(run_dir)
@@ -136,6 +193,7 @@ def test_driver_killed_mid_run_resumes_bit_identical(finished_run, tmp_path):
     assert summary["sample"]["units_skipped"] + summary["sample"]["units_run"] == 3
 
 
+@pytest.mark.slow
 def test_changed_config_on_existing_run_dir_is_refused(finished_run, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "run.py"), f"hydra.run.dir={finished_run}", *SMALL,
                            "sampler.gamma=123", "stage=sample"], cwd=ROOT, capture_output=True, text=True, timeout=300,

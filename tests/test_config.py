@@ -1,20 +1,11 @@
 """Every config in conf/ composes and validates; bad values get one clear
 ConfigError naming the key."""
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 
 from spectro.config import SpectroConfig, to_config
 from spectro.errors import ConfigError
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_cfg(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+from tests.helpers import CONF, compose_cfg
 
 
 def group_options(group):

@@ -11,7 +11,7 @@ from spectro.config import SamplerConfig, to_config
 from spectro.device import HeapTrimmer, apply_settings, eval_autocast, gpu_request, resolve_device
 from spectro.errors import ConfigError
 from spectro.estimator import susceptibility_from_arrays
-from tests.conftest import tiny_config, tiny_problem
+from tests.helpers import make_store, tiny_config, tiny_problem
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA branch")
 
@@ -103,7 +103,6 @@ def test_actors_take_declared_gpus_and_refuse_cuda_without_it(ray_with_declared_
     ray = ray_with_declared_gpus
     from spectro.service import SamplerActor, _creation_error, make_payload
 
-    from tests.test_service import make_store
 
     problem = tiny_problem()
     cfg = tiny_config()

@@ -16,8 +16,8 @@ import torch
 
 from spectro.estimator import ChainMoments, susceptibility, susceptibility_from_arrays
 from spectro.sgld import SGLDHyper, build
+from tests.helpers import closed_form, loss_fn, regression_problem
 from tests.synthetic import gaussian_stationary_moments
-from tests.test_sgld import closed_form, loss_fn, regression_problem
 
 
 def quad(X, y):

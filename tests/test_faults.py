@@ -7,7 +7,7 @@ never torn; a full disk (a real size-limited tmpfs) stops the run with one
 clear error and a rerun after freeing space finishes bit-identically; the
 covariance job killed mid-run reruns to the identical chi. Killing an actor
 (tests/test_service.py), the driver (tests/test_cli.py) and removing a node
-(tests/test_cluster.py) are tested where they were built.
+(tests/test_multinode.py) are tested where they were built.
 """
 
 import os
@@ -25,10 +25,11 @@ import pytest
 from spectro.errors import DiskFullError, StoreError
 from spectro.service import checkpoint_path, sample
 from spectro.store import SampleStore
-from tests.conftest import tiny_config, tiny_problem
-from tests.test_service import arrays, assert_identical, make_store
+from tests.helpers import arrays, assert_identical, make_store, tiny_config, tiny_problem
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow          # fault injection: killed processes, a full tmpfs
 
 
 @pytest.fixture(scope="module")

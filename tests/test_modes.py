@@ -1,4 +1,4 @@
-"""Modes (DESIGN 1.8) on synthetic data: a planted rank-3 matrix is recovered
+"""Modes on synthetic data: a planted rank-3 matrix is recovered
 (variance shares, loadings, extreme tokens), pure noise gives a flat
 spectrum, and bad input gives clear errors."""
 

@@ -1,4 +1,4 @@
-"""Optimised paths (issue 7) give the same numbers as the plain ones.
+"""Optimised paths give the same numbers as the plain ones.
 
 - The lower-layer cache: evaluating layers L.. from the cached residual stream
   equals the full forward (logits, per-token losses, the SGLD loss and its
@@ -19,7 +19,7 @@ from torch.func import grad, vmap
 from spectro.observables import (Body, linear_cross_entropy, linear_cross_entropy_mean, logits, token_cross_entropy, mean_loss, mean_loss_from, residual_at,
                                  token_losses, token_losses_from)
 from spectro.sampling import UnitRunner
-from tests.conftest import tiny_config, tiny_model, tiny_problem
+from tests.helpers import tiny_config, tiny_model, tiny_problem
 
 
 @pytest.fixture(scope="module")

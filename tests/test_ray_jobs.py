@@ -19,6 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
 
+pytestmark = pytest.mark.slow          # a Ray head and a whole job through the Jobs API
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -29,6 +29,8 @@ DANGER = "</script><b>\"x'&amp;"
 CHROMIUM = Path("/usr/bin/chromium")
 PAGE = 3                                   # cards per page in the fixture report: paging is exercised
 
+pytestmark = pytest.mark.slow              # two real pipeline runs, then a headless browser
+
 
 # --------------------------------------------------------------------------- #
 # fixture run

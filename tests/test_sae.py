@@ -1,4 +1,4 @@
-"""SAE validation (DESIGN 1.7): a planted-feature world where the answer is known, the matching arithmetic,
+"""SAE validation: a planted-feature world where the answer is known, the matching arithmetic,
 reconstruction quality on the embedded model through the real transformers module, and bad SAE files."""
 
 from __future__ import annotations
@@ -215,6 +215,7 @@ def test_bad_sae_config_values():
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow  # trains an SAE on the shipped model's activations
 def test_sae_on_the_embedded_model_reconstructs_and_splices(tmp_path):
     """Residual stream after block 2 of the shipped model, a short training run (the default stage trains
     longer): FVE >= 0.65 on held-out contexts and the spliced-in reconstruction costs < 0.6 nats while mean

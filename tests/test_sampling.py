@@ -11,7 +11,7 @@ import torch
 
 from spectro.components import resolve_components
 from spectro.sampling import UnitRunner, chain_seed
-from tests.conftest import tiny_config, tiny_problem
+from tests.helpers import tiny_config, tiny_problem
 
 
 def draws(runner, state, n):

@@ -11,41 +11,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from spectro.pipeline import fingerprint
 from spectro.config import as_dict
 from spectro.device import release_host_memory
 from spectro.service import sample
-from spectro.store import Layout, ProbeTable, SampleStore, TRACE_ARRAYS
-from tests.conftest import tiny_config, tiny_problem
-
-COMPONENTS = ["full", "l0h1", "l1.mlp"]
-
-
-def make_store(path, problem, config, components=COMPONENTS):
-    s, d = config.sampler, config.data
-    layout = Layout.plan(components, s.num_chains, s.num_draws, problem.probe_ids.shape[0],
-                         problem.probe_ids.shape[1], s.chain_group, s.checkpoint_every)
-    n_ctx, seq = problem.probe_ids.shape
-    T = n_ctx * (seq - 1)
-    probe = ProbeTable(input_ids=problem.probe_ids.numpy(), context=np.repeat(np.arange(n_ctx), seq - 1),
-                       position=np.tile(np.arange(1, seq), n_ctx), token_id=problem.probe_ids[:, 1:].reshape(-1).numpy(),
-                       text=[f"t{i}" for i in range(T)], source=["code"] * T)
-    return SampleStore.create_or_open(path, layout, fingerprint=fingerprint(config), config=as_dict(config),
-                                      model={"source": "tiny"}, data={}, init_loss=problem.init_loss, probe=probe)
-
-
-def arrays(path):
-    st = SampleStore.open(path)
-    names = ["sampling_loss", "probe_loss", "diverged_at", "progress", *TRACE_ARRAYS]
-    return {n: st.read(n) for n in names}
-
-
-def assert_identical(a, b):
-    for name in a:
-        assert a[name].dtype == b[name].dtype
-        assert np.array_equal(a[name], b[name], equal_nan=True), f"{name} differs"
-        # bitwise, not just numerically equal
-        assert a[name].tobytes() == b[name].tobytes(), f"{name} differs bitwise"
+from spectro.store import SampleStore
+from tests.helpers import COMPONENTS, arrays, assert_identical, make_store, tiny_config, tiny_problem
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +64,7 @@ def test_one_actor_bit_identical_to_two(reference, tmp_path, ray_local):
     assert_identical(arrays(run / "samples.zarr"), arrays(tmp_path / "samples.zarr"))
 
 
+@pytest.mark.slow
 def test_actor_killed_mid_unit_resumes_bit_identical(reference, tmp_path, ray_local):
     import psutil
 

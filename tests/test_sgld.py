@@ -10,22 +10,8 @@ import pytest
 import torch
 
 from spectro.sgld import SGLDHyper, build
+from tests.helpers import closed_form, loss_fn, regression_problem
 from tests.synthetic import gaussian_stationary_moments
-
-
-def regression_problem(d=2, n=200, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w_true = torch.tensor([1.0, -2.0, 0.5][:d], dtype=torch.float64)
-    y = X @ w_true + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
-    w_hat = torch.linalg.solve(X.T @ X, X.T @ y)
-    return X, y, w_hat
-
-
-def loss_fn(p, batch):
-    X, y = batch
-    r = y - X @ p["w"]
-    return 0.5 * (r * r).mean()
 
 
 def run_chains(hyper, anchor, X, y, n_chains, n_steps, burn, mask=None, mode="vmap", seed=0):
@@ -41,14 +27,7 @@ def run_chains(hyper, anchor, X, y, n_chains, n_steps, burn, mask=None, mode="vm
     return torch.stack(draws, 1), info  # (chains, draws, d)
 
 
-def closed_form(X, y, w_hat, anchor, nbeta, gamma, eps):
-    n = X.shape[0]
-    H = X.T @ X / n
-    lam = nbeta * H + gamma * torch.eye(X.shape[1], dtype=torch.float64)
-    mean = torch.linalg.solve(lam, nbeta * H @ w_hat + gamma * anchor)
-    return gaussian_stationary_moments(lam, mean, eps)
-
-
+@pytest.mark.slow  # thousands of steps for Monte Carlo z-scores
 def test_sgld_matches_gaussian_posterior_mean_and_covariance():
     X, y, w_hat = regression_problem()
     anchor = w_hat + torch.tensor([0.3, -0.2], dtype=torch.float64)   # w* away from the optimum
@@ -80,6 +59,7 @@ def test_sgld_matches_gaussian_posterior_mean_and_covariance():
     assert torch.linalg.norm(cov - torch.linalg.inv(lam)) > 0.01 * torch.linalg.norm(cov)
 
 
+@pytest.mark.slow  # thousands of steps for Monte Carlo z-scores
 def test_small_step_converges_to_continuous_posterior():
     X, y, w_hat = regression_problem(seed=1)
     anchor = w_hat.clone()

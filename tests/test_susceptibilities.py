@@ -16,8 +16,8 @@ from spectro.service import sample
 from spectro.store import Layout, ProbeTable, SampleStore
 from spectro.susceptibilities import compute, online_estimate
 from tests import regression
-from tests.conftest import tiny_config, tiny_problem
-from tests.test_service import make_store as make_lm_store
+from tests.helpers import make_store as make_lm_store
+from tests.helpers import tiny_config, tiny_problem
 
 NBETA, GAMMA, EPS = 4.0, 2.0, 0.05
 

@@ -31,6 +31,7 @@ def sweep(tmp_path_factory):
     return sweep_dir
 
 
+@pytest.mark.slow
 def test_each_job_has_its_own_run_dir_and_wandb_run_in_one_group(sweep):
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "config.json").exists())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
@@ -48,6 +49,7 @@ def test_each_job_has_its_own_run_dir_and_wandb_run_in_one_group(sweep):
     assert groups == {f"sweep-{sweep.name}"}
 
 
+@pytest.mark.slow
 def test_sweep_summary_names_a_recommended_setting_with_reasons(sweep):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep_summary.py"), str(sweep), "--ess-min", "2",
                            "--rhat-max", "2.0", "--llc-spread-max", "1.0"],

@@ -10,8 +10,9 @@ import pytest
 
 from spectro.service import sample
 from spectro.store import SampleStore
-from tests.conftest import tiny_config, tiny_problem
-from tests.test_service import arrays, assert_identical, make_store
+from tests.helpers import arrays, assert_identical, make_store, tiny_config, tiny_problem
+
+pytestmark = pytest.mark.slow          # a second Ray node, removed mid-run
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,165 @@
+"""Helpers shared by the test files (test files import from here, never from
+each other): a tiny real GPT-NeoX and sampling problem, sample stores built
+on it, composed Hydra configs, a hostile pickle, and the linear-regression
+closed forms that SGLD and the estimator are checked against.
+
+Bigger fixture builders have their own modules: pythia_fixture.py (hub-layout
+checkpoints), regression.py (linear regression as a spectro Problem),
+synthetic.py (planted cluster families), wandb_reader.py (offline wandb runs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+from spectro.config import SpectroConfig, as_dict, to_config
+from tests.synthetic import gaussian_stationary_moments
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+# --------------------------------------------------------------------------- #
+# configs
+# --------------------------------------------------------------------------- #
+
+
+def compose_cfg(overrides=()):
+    """The Hydra config from conf/ with these overrides, as the command line would compose it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+# --------------------------------------------------------------------------- #
+# a tiny GPT-NeoX and its sampling problem
+# --------------------------------------------------------------------------- #
+
+
+def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4, vocab: int = 96, max_pos: int = 64):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)  # transformers' init uses the global generator; tests only
+    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=4 * hidden, rotary_pct=0.25, max_position_embeddings=max_pos,
+                        use_parallel_residual=True, tie_word_embeddings=False, attn_implementation="eager")
+    model = GPTNeoXForCausalLM(cfg).float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def tiny_config(**sampler) -> SpectroConfig:
+    base = dict(step_size=1e-3, nbeta=8.0, gamma=100.0, batch_size=4, num_chains=4, num_draws=6,
+                chain_group=2, checkpoint_every=3, seed=0)
+    base.update(sampler)
+    return to_config({"sampler": base, "data": {"seq_len": 12, "n_train_contexts": 16,
+                                                "n_sampling_contexts": 4, "n_probe_contexts": 3},
+                      "components": ["l0h1", "l1.mlp"],
+                      "ray": {"num_actors": 2, "num_cpus_per_actor": 1}})
+
+
+def tiny_problem(seed: int = 0):
+    from spectro.sampling import make_problem
+
+    model = tiny_model(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, model.config.vocab_size, (23, 12), generator=g)
+    return make_problem(model, ids[:16], ids[16:20], ids[20:23])
+
+
+# --------------------------------------------------------------------------- #
+# sample stores
+# --------------------------------------------------------------------------- #
+
+COMPONENTS = ["full", "l0h1", "l1.mlp"]
+
+
+def make_store(path, problem, config, components=COMPONENTS):
+    """A fresh (or reopened) samples.zarr for `problem` under `config`, probe texts t0, t1, ..."""
+    from spectro.pipeline import fingerprint
+    from spectro.store import Layout, ProbeTable, SampleStore
+
+    s = config.sampler
+    layout = Layout.plan(components, s.num_chains, s.num_draws, problem.probe_ids.shape[0],
+                         problem.probe_ids.shape[1], s.chain_group, s.checkpoint_every)
+    n_ctx, seq = problem.probe_ids.shape
+    T = n_ctx * (seq - 1)
+    probe = ProbeTable(input_ids=problem.probe_ids.numpy(), context=np.repeat(np.arange(n_ctx), seq - 1),
+                       position=np.tile(np.arange(1, seq), n_ctx), token_id=problem.probe_ids[:, 1:].reshape(-1).numpy(),
+                       text=[f"t{i}" for i in range(T)], source=["code"] * T)
+    return SampleStore.create_or_open(path, layout, fingerprint=fingerprint(config), config=as_dict(config),
+                                      model={"source": "tiny"}, data={}, init_loss=problem.init_loss, probe=probe)
+
+
+def arrays(path):
+    """Every sample and trace array of a store, by name."""
+    from spectro.store import TRACE_ARRAYS, SampleStore
+
+    st = SampleStore.open(path)
+    names = ["sampling_loss", "probe_loss", "diverged_at", "progress", *TRACE_ARRAYS]
+    return {n: st.read(n) for n in names}
+
+
+def assert_identical(a, b):
+    for name in a:
+        assert a[name].dtype == b[name].dtype
+        assert np.array_equal(a[name], b[name], equal_nan=True), f"{name} differs"
+        # bitwise, not just numerically equal
+        assert a[name].tobytes() == b[name].tobytes(), f"{name} differs bitwise"
+
+
+# --------------------------------------------------------------------------- #
+# a hostile pickle
+# --------------------------------------------------------------------------- #
+
+
+class WritesAFile:
+    """Unpickling this runs `exec`, which creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def malicious_bin(path: Path, marker: Path) -> None:
+    """A pytorch_model.bin of the tiny checkpoint whose unpickling writes `marker`."""
+    from tests.pythia_fixture import TINY_CONFIG, hub_state_dict
+
+    state = hub_state_dict(TINY_CONFIG)
+    state["gpt_neox.embed_in.weight"] = WritesAFile(marker)
+    torch.save(state, path)
+
+
+# --------------------------------------------------------------------------- #
+# linear regression in closed form (plain torch, for SGLD and the estimator)
+# --------------------------------------------------------------------------- #
+
+
+def regression_problem(d=2, n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w_true = torch.tensor([1.0, -2.0, 0.5][:d], dtype=torch.float64)
+    y = X @ w_true + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    w_hat = torch.linalg.solve(X.T @ X, X.T @ y)
+    return X, y, w_hat
+
+
+def loss_fn(p, batch):
+    X, y = batch
+    r = y - X @ p["w"]
+    return 0.5 * (r * r).mean()
+
+
+def closed_form(X, y, w_hat, anchor, nbeta, gamma, eps):
+    """Mean and covariance of full-batch SGLD's stationary law on the localized, tempered regression posterior."""
+    n = X.shape[0]
+    H = X.T @ X / n
+    lam = nbeta * H + gamma * torch.eye(X.shape[1], dtype=torch.float64)
+    mean = torch.linalg.solve(lam, nbeta * H @ w_hat + gamma * anchor)
+    return gaussian_stationary_moments(lam, mean, eps)

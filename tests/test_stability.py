@@ -1,0 +1,41 @@
+"""Cluster stability (spectro.stability): the agreement of two labellings by
+hand, and the two halves of a planted matrix cluster alike while halves with
+unrelated noise do not."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from spectro.clusters import ClusterParams
+from spectro.stability import agreement, stability
+from tests.synthetic import planted_partition
+
+
+def test_agreement_hand_example():
+    a = np.array([0, 0, 1, 1, -1, 2])
+    b = np.array([1, 1, 0, 0, 0, -1])          # the same clusters on the tokens both cluster, renamed
+    out = agreement(a, b)
+    assert out["ari"] == 1.0 and out["tokens_in_both"] == 4
+    assert out["ari_all_tokens"] == pytest.approx(adjusted_rand_score(a, b)) and out["ari_all_tokens"] < 1.0
+    assert agreement(np.array([0, -1, -1]), np.array([-1, 0, 0]))["ari"] is None   # fewer than 2 in both
+
+
+def test_halves_of_one_planted_matrix_agree_and_unrelated_halves_do_not():
+    chi, _ = planted_partition(600, np.random.default_rng(3), noise=0.2)
+    rng = np.random.default_rng(4)
+    scale = np.abs(chi).mean()
+    halves = np.stack([chi + 0.05 * scale * rng.standard_normal(chi.shape) for _ in range(2)])
+    out = stability(halves, ClusterParams())
+    assert out["ari"] > 0.9, out
+    assert len(out["n_clusters_halves"]) == 2 and min(out["n_clusters_halves"]) >= 2
+    assert all(0 < s <= 1 for s in out["clustered_share_halves"])
+
+    unrelated = np.stack([chi, chi[rng.permutation(chi.shape[0])]])   # the same rows, paired with other tokens
+    assert stability(unrelated, ClusterParams())["ari_all_tokens"] < 0.2
+
+
+def test_no_halves_or_nonfinite_halves_give_none():
+    chi = np.ones((2, 10, 3))
+    assert stability(chi[:1], ClusterParams()) is None
+    chi[1, 0, 0] = np.nan
+    assert stability(chi, ClusterParams()) is None
