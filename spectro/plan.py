@@ -40,12 +40,19 @@ tensors: the update, its noise and norms stream every entry, masked or not)
 and t_eval = eval FLOPs / r_e + v, fitted to the two calibrated components
 (each of which is then predicted exactly as measured); units are dealt to
 `ray.num_actors` actors in the service's order (an idle actor takes the next
-unit), plus the actors' start. When actors x threads exceed the machine's
-cores, every time is stretched by that ratio.
+unit), plus the actors' start. The calibration also measures how many cores
+other processes keep busy meanwhile (O, from /proc/stat): with the machine's
+c cores shared fairly, the calibration ran at min(1, c / (threads + O)) of a
+core's speed and each actor of a local run will run at
+min(1, c / (actors x threads + O)); unit times are stretched by that ratio.
+So the prediction is for the machine as loaded while planning.
 
 GPU model: FLOPs / (datasheet dense rate x EFFICIENCY) + the SGLD update's
-memory traffic / (bandwidth x BW_EFFICIENCY) + one kernel launch latency per
-eager op. The dtype is that of the run: SGLD steps float32 (TF32 with
+memory traffic / (bandwidth x BW_EFFICIENCY) + one launch latency (LAUNCH_S)
+per eager op. The ops are counted in the calibration (every aten op torch
+dispatches in one step and one evaluation of each calibrated component;
+other units from a fit per layer run and per sampled tensor), or without a
+calibration taken from per-layer constants. The dtype is that of the run: SGLD steps float32 (TF32 with
 `sampler.tf32`), evaluations float32 or bf16 (`sampler.probe_dtype`). Nothing
 here has been checked against a GPU run (docs/performance.md).
 
@@ -250,6 +257,58 @@ def _threads(config) -> int:
     return r.torch_threads or max(1, int(r.num_cpus_per_actor))
 
 
+class OpCount:
+    """Counts the aten ops torch dispatches inside the block (vmapped ops count once, as one kernel each)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.n += 1
+                return func(*args, **(kwargs or {}))
+
+        self.n = 0
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False
+
+
+class CpuLoad:
+    """Cores kept busy by other processes while the block runs: the machine's busy time (/proc/stat) less this
+    process's own CPU time, per second of wall time. 0 where /proc/stat is not readable."""
+
+    @staticmethod
+    def _busy() -> Optional[tuple[float, float]]:
+        try:
+            with open("/proc/stat") as f:
+                v = [float(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        busy = v[0] + v[1] + v[2] + sum(v[5:8])           # user nice system (idle iowait) irq softirq steal
+        return busy / hz, time.perf_counter()
+
+    def __enter__(self):
+        self.start, self.own0 = self._busy(), time.process_time()
+        self.cores = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        end = self._busy()
+        if self.start is not None and end is not None and end[1] > self.start[1]:
+            wall = end[1] - self.start[1]
+            own = time.process_time() - self.own0
+            self.cores = max(0.0, (end[0] - self.start[0] - own) / wall)
+        return False
+
+
 def calibrate(prepared, component_names: list[str], draws: int, chains: tuple[int, ...]) -> dict:
     """Time unit start-up, SGLD steps and one chain's evaluation for each named component, in this process with
     one actor's torch threads: {name: {setup_s, step_s, eval_s}} (medians of `draws` steps and evaluations)."""
@@ -287,8 +346,14 @@ def calibrate(prepared, component_names: list[str], draws: int, chains: tuple[in
                     runner._per_token(params, "probe").float().reshape(-1).cpu().numpy()
                 if i:                                                  # the first one warms up
                     evals.append(time.perf_counter() - t0)
+            with OpCount() as step_ops:                                # what a GPU would launch, one op a kernel
+                runner._step(sg, state, healthy)
+            with OpCount() as eval_ops, eval_autocast(problem.device, cfg.probe_dtype):
+                runner._per_token(params, "sampling")
+                runner._per_token(params, "probe")
             out[name] = {"setup_s": setup, "step_s": statistics.median(steps), "eval_s": statistics.median(evals),
-                         "chains": len(chains), "threads": torch.get_num_threads()}
+                         "chains": len(chains), "threads": torch.get_num_threads(),
+                         "step_ops": step_ops.n, "eval_ops": eval_ops.n}
             del runner, state, sg
     finally:
         torch.set_num_threads(threads)
@@ -350,23 +415,63 @@ def schedule(durations: list[float], actors: int, start: float = 0.0) -> float:
 # ---------------------------------------------------------------- GPU
 
 
-def unit_seconds_gpu(w: dict, gpu: GPU, config, shape: Shape) -> float:
+def fit_ops(calib: dict, work: dict, shape: Shape):
+    """Eager ops per step and per chain evaluation of any unit, from the op counts of the calibrated
+    components: step = a * layers run + b * sampled tensors, evaluation = c + d * layers run (layers from the
+    unit's start layer). None without a calibration (then the per-layer constants of this module apply)."""
+    if not calib or any("step_ops" not in v for v in calib.values()):
+        return None
+    names = list(calib)
+    ref = ([n for n in names if n != "full"] or names)[0]
+    pts = [(shape.layers - work[n]["start_layer"], len(work[n]["tensors"]), calib[n])
+           for n in [ref] + (["full"] if ref != "full" and "full" in calib else [])]
+    (l1, t1, c1), (l2, t2, c2) = pts[0], pts[-1]
+    a = np.array([[l1, t1], [l2, t2]], dtype=float)
+    if len(pts) == 2 and abs(np.linalg.det(a)) > 1e-9:
+        x = np.linalg.solve(a, [c1["step_ops"], c2["step_ops"]])
+        per_layer, per_tensor = (float(x[0]), float(x[1])) if x.min() >= 0 else (None, None)
+    else:
+        per_layer = per_tensor = None
+    if per_layer is None:
+        per_layer, per_tensor = 0.0, c1["step_ops"] / max(1, t1)
+    if len(pts) == 2 and l1 != l2:
+        d = (c1["eval_ops"] - c2["eval_ops"]) / (l1 - l2)
+        c = c1["eval_ops"] - d * l1
+        if d < 0 or c < 0:
+            d, c = 0.0, float(c1["eval_ops"])
+    else:
+        d, c = 0.0, float(c1["eval_ops"])
+    measured = {n: (v["step_ops"], v["eval_ops"]) for n, v in calib.items()}
+
+    def ops(w: dict) -> tuple[float, float]:
+        if w["component"] in measured and w["chains"] == calib[w["component"]]["chains"]:
+            return measured[w["component"]]
+        layers = shape.layers - w["start_layer"]
+        return per_layer * layers + per_tensor * len(w["tensors"]), c + d * layers
+
+    return ops
+
+
+def unit_seconds_gpu(w: dict, gpu: GPU, config, shape: Shape, ops=None) -> float:
     s, d = config.sampler, config.data
     step_rate = (gpu.tf32 if s.tf32 else gpu.fp32) * 1e12 * EFFICIENCY
     eval_rate = (gpu.bf16 if s.probe_dtype == "bfloat16" else gpu.tf32 if s.tf32 else gpu.fp32) * 1e12 * EFFICIENCY
     layers = shape.layers - w["start_layer"]
     g = w["chains"]
-    n_tensors = max(1, len(w.get("tensors", ())))
-    head_blocks = math.ceil(s.batch_size * d.seq_len / CE_ROWS)
-    ops_step = layers * (OPS_PER_LAYER_FWD + OPS_PER_LAYER_BWD) + head_blocks * OPS_PER_HEAD_BLOCK + \
-        n_tensors * (OPS_PER_TENSOR_UPDATE + g)
+    if ops is not None:
+        ops_step, ops_eval = ops(w)
+    else:
+        n_tensors = max(1, len(w.get("tensors", ())))
+        head_blocks = math.ceil(s.batch_size * d.seq_len / CE_ROWS)
+        ops_step = layers * (OPS_PER_LAYER_FWD + OPS_PER_LAYER_BWD) + head_blocks * OPS_PER_HEAD_BLOCK + \
+            n_tensors * (OPS_PER_TENSOR_UPDATE + g)
+        eval_tokens = (d.n_sampling_contexts + d.n_probe_contexts) * d.seq_len
+        chunks = math.ceil(d.n_sampling_contexts / max(1, BODY_ROWS // d.seq_len)) + \
+            math.ceil(d.n_probe_contexts / max(1, BODY_ROWS // d.seq_len))
+        ops_eval = chunks * layers * OPS_PER_LAYER_FWD + math.ceil(eval_tokens / CE_ROWS) * OPS_PER_HEAD_BLOCK
     update_bytes = 10 * g * w["sampled_entries"] * 4           # read w, w*, grad, noise; write noise, w', norms
     step = (w["flops_per_step"] / step_rate + update_bytes / (gpu.bandwidth * 1e12 * BW_EFFICIENCY)
             + ops_step * LAUNCH_S)
-    eval_tokens = (d.n_sampling_contexts + d.n_probe_contexts) * d.seq_len
-    chunks = math.ceil(d.n_sampling_contexts / max(1, BODY_ROWS // d.seq_len)) + \
-        math.ceil(d.n_probe_contexts / max(1, BODY_ROWS // d.seq_len))
-    ops_eval = chunks * layers * OPS_PER_LAYER_FWD + math.ceil(eval_tokens / CE_ROWS) * OPS_PER_HEAD_BLOCK
     ev = w["flops_per_eval"] / eval_rate + ops_eval * LAUNCH_S
     setup = w["flops_cache"] / eval_rate
     return setup + w["steps"] * step + s.num_draws * g * ev
@@ -432,24 +537,32 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
         names = ["full"] + ([ref] if ref != "full" else [])
         chains = tuple(layout.units()[0][1])
         t0 = time.perf_counter()
-        calib = calibrate(p, names, n_draws, chains)
+        with CpuLoad() as load:
+            calib = calibrate(p, names, n_draws, chains)
         work = {u["component"]: u for u in units if u["chain_ids"] == list(chains)}
         rates = fit(calib, work)
         per_unit = [unit_seconds_cpu(u, rates, calib, config) for u in units]
         cores = os.cpu_count() or 1
-        stretch = max(1.0, config.ray.num_actors * _threads(config) / cores) if config.ray.address is None else 1.0
+        stretch = 1.0
+        if config.ray.address is None:       # a local run shares these cores with the load measured now
+            need, own = config.ray.num_actors * _threads(config), _threads(config)
+            stretch = min(1.0, cores / (own + load.cores)) / min(1.0, cores / (need + load.cores))
         durations = [x["total"] * stretch for x in per_unit]
         wall = schedule(durations, config.ray.num_actors, ACTOR_START_S)
         for u, x in zip(plan["units"], per_unit):
             u["predicted_s"] = round(x["total"] * stretch, 3)
         plan["cpu"] = {"calibration": calib, "calibration_seconds": round(time.perf_counter() - t0, 2),
-                       "rates": rates, "cores": cores, "stretch": stretch,
+                       "rates": rates, "cores": cores, "other_load_cores": round(load.cores, 2), "stretch": stretch,
                        "actor_seconds": sum(durations), "predicted_wall_s": wall}
     if pc.gpu:
         gpu = GPUS[pc.gpu]
-        secs = [unit_seconds_gpu(u, gpu, config, shape) for u in units]
+        calib = plan.get("cpu", {}).get("calibration", {})
+        work = {u["component"]: u for u in units if u["chain_ids"] == list(layout.units()[0][1])}
+        ops = fit_ops(calib, work, shape)
+        secs = [unit_seconds_gpu(u, gpu, config, shape, ops) for u in units]
         plan["gpu"] = {"name": pc.gpu, "part": gpu.name, "efficiency": EFFICIENCY, "bw_efficiency": BW_EFFICIENCY,
                        "launch_s": LAUNCH_S, "actors": config.ray.num_actors,
+                       "op_counts": "counted in the calibration" if ops else "per-layer constants (no calibration)",
                        "actor_seconds": sum(secs),
                        "predicted_wall_s": schedule(secs, config.ray.num_actors, ACTOR_START_S),
                        "fits_memory": plan["memory"]["peak_bytes"] - RUNTIME_BYTES < gpu.memory_gb * 1e9}
@@ -505,7 +618,8 @@ def format_plan(plan: dict) -> str:
             for n, v in cpu["calibration"].items())),
             ("fitted rates", f"steps {r['step_flops_per_s'] / 1e9:.1f} GFLOP/s, evaluations "
                              f"{r['eval_flops_per_s'] / 1e9:.1f} GFLOP/s per actor"),
-            (f"predicted sampling wall time, this machine ({cpu['cores']} cores)", _s(cpu["predicted_wall_s"]))]
+            (f"predicted sampling wall time, this machine ({cpu['cores']} cores, "
+             f"{cpu['other_load_cores']:.1f} busy with other work)", _s(cpu["predicted_wall_s"]))]
     if "gpu" in plan:
         g = plan["gpu"]
         rows.append((f"predicted sampling wall time, {g['actors']} x {g['name']} (model, unvalidated)",
