@@ -41,7 +41,9 @@ and t_eval = eval FLOPs / r_e + v, fitted to the two calibrated components
 (each of which is then predicted exactly as measured); units are dealt to
 `ray.num_actors` actors in the service's order (an idle actor takes the next
 unit), plus the actors' start. The calibration also measures how many cores
-other processes keep busy meanwhile (O, from /proc/stat): with the machine's
+other processes want meanwhile (O, from /proc/stat: their busy cores, or,
+when the calibration got less than its threads, the demand fair sharing
+implies): with the machine's
 c cores shared fairly, the calibration ran at min(1, c / (threads + O)) of a
 core's speed and each actor of a local run will run at
 min(1, c / (actors x threads + O)); unit times are stretched by that ratio.
@@ -280,9 +282,23 @@ class OpCount:
         return False
 
 
+def other_demand(cores: int, busy: float, own: float, own_threads: float) -> float:
+    """Cores other processes want, from the machine's busy cores and ours (both per second of wall time):
+    their busy cores, or, when we got less than our threads (the cores are shared out), what fair sharing
+    implies: own / own_threads = cores / (own_threads + other)."""
+    other = max(0.0, busy - own)
+    share = own / own_threads if own_threads > 0 else 1.0
+    if 0 < share < 0.95:
+        other = max(other, cores / share - own_threads)
+    return other
+
+
 class CpuLoad:
-    """Cores kept busy by other processes while the block runs: the machine's busy time (/proc/stat) less this
-    process's own CPU time, per second of wall time. 0 where /proc/stat is not readable."""
+    """Cores other processes want while the block runs (`other_demand`, from /proc/stat and this process's
+    CPU time, which one torch thread `threads` uses). 0 where /proc/stat is not readable."""
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
 
     @staticmethod
     def _busy() -> Optional[tuple[float, float]]:
@@ -304,9 +320,21 @@ class CpuLoad:
         end = self._busy()
         if self.start is not None and end is not None and end[1] > self.start[1]:
             wall = end[1] - self.start[1]
-            own = time.process_time() - self.own0
-            self.cores = max(0.0, (end[0] - self.start[0] - own) / wall)
+            own = (time.process_time() - self.own0) / wall
+            self.cores = other_demand(os.cpu_count() or 1, (end[0] - self.start[0]) / wall, own, self.threads)
         return False
+
+
+def load_stretch(config, other_cores: float, cores: Optional[int] = None, other_in_run: Optional[float] = None) -> float:
+    """How much slower each actor of a local run is than the calibration, with `other_cores` cores wanted by
+    other processes during the calibration and `other_in_run` (default: the same) during the run (the module
+    doc); 1 for a run on a Ray cluster elsewhere."""
+    if config.ray.address is not None:
+        return 1.0
+    cores = cores or os.cpu_count() or 1
+    other_in_run = other_cores if other_in_run is None else other_in_run
+    need, own = config.ray.num_actors * _threads(config), _threads(config)
+    return min(1.0, cores / (own + other_cores)) / min(1.0, cores / (need + other_in_run))
 
 
 def calibrate(prepared, component_names: list[str], draws: int, chains: tuple[int, ...]) -> dict:
@@ -537,16 +565,13 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
         names = ["full"] + ([ref] if ref != "full" else [])
         chains = tuple(layout.units()[0][1])
         t0 = time.perf_counter()
-        with CpuLoad() as load:
+        with CpuLoad(_threads(config)) as load:
             calib = calibrate(p, names, n_draws, chains)
         work = {u["component"]: u for u in units if u["chain_ids"] == list(chains)}
         rates = fit(calib, work)
         per_unit = [unit_seconds_cpu(u, rates, calib, config) for u in units]
         cores = os.cpu_count() or 1
-        stretch = 1.0
-        if config.ray.address is None:       # a local run shares these cores with the load measured now
-            need, own = config.ray.num_actors * _threads(config), _threads(config)
-            stretch = min(1.0, cores / (own + load.cores)) / min(1.0, cores / (need + load.cores))
+        stretch = load_stretch(config, load.cores, cores)
         durations = [x["total"] * stretch for x in per_unit]
         wall = schedule(durations, config.ray.num_actors, ACTOR_START_S)
         for u, x in zip(plan["units"], per_unit):
