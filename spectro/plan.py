@@ -325,7 +325,8 @@ class CpuLoad:
         return False
 
 
-def load_stretch(config, other_cores: float, cores: Optional[int] = None, other_in_run: Optional[float] = None) -> float:
+def load_stretch(config, other_cores: float, cores: Optional[int] = None,
+                 other_in_run: Optional[float] = None) -> float:
     """How much slower each actor of a local run is than the calibration, with `other_cores` cores wanted by
     other processes during the calibration and `other_in_run` (default: the same) during the run (the module
     doc); 1 for a run on a Ray cluster elsewhere."""
@@ -623,7 +624,8 @@ def format_plan(plan: dict) -> str:
             ("chain-draws", f"{t['chain_draws']:,}"),
             ("SGLD steps (per unit: burn-in + draws x steps between)", f"{t['sgld_steps']:,} "
              f"({t['chain_steps']:,} chain-steps)"),
-            ("chain evaluations (sampling set + probe set)", f"{t['evaluations']:,} x {t['probe_tokens']:,} probe tokens"),
+            ("chain evaluations (sampling set + probe set)",
+             f"{t['evaluations']:,} x {t['probe_tokens']:,} probe tokens"),
             ("FLOPs: SGLD steps", f"{t['flops_steps'] / 1e12:,.2f} TFLOP"),
             ("FLOPs: evaluations", f"{t['flops_evals'] / 1e12:,.2f} TFLOP"),
             ("FLOPs: lower-layer caches", f"{t['flops_cache'] / 1e12:,.2f} TFLOP"),
