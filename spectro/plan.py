@@ -26,8 +26,8 @@ hidden H, MLP width I, vocabulary V, context T, n layers):
     eval     = (n_sampling + n_probe) * T * fwd(start)              per chain and draw
     cache    = (n_train + n_sampling + n_probe) * T * (fwd(0) - fwd(start))   per unit
 
-`start` is the component's layer when the lower-layer cache applies (every
-component but `full` and `embed`), else 0; `act(layer)` = fwd(layer) is the
+`start` is the component's layer when the lower-layer cache applies (layer
+>= 1: all but `full`, `embed` and layer 0's heads and MLP), else 0; `act(layer)` = fwd(layer) is the
 activation gradient from the head down to the component's layer (0 for
 `unembed`); `dense_sampled` is the number of sampled entries whose gradient
 is a matmul (the token embedding's is a scatter-add and counts nothing). For
@@ -43,10 +43,10 @@ and t_eval = eval FLOPs / r_e + v, fitted to the two calibrated components
 unit), plus the actors' start. The calibration also measures how many cores
 other processes want meanwhile (O, from /proc/stat: their busy cores, or,
 when the calibration got less than its threads, the demand fair sharing
-implies): with the machine's
-c cores shared fairly, the calibration ran at min(1, c / (threads + O)) of a
-core's speed and each actor of a local run will run at
-min(1, c / (actors x threads + O)); unit times are stretched by that ratio.
+implies): with the machine's c cores shared fairly, the calibration ran at
+min(1, c / (threads + O)) of a core's speed and each actor of a local run
+will run at min(1, c / (actors x threads + O)); unit times are stretched by
+that ratio.
 So the prediction is for the machine as loaded while planning.
 
 GPU model: FLOPs / (datasheet dense rate x EFFICIENCY) + the SGLD update's
@@ -54,9 +54,10 @@ memory traffic / (bandwidth x BW_EFFICIENCY) + one launch latency (LAUNCH_S)
 per eager op. The ops are counted in the calibration (every aten op torch
 dispatches in one step and one evaluation of each calibrated component;
 other units from a fit per layer run and per sampled tensor), or without a
-calibration taken from per-layer constants. The dtype is that of the run: SGLD steps float32 (TF32 with
-`sampler.tf32`), evaluations float32 or bf16 (`sampler.probe_dtype`). Nothing
-here has been checked against a GPU run (docs/performance.md).
+calibration taken from per-layer constants. The dtype is that of the run:
+SGLD steps float32 (TF32 with `sampler.tf32`), evaluations float32 or bf16
+(`sampler.probe_dtype`). Nothing here has been checked against a GPU run
+(docs/performance.md).
 
 Peak memory per actor: runtime (Python, torch, Ray) + model (float32) + the
 fixed data (int64 ids) + for the largest unit: chain states (g x S float32,
