@@ -47,6 +47,10 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
     created = _fresh_dir(run_dir)
     try:
         config = to_config(cfg)
+        if config.stage == "plan":          # the cost of the run, before it runs: samples and writes nothing else
+            from spectro.plan import run_plan
+            run_plan(config, run_dir)
+            return 0
         prepared = pipeline.prepare(config) if config.stage in ("all", "sample") else None
     except SpectroError as exc:
         print(f"spectro: error: {exc}", file=sys.stderr)

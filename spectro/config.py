@@ -152,6 +152,14 @@ class WandbConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`stage=plan` (spectro.plan): the cost of the run, computed before it runs."""
+    gpu: Optional[str] = None           # also predict on this GPU: h100 | h200 | a100 | l4
+    calibration_draws: int = 3          # timed SGLD steps and evaluations per calibrated component; 0: no timing
+    calibrate_on: Optional[str] = None  # the component timed besides `full`; null: the median one by step FLOPs
+
+
+@dataclass
 class SpectroConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -163,14 +171,15 @@ class SpectroConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     device: str = "auto"                # "auto" | "cpu" | "cuda" | "cuda:N"
-    stage: str = "all"                  # "all" | "sample" | "susceptibilities" | "clusters" | "report"
+    stage: str = "all"                  # "all" | "sample" | "susceptibilities" | "clusters" | "report" | "plan"
     fresh: bool = False                 # True: discard an existing run directory's samples
 
 
 # Keys whose change does not alter any stored number, so a resumed run may differ in them.
-RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae")
-STAGES = ("all", "sample", "susceptibilities", "clusters", "sae", "report")
+RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae", "plan")
+STAGES = ("all", "sample", "susceptibilities", "clusters", "sae", "report", "plan")
 
 
 def to_config(cfg: DictConfig | dict | SpectroConfig | None = None) -> SpectroConfig:
@@ -297,6 +306,11 @@ def validate(c: SpectroConfig) -> SpectroConfig:
              "report.control", c.report.control, "must be an existing run directory or null",
              "run the control first (experiment=control hydra.run.dir=...) and pass its directory")
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
+    from spectro.plan import GPUS
+    _require(c.plan.gpu is None or c.plan.gpu in GPUS, "plan.gpu", c.plan.gpu, f"must be one of {', '.join(GPUS)}",
+             "e.g. plan.gpu=h100, or leave it out for this machine only")
+    _require(c.plan.calibration_draws >= 0, "plan.calibration_draws", c.plan.calibration_draws, "must be >= 0",
+             "e.g. plan.calibration_draws=3, or 0 to skip the timing")
     _require(c.ray.num_actors >= 1, "ray.num_actors", c.ray.num_actors, "must be >= 1", "e.g. ray.num_actors=2")
     _require(c.ray.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", c.ray.num_cpus_per_actor, "must be > 0", "e.g. 1")
     _require(c.ray.num_gpus_per_actor is None or c.ray.num_gpus_per_actor >= 0, "ray.num_gpus_per_actor",

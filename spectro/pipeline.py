@@ -138,6 +138,9 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
     from spectro import service
 
     run_dir = Path(run_dir)
+    if config.stage == "plan":              # spectro.plan: no sampling, no Ray
+        from spectro.plan import run_plan
+        return run_plan(config, run_dir, prepared)
     stages = ("sample", "susceptibilities", "clusters", "sae", "report") if config.stage == "all" else (config.stage,)
     if config.stage == "all" and not config.sae.enabled:
         stages = tuple(s for s in stages if s != "sae")

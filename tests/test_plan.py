@@ -1,0 +1,100 @@
+"""`stage=plan` (spectro.plan): its counts and store sizes are what a real run then writes, it writes nothing
+but plan.json, and bad plan settings fail at once with one clear error."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import zarr
+from omegaconf import OmegaConf
+
+from spectro.config import to_config
+from spectro.errors import ConfigError
+
+SMALL = {
+    "components": ["l1h2", "unembed"],
+    "data": {"seq_len": 16, "n_train_contexts": 32, "n_sampling_contexts": 4, "n_probe_contexts": 4},
+    "sampler": {"num_chains": 4, "chain_group": 2, "num_draws": 4, "burnin": 2, "steps_between_draws": 2,
+                "checkpoint_every": 2},
+    "ray": {"num_actors": 2, "num_cpus_per_actor": 1},
+}
+
+
+def small_config(**over):
+    cfg = json.loads(json.dumps(SMALL))
+    for key, value in over.items():
+        cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.__setitem__(key, value)
+    return to_config(cfg)
+
+
+def _logical_bytes(a: zarr.Array) -> int:
+    if a.dtype.kind in "OUT" or str(a.dtype).startswith("<U") or "str" in str(a.dtype).lower():
+        return int(sum(len(str(v).encode("utf-8")) for v in np.asarray(a[...]).reshape(-1)))
+    return int(math.prod(a.shape) * a.dtype.itemsize)
+
+
+def test_plan_matches_what_a_run_writes(tmp_path, ray_local):
+    from spectro import pipeline
+    from spectro.plan import make_plan
+
+    config = small_config(stage="sample")
+    prepared = pipeline.prepare(config)
+    plan = make_plan(config, prepared, calibrate_draws=1)
+    summary = pipeline.run(config, tmp_path / "run", prepared)
+
+    assert plan["totals"]["units"] == summary["sample"]["units_run"] == 3 * 2       # (full + 2) x 2 chain groups
+    g = zarr.open_group(str(tmp_path / "run" / "samples.zarr"), mode="r")
+    written = {name: _logical_bytes(g[name]) for name in g.array_keys()}
+    planned = {name: a["bytes"] for name, a in plan["store"]["arrays"].items()}
+    assert planned == written
+    for name, a in plan["store"]["arrays"].items():
+        assert tuple(a["shape"]) == g[name].shape, name
+    assert plan["totals"]["chain_draws"] == int(np.asarray(g["progress"][...]).sum())
+    # steps: burn-in + draws x steps between draws, per unit
+    assert plan["totals"]["sgld_steps"] == 6 * (2 + 4 * 2)
+    # the calibrated units are predicted as measured, every unit gets a positive time
+    assert plan["cpu"]["predicted_wall_s"] > 0 and all(u["predicted_s"] > 0 for u in plan["units"])
+    # moments mode: per chain and token two float64 sums in place of probe_loss's draws
+    C, N, T = 3, 4, 4 * 15
+    m = plan["moments_store"]["arrays"]
+    assert m["moment_phiD"]["bytes"] == m["moment_D"]["bytes"] == C * N * T * 8 and "probe_loss" not in m
+
+
+def test_stage_plan_writes_only_plan_json(tmp_path, capsys):
+    from spectro.cli import main
+
+    cfg = OmegaConf.create({**SMALL, "stage": "plan", "plan": {"calibration_draws": 0, "gpu": "h100"}})
+    assert main(cfg, tmp_path) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    out = capsys.readouterr().out
+    assert "units (component x chain group)" in out and "store probe_loss" in out and "h100" in out
+    assert plan["gpu"]["predicted_wall_s"] > 0 and "cpu" not in plan
+    # FLOPs of `full`'s step: 6 x params x tokens, less the token embedding (a lookup and a scatter-add)
+    full = next(u for u in plan["units"] if u["component"] == "full")
+    tokens, m = full["chains"] * 16 * 16, plan["model"]
+    assert 0.95 < full["flops_per_step"] / (6 * (m["n_parameters"] - m["vocab"] * m["hidden"]) * tokens) < 1.1
+
+
+@pytest.mark.parametrize("over, key", [({"gpu": "v100"}, "plan.gpu"), ({"calibration_draws": -1},
+                                                                          "plan.calibration_draws")])
+def test_bad_plan_settings_fail_early(tmp_path, capsys, over, key):
+    from spectro.cli import main
+
+    with pytest.raises(ConfigError, match=key):
+        to_config({"plan": over})
+    cfg = OmegaConf.create({**SMALL, "stage": "plan", "plan": over})
+    assert main(cfg, tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_calibration_component_is_one_clear_error(tmp_path, capsys):
+    from spectro.cli import main
+
+    cfg = OmegaConf.create({**SMALL, "stage": "plan", "plan": {"calibrate_on": "l9h9"}})
+    assert main(cfg, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "plan.calibrate_on" in err and "l9h9" in err
