@@ -306,7 +306,7 @@ def validate(c: SpectroConfig) -> SpectroConfig:
              "report.control", c.report.control, "must be an existing run directory or null",
              "run the control first (experiment=control hydra.run.dir=...) and pass its directory")
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
-    from spectro.plan import GPUS
+    from spectro.gpus import GPUS
     _require(c.plan.gpu is None or c.plan.gpu in GPUS, "plan.gpu", c.plan.gpu, f"must be one of {', '.join(GPUS)}",
              "e.g. plan.gpu=h100, or leave it out for this machine only")
     _require(c.plan.calibration_draws >= 0, "plan.calibration_draws", c.plan.calibration_draws, "must be >= 0",

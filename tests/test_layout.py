@@ -25,7 +25,7 @@ LAYERS = {
     # 0: the package root (version) and the errors every module raises
     "spectro": 0, "spectro.errors": 0,
     # 1: the config schema and small utilities
-    "spectro.config": 1, "spectro.rundir": 1, "spectro.features": 1, "spectro.device": 1,
+    "spectro.config": 1, "spectro.rundir": 1, "spectro.features": 1, "spectro.device": 1, "spectro.gpus": 1,
     # 2: model and data
     "spectro.model": 2, "spectro.neox": 2, "spectro.components": 2, "spectro.observables": 2,
     "spectro.corpus": 2, "spectro.data": 2,
@@ -48,6 +48,7 @@ LAYERS = {
     "spectro.sweep": 8,
     # 9: orchestration
     "spectro.pipeline": 9, "spectro.service": 9, "spectro.cli": 9, "spectro.__main__": 9,
+    "spectro.plan": 9, "spectro.plan.work": 9, "spectro.plan.timing": 9, "spectro.plan.make": 9,
 }
 
 MAX_LINES = 500

@@ -1,0 +1,182 @@
+"""The plan itself: `make_plan` puts counts and clock together for a composed config,
+`format_plan` prints it, `run_plan` is the stage (writes `plan.json`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from spectro.gpus import GPUS
+from spectro.plan.timing import (BW_EFFICIENCY, EFFICIENCY, LAUNCH_S, CpuLoad, _threads, calibrate, fit, fit_ops,
+                                 load_stretch, schedule, unit_seconds_cpu, unit_seconds_gpu)
+from spectro.plan.work import (ACTOR_START_S, GENERATOR_STATE_BYTES, RUNTIME_BYTES, Shape, actor_memory,
+                               moments_arrays, store_arrays, unit_work)
+
+# ---------------------------------------------------------------- the plan
+
+
+def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> dict:
+    """The plan of `config` (a validated SpectroConfig). Loads the model and data unless `prepared` is given;
+    `calibrate_draws` (default `plan.calibration_draws`; 0: no calibration) sets the timed steps/evaluations."""
+    from spectro import pipeline
+
+    p = prepared or pipeline.prepare(config)
+    s, d, pc = config.sampler, config.data, config.plan
+    layout = pipeline.layout_for(p)
+    shape = Shape.of(p.loaded.model, d.seq_len)
+    by_name = {c.name: c for c in p.components}
+    units = []
+    for name, chains in layout.units():
+        w = unit_work(by_name[name], len(chains), config, shape)
+        w["chain_ids"] = list(chains)
+        w["n_tokens"] = layout.n_tokens
+        w["tensors"] = sorted(by_name[name].shapes)
+        units.append(w)
+    totals = {"units": len(units), "components": len(layout.components),
+              "chain_draws": sum(u["chain_draws"] for u in units),
+              "sgld_steps": sum(u["steps"] for u in units),
+              "chain_steps": sum(u["steps"] * u["chains"] for u in units),
+              "evaluations": sum(u["evaluations"] for u in units),
+              "probe_tokens": layout.n_tokens,
+              "flops_steps": sum(u["flops_steps"] for u in units),
+              "flops_evals": sum(u["flops_evals"] for u in units),
+              "flops_cache": sum(u["flops_cache"] for u in units)}
+    totals["flops"] = totals["flops_steps"] + totals["flops_evals"] + totals["flops_cache"]
+    store = store_arrays(layout, p.probe)
+    moments = moments_arrays(layout, store)
+    ckpt = sum(u["chains"] * (u["sampled_entries"] * 4 * (2 if s.precondition == "rmsprop" else 1)
+                              + 2 * GENERATOR_STATE_BYTES) for u in units)
+    plan = {
+        "config": {"model": config.model.source, "components": list(layout.components),
+                   "num_chains": s.num_chains, "chain_group": layout.chain_group, "antithetic": s.antithetic,
+                   "num_draws": s.num_draws, "burnin": s.burnin, "steps_between_draws": s.steps_between_draws,
+                   "batch_size": s.batch_size, "seq_len": d.seq_len, "n_sampling_contexts": d.n_sampling_contexts,
+                   "n_probe_contexts": d.n_probe_contexts, "num_actors": config.ray.num_actors,
+                   "threads_per_actor": _threads(config), "probe_dtype": s.probe_dtype, "tf32": s.tf32},
+        "model": dataclasses.asdict(shape),
+        "totals": totals,
+        "store": {"mode": "draws", "arrays": store, "bytes": sum(a["bytes"] for a in store.values()),
+                  "checkpoint_bytes": ckpt},
+        "moments_store": {"mode": "moments (not implemented yet)", "arrays": moments,
+                          "bytes": sum(a["bytes"] for a in moments.values())},
+        "memory": actor_memory(config, shape, units),
+        "units": [{k: v for k, v in u.items() if k != "tensors"} for u in units],
+    }
+    n_draws = pc.calibration_draws if calibrate_draws is None else calibrate_draws
+    if n_draws > 0:
+        ref = pc.calibrate_on or _median_component(units)
+        if ref not in by_name:
+            from spectro.errors import ConfigError
+            raise ConfigError(f"plan.calibrate_on names {ref!r}, which is not a component of this run "
+                              f"({', '.join(layout.components)}); pick one of those or null")
+        names = ["full"] + ([ref] if ref != "full" else [])
+        chains = tuple(layout.units()[0][1])
+        t0 = time.perf_counter()
+        with CpuLoad(_threads(config)) as load:
+            calib = calibrate(p, names, n_draws, chains)
+        work = {u["component"]: u for u in units if u["chain_ids"] == list(chains)}
+        rates = fit(calib, work)
+        per_unit = [unit_seconds_cpu(u, rates, calib, config) for u in units]
+        cores = os.cpu_count() or 1
+        stretch = load_stretch(config, load.cores, cores)
+        durations = [x["total"] * stretch for x in per_unit]
+        wall = schedule(durations, config.ray.num_actors, ACTOR_START_S)
+        for u, x in zip(plan["units"], per_unit):
+            u["predicted_s"] = round(x["total"] * stretch, 3)
+        plan["cpu"] = {"calibration": calib, "calibration_seconds": round(time.perf_counter() - t0, 2),
+                       "rates": rates, "cores": cores, "other_load_cores": round(load.cores, 2), "stretch": stretch,
+                       "actor_seconds": sum(durations), "predicted_wall_s": wall}
+    if pc.gpu:
+        gpu = GPUS[pc.gpu]
+        calib = plan.get("cpu", {}).get("calibration", {})
+        work = {u["component"]: u for u in units if u["chain_ids"] == list(layout.units()[0][1])}
+        ops = fit_ops(calib, work, shape)
+        secs = [unit_seconds_gpu(u, gpu, config, shape, ops) for u in units]
+        plan["gpu"] = {"name": pc.gpu, "part": gpu.name, "efficiency": EFFICIENCY, "bw_efficiency": BW_EFFICIENCY,
+                       "launch_s": LAUNCH_S, "actors": config.ray.num_actors,
+                       "op_counts": "counted in the calibration" if ops else "per-layer constants (no calibration)",
+                       "actor_seconds": sum(secs),
+                       "predicted_wall_s": schedule(secs, config.ray.num_actors, ACTOR_START_S),
+                       "fits_memory": plan["memory"]["peak_bytes"] - RUNTIME_BYTES < gpu.memory_gb * 1e9}
+    return plan
+
+
+def _median_component(units: list[dict]) -> str:
+    """The non-`full` component whose step FLOPs is the median: the calibration's representative."""
+    others = sorted({u["component"]: u["flops_per_step"] for u in units if u["component"] != "full"}.items(),
+                    key=lambda kv: kv[1])
+    return others[len(others) // 2][0] if others else "full"
+
+
+def _b(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _s(x: float) -> str:
+    return f"{x:,.0f} s ({x / 60:.1f} min)" if x >= 60 else f"{x:.1f} s"
+
+
+def format_plan(plan: dict) -> str:
+    """The readable table printed by `stage=plan`."""
+    c, t, m = plan["config"], plan["totals"], plan["memory"]
+    lines = [f"spectro plan: {c['model']}, {t['components']} components (full included), {c['num_chains']} chains "
+             f"in groups of {c['chain_group']}{' (antithetic pairs)' if c['antithetic'] else ''}, "
+             f"{c['num_draws']} draws, {c['num_actors']} actors x {c['threads_per_actor']} threads", ""]
+    rows = [("units (component x chain group)", f"{t['units']:,}"),
+            ("chain-draws", f"{t['chain_draws']:,}"),
+            ("SGLD steps (per unit: burn-in + draws x steps between)", f"{t['sgld_steps']:,} "
+             f"({t['chain_steps']:,} chain-steps)"),
+            ("chain evaluations (sampling set + probe set)",
+             f"{t['evaluations']:,} x {t['probe_tokens']:,} probe tokens"),
+            ("FLOPs: SGLD steps", f"{t['flops_steps'] / 1e12:,.2f} TFLOP"),
+            ("FLOPs: evaluations", f"{t['flops_evals'] / 1e12:,.2f} TFLOP"),
+            ("FLOPs: lower-layer caches", f"{t['flops_cache'] / 1e12:,.2f} TFLOP"),
+            ("FLOPs: total", f"{t['flops'] / 1e12:,.2f} TFLOP")]
+    for name, a in plan["store"]["arrays"].items():
+        if a["bytes"] >= 1000 or name == "probe_loss":
+            rows.append((f"store {name} {tuple(a['shape'])} {a['dtype']}", _b(a["bytes"])))
+    rows += [("store, draws mode (logical, all arrays)", _b(plan["store"]["bytes"])),
+             ("checkpoints", _b(plan["store"]["checkpoint_bytes"])),
+             ("store, moments mode (not implemented yet)", _b(plan["moments_store"]["bytes"])),
+             (f"peak memory per actor (largest unit: {m['component']})", _b(m["peak_bytes"]))]
+    if "cpu" in plan:
+        cpu = plan["cpu"]
+        r = cpu["rates"]
+        rows += [("calibration (this process)", ", ".join(
+            f"{n}: step {v['step_s'] * 1e3:,.0f} ms, eval {v['eval_s'] * 1e3:,.0f} ms, setup {v['setup_s']:.2f} s"
+            for n, v in cpu["calibration"].items())),
+            ("fitted rates", f"steps {r['step_flops_per_s'] / 1e9:.1f} GFLOP/s, evaluations "
+                             f"{r['eval_flops_per_s'] / 1e9:.1f} GFLOP/s per actor"),
+            (f"predicted sampling wall time, this machine ({cpu['cores']} cores, "
+             f"{cpu['other_load_cores']:.1f} busy with other work)", _s(cpu["predicted_wall_s"]))]
+    if "gpu" in plan:
+        g = plan["gpu"]
+        rows.append((f"predicted sampling wall time, {g['actors']} x {g['name']} (model, unvalidated)",
+                     _s(g["predicted_wall_s"]) + ("" if g["fits_memory"] else " (does not fit its memory)")))
+    width = max(len(k) for k, _ in rows)
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def run_plan(config, run_dir, prepared=None) -> dict:
+    """`stage=plan`: make the plan, write `plan.json` into `run_dir`, print the table; returns the plan."""
+    plan = make_plan(config, prepared)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "plan.json").write_text(json.dumps(plan, indent=2, default=float))
+    print(format_plan(plan))
+    print(f"\nplan written to {run_dir / 'plan.json'}")
+    return plan
