@@ -159,3 +159,9 @@ def test_the_repository_cites_nothing_outside_itself():
         hits += [f"{p.relative_to(root)}:{i}: {line.strip()}"
                  for i, line in enumerate(text.splitlines(), 1) if FORBIDDEN.search(line)]
     assert not hits, hits
+
+
+def test_the_readme_is_short():
+    """The README is for users (what it is, the two commands, common tasks); measurements live in docs/."""
+    lines = (PACKAGE.parent / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail into docs/"
