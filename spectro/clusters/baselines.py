@@ -5,7 +5,7 @@ spectral clustering, to compare the local conductance clusters with
 Non-obvious choices:
 - Leiden (igraph + leidenalg, RB configuration model, `resolution`, seeded,
   leidenalg's default 2 iterations) and spectral (top eigenvectors of
-  D^-1/2 W D^-1/2 by `eigsh`, rows normalised, seeded k-means++; the number
+  D^-1/2 W D^-1/2 by `eigsh`, rows normalised, seeded k-means++ (scikit-learn); the number
   of clusters by the largest eigengap among the first `_SPECTRAL_MAX_EIG`
   when n_clusters is 0) label every token but the outliers; communities
   smaller than min_size become noise too.
@@ -71,34 +71,11 @@ def spectral_clusters(W: sp.csr_matrix, params: ClusterParams) -> tuple[np.ndarr
     return labels, [{} for _ in range(K)]
 
 
-def _kmeans(X: np.ndarray, K: int, rng: np.random.Generator, n_iter: int = 100) -> np.ndarray:
-    """Seeded k-means++ (best of _KMEANS_INIT starts by inertia); labels 0..K-1."""
+def _kmeans(X: np.ndarray, K: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ from scikit-learn (best of _KMEANS_INIT starts by inertia), seeded from `rng`; labels 0..K-1."""
+    from sklearn.cluster import KMeans
+
     X = np.asarray(X, dtype=np.float64)
     K = min(K, X.shape[0])
-    sq = np.einsum("ij,ij->i", X, X)
-    best, best_inertia = None, np.inf
-    for _ in range(_KMEANS_INIT):
-        cent = [X[rng.integers(X.shape[0])]]
-        d2 = np.maximum(sq - 2 * X @ cent[0] + cent[0] @ cent[0], 0)
-        for _ in range(1, K):
-            total = d2.sum()
-            i = rng.choice(X.shape[0], p=d2 / total) if total > 0 else rng.integers(X.shape[0])
-            cent.append(X[i])
-            d2 = np.minimum(d2, np.maximum(sq - 2 * X @ X[i] + X[i] @ X[i], 0))
-        C = np.array(cent)
-        labels = None
-        for _ in range(n_iter):
-            dist = sq[:, None] - 2 * X @ C.T + np.einsum("ij,ij->i", C, C)[None, :]
-            new = np.argmin(dist, axis=1)
-            if labels is not None and np.array_equal(new, labels):
-                break
-            labels = new
-            counts = np.bincount(labels, minlength=K)
-            sums = np.zeros_like(C)
-            np.add.at(sums, labels, X)
-            C = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], C)
-        inertia = float(np.maximum(dist[np.arange(X.shape[0]), labels], 0).sum())
-        if inertia < best_inertia:
-            best, best_inertia = labels, inertia
-    return best
-
+    seed = int(rng.integers(2**31 - 1))
+    return KMeans(n_clusters=K, n_init=_KMEANS_INIT, random_state=seed).fit_predict(X).astype(np.int64)
