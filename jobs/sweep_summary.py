@@ -24,11 +24,12 @@ from spectro.sweep import Thresholds, format_table, summarize  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dir", type=Path)
-    ap.add_argument("--rhat-max", type=float, default=1.1)
-    ap.add_argument("--ess-min", type=float, default=20.0)
-    ap.add_argument("--llc-spread-max", type=float, default=0.2)
-    ap.add_argument("--target-reliability", type=float, default=0.8)
-    ap.add_argument("--min-signal-agreement", type=float, default=0.95)
+    t = Thresholds()                                   # the defaults live there, once
+    ap.add_argument("--rhat-max", type=float, default=t.rhat_max)
+    ap.add_argument("--ess-min", type=float, default=t.ess_min)
+    ap.add_argument("--llc-spread-max", type=float, default=t.llc_rel_spread_max)
+    ap.add_argument("--target-reliability", type=float, default=t.target_reliability)
+    ap.add_argument("--min-signal-agreement", type=float, default=t.min_signal_agreement)
     args = ap.parse_args()
     try:
         result = summarize(args.sweep_dir, Thresholds(args.rhat_max, args.ess_min, args.llc_spread_max,
