@@ -123,9 +123,10 @@ class SGLD:
         grads, loss = self.grads(state.params, batch)
         new_params: Params = {}
         new_sq: Optional[Params] = {} if state.sq_avg is not None else None
-        grad_sq = torch.zeros(n_chains, dtype=torch.float64)
-        noise_sq = torch.zeros(n_chains, dtype=torch.float64)
-        dist_sq = torch.zeros(n_chains, dtype=torch.float64)
+        device = next(iter(state.params.values())).device                # norms accumulate where the weights are
+        grad_sq = torch.zeros(n_chains, dtype=torch.float64, device=device)
+        noise_sq = torch.zeros(n_chains, dtype=torch.float64, device=device)
+        dist_sq = torch.zeros(n_chains, dtype=torch.float64, device=device)
         with torch.no_grad():
             # memory: the `full` component of a 50k-vocab model has 2 x 6.4M-entry matrices per chain,
             # so every full-size temporary costs 25 MB per chain. Per tensor this loop holds the chain-stacked
@@ -165,8 +166,8 @@ class SGLD:
                 del noise, xi
                 dist_sq += _sq_norms(torch.sub(w_new, self.anchor[name], out=g))   # g's memory as scratch
                 del g
-        info = StepInfo(loss=loss.detach(), grad_norm=grad_sq.sqrt(), noise_norm=noise_sq.sqrt(),
-                        distance=dist_sq.sqrt())
+        info = StepInfo(loss=loss.detach(), grad_norm=grad_sq.sqrt().cpu(), noise_norm=noise_sq.sqrt().cpu(),
+                        distance=dist_sq.sqrt().cpu())                    # (chains,) float64 on the host
         return SGLDState(params=new_params, sq_avg=new_sq, step=state.step + 1), info
 
 
