@@ -19,7 +19,9 @@
    evaluation rate, over the measured time: fp32/fp32, tf32/tf32, fp32/bf16), and the peak CUDA memory
    (`torch.cuda.max_memory_allocated`). Against float32 on the same chains: the max and median
    relative difference of the per-token probe losses, and of chi (peer form, per component: max
-   |chi - chi_fp32| over the token sd of chi_fp32, and the Pearson r).
+   |chi - chi_fp32| over the token sd of chi_fp32, and the Pearson r). Before them, once: the fused,
+   chunked per-token losses at w* (float32) against a float64 reference on the same device (on CUDA,
+   the check docs/performance.md asks for of the in-place softmax kernels).
 3. Through the service: a short real run of the Hydra app (`jobs/run.py experiment=pythia14m`, with
    overrides that make it small, the local checkpoint of step 2, `stage=sample`, 2 actors sharing
    one GPU: `ray.num_gpus_per_actor=0.5 ray.gpu_memory_fraction=0.45`), and its summary.json
@@ -39,8 +41,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
-import math
 import os
 import platform
 import shutil
@@ -131,7 +133,8 @@ def workload_config(model_source: str, components: list[str], chains: int, draws
                  "n_probe_contexts": n_ctx},
         "sampler": {"step_size": 1e-4, "nbeta": 30.0, "gamma": 100.0, "batch_size": 4 if quick else 16,
                     "num_chains": chains, "num_draws": draws, "burnin": 0, "steps_between_draws": 1,
-                    "chain_group": chains, "checkpoint_every": draws, "seed": 0, "antithetic": chains % 2 == 0 and chains >= 4},
+                    "chain_group": chains, "checkpoint_every": draws, "seed": 0,
+                    "antithetic": chains % 2 == 0 and chains >= 4},
     })
 
 
@@ -188,8 +191,7 @@ def draw_flops(prepared, comp, sampler, cached_from: int) -> dict:
     from bench_w2 import dense_sampled, unit_flops
 
     problem = prepared.problem
-    config = problem.model.config
-    seq = problem.probe_ids.shape[1]
+    config, seq = problem.model.config, problem.probe_ids.shape[1]
     f = unit_flops(config, seq, cached_from, comp.layer, dense_sampled(comp, config),
                    sampler.num_chains * sampler.batch_size * seq,
                    sampler.num_chains * (problem.sampling_ids.numel() + problem.probe_ids.numel()))
@@ -231,8 +233,6 @@ def chi_of(runs: dict, name: str, init: float) -> np.ndarray | None:
 
 
 def in_process(prepared, device: str, sheet: dict | None) -> dict:
-    import dataclasses
-
     base = prepared.config.sampler
     init = prepared.problem.init_loss
     comps = prepared.components
@@ -241,8 +241,7 @@ def in_process(prepared, device: str, sheet: dict | None) -> dict:
     for setting, (tf32, probe_dtype) in SETTINGS.items():
         sampler = dataclasses.replace(base, tf32=tf32, probe_dtype=probe_dtype)
         with precision(device, tf32) as applied:
-            per = {}
-            runs = {}
+            per, runs = {}, {}
             for comp in comps:
                 r = run_chains(prepared, comp, sampler, device)
                 runs[comp.name] = r
@@ -291,6 +290,30 @@ def in_process(prepared, device: str, sheet: dict | None) -> dict:
     return results
 
 
+def fused_against_float64(prepared, n_contexts: int = 8) -> dict:
+    """The fused, chunked per-token losses (float32, TF32 off: the sampler's evaluation path) at w* against a
+    float64 reference (the model's plain logits and F.cross_entropy, on the same device): on CUDA this is
+    the check that the in-place softmax kernels give the CPU tests' numbers."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from spectro.observables import logits
+
+    problem = prepared.problem
+    ids = problem.probe_ids[:n_contexts]
+    with torch.no_grad():
+        got = problem.per_token(problem.model, {}, ids).double()
+        ref_model = copy.deepcopy(problem.model).double()
+        z = logits(ref_model, {}, ids)[:, :-1]
+        ref = F.cross_entropy(z.reshape(-1, z.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view_as(got)
+        del ref_model, z
+    out = relative(got.cpu().numpy(), ref.cpu().numpy())
+    print(f"  fused float32 per-token losses at w* vs a float64 reference ({out['n']} tokens): max rel diff "
+          f"{out['max']:.2e}, median {out['median']:.2e}", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------- 3. through the service
 
 class GpuProcessMemory:
@@ -306,8 +329,8 @@ class GpuProcessMemory:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                out = subprocess.run([self.exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout
+                query = [self.exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+                out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
                 for line in out.strip().splitlines():
                     pid, mib = (x.strip() for x in line.split(","))
                     self.peak[int(pid)] = max(self.peak.get(int(pid), 0.0), float(mib))
@@ -327,8 +350,7 @@ class GpuProcessMemory:
 
 
 def service_run(model_dir: str, device: str, quick: bool, draws: int, components: list[str]) -> dict:
-    cuda = device.startswith("cuda")
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-run-"))
+    cuda, work = device.startswith("cuda"), Path(tempfile.mkdtemp(prefix="gpu-check-run-"))
     if quick:
         overrides = ["experiment=smoke", f"components=[{components[0]}]", "sampler.num_chains=2",
                      "sampler.chain_group=2", "sampler.antithetic=false", "sampler.num_draws=2", "sampler.burnin=0",
@@ -392,6 +414,8 @@ def final_table(report: dict) -> None:
         ratios = [fp[n]["median_s_per_draw"] / c["median_s_per_draw"]
                   for n, c in ip["settings"][setting]["components"].items()]
         print(f"{setting}: speed-up over float32 per draw, median over components {statistics.median(ratios):.2f}x")
+    fused = report["fused_vs_float64"]
+    print(f"fused float32 losses vs float64 reference: max rel diff {fused['max']:.2e}, median {fused['median']:.2e}")
     svc = report.get("service")
     if svc and svc.get("returncode") == 0:
         print(f"service: {svc['seconds']} s sampling, {svc['draws_per_second']} chain-draws/s, "
@@ -408,6 +432,8 @@ def main(argv=None) -> int:
     ap.add_argument("--components", default=None, help=f"comma-separated (default {FULL_COMPONENTS}; "
                                                         f"{QUICK_COMPONENTS} with --quick); full is always added")
     ap.add_argument("--skip-service", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in this process (default: 1 on cpu, "
+                                                                "torch's own on cuda; a shared CPU times steadier)")
     ap.add_argument("--tokenizer", default=None, help="gpt-neox-20b.json (default: tests/pythia_fixture's location)")
     args = ap.parse_args(argv)
     try:
@@ -415,11 +441,13 @@ def main(argv=None) -> int:
     except NoCuda as exc:
         print(exc, file=sys.stderr)
         return 2
-    draws = args.draws or (3 if args.quick else 8)
-    chains = args.chains or (2 if args.quick else 4)
+    if args.threads or device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    draws, chains = args.draws or (3 if args.quick else 8), args.chains or (2 if args.quick else 4)
     components = (args.components or (QUICK_COMPONENTS if args.quick else FULL_COMPONENTS)).split(",")
     t_start = time.perf_counter()
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
+              "torch_threads": torch.get_num_threads(),
               "device_info": describe_device(device)}
     print("device: " + json.dumps(report["device_info"]), flush=True)
 
@@ -449,7 +477,11 @@ def main(argv=None) -> int:
     print(f"\nin-process: {len(prepared.components)} components x {chains} chains x {draws} draws, "
           f"{p.n_probe_tokens} probe tokens, on {p.device}", flush=True)
     sheet = report["device_info"].get("datasheet")
+    with precision(device, False):
+        report["fused_vs_float64"] = fused_against_float64(prepared)
     report["in_process"] = in_process(prepared, device, sheet)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()             # the actors get the GPU's memory, not this process's cache
     if args.skip_service:
         report["service"] = None
     else:
@@ -461,6 +493,8 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"\nwrote {args.out} ({report['total_s']:.1f} s)")
     shutil.rmtree(work, ignore_errors=True)
+    if args.quick and report["service"] is not None:
+        shutil.rmtree(report["service"]["run_dir"], ignore_errors=True)
     if report["service"] is not None and report["service"].get("returncode") != 0:
         return 1
     return 0
