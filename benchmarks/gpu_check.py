@@ -29,7 +29,8 @@
    actor; where nvidia-smi exists the script polls it for the actors' processes (that includes the CUDA
    context) and says so, and the in-process peak of step 2 stands in for the tensors' own share.
 4. A final table, and every figure in the JSON file given by --out. Exit 0 on success; 2 with one line
-   on stderr when --device cuda is asked for on a machine where torch sees no CUDA device.
+   on stderr when --device cuda is asked for on a machine where torch sees no CUDA device; 1 when a part
+   raised (each part runs whatever the others did; its error and traceback go into the JSON).
 
 --quick: the embedded model (4 layers, vocab 4096), 2 components + full, 2 chains, 3 draws, 16-token
 contexts; the service part runs experiment=smoke-sized (1 component, 2 chains, 2 draws, 1 actor) unless
@@ -401,6 +402,8 @@ def final_table(report: dict) -> None:
           "max rel diff vs fp32 | median rel diff |")
     print("|---|---|---|---|---|---|---|---|")
     ip = report["in_process"]
+    if "error" in ip:
+        ip = {"settings": {}, "differences": {}}
     for setting, data in ip["settings"].items():
         for name, c in data["components"].items():
             d = ip["differences"].get(setting, {}).get("per_component", {}).get(name, {}).get("probe_loss")
@@ -409,15 +412,17 @@ def final_table(report: dict) -> None:
                   f"{'-' if c['peak_cuda_mib'] is None else format(c['peak_cuda_mib'], '.0f')} | "
                   f"{'-' if not d or d['max'] is None else format(d['max'], '.2e')} | "
                   f"{'-' if not d or d['median'] is None else format(d['median'], '.2e')} |")
-    fp = ip["settings"]["float32"]["components"]
-    for setting in ("tf32", "bf16"):
+    fp = ip["settings"].get("float32", {}).get("components", {})
+    for setting in ("tf32", "bf16") if fp else ():
         ratios = [fp[n]["median_s_per_draw"] / c["median_s_per_draw"]
                   for n, c in ip["settings"][setting]["components"].items()]
         print(f"{setting}: speed-up over float32 per draw, median over components {statistics.median(ratios):.2f}x")
     fused = report["fused_vs_float64"]
-    print(f"fused float32 losses vs float64 reference: max rel diff {fused['max']:.2e}, median {fused['median']:.2e}")
+    if "error" not in fused:
+        print(f"fused float32 losses vs float64 reference: max rel diff {fused['max']:.2e}, "
+              f"median {fused['median']:.2e}")
     svc = report.get("service")
-    if svc and svc.get("returncode") == 0:
+    if svc and svc.get("returncode") == 0 and "error" not in svc:
         print(f"service: {svc['seconds']} s sampling, {svc['draws_per_second']} chain-draws/s, "
               f"actor utilisation {svc['actor_utilisation']}")
 
@@ -477,25 +482,42 @@ def main(argv=None) -> int:
     print(f"\nin-process: {len(prepared.components)} components x {chains} chains x {draws} draws, "
           f"{p.n_probe_tokens} probe tokens, on {p.device}", flush=True)
     sheet = report["device_info"].get("datasheet")
+    failed = []
+
+    def part(name, fn, *a):
+        """One part of the check; a failure is recorded (type, message, traceback) and the next part runs."""
+        try:
+            report[name] = fn(*a)
+        except Exception as exc:                 # noqa: BLE001 - a GPU run should report every part it can
+            import traceback
+
+            failed.append(name)
+            report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            print(f"  {name} FAILED: {type(exc).__name__}: {exc}", flush=True)
+
     with precision(device, False):
-        report["fused_vs_float64"] = fused_against_float64(prepared)
-    report["in_process"] = in_process(prepared, device, sheet)
+        part("fused_vs_float64", fused_against_float64, prepared)
+    part("in_process", in_process, prepared, device, sheet)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()             # the actors get the GPU's memory, not this process's cache
     if args.skip_service:
         report["service"] = None
     else:
         print("\nservice:", flush=True)
-        report["service"] = service_run(model_source, device, args.quick, draws,
-                                        [c.name for c in prepared.components if c.name != "full"])
+        part("service", service_run, model_source, device, args.quick, draws,
+             [c.name for c in prepared.components if c.name != "full"])
+    if report["service"] is not None and report["service"].get("returncode", 0) != 0:
+        failed.append("service")
+    report["failed"] = failed
     report["total_s"] = time.perf_counter() - t_start
     final_table(report)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"\nwrote {args.out} ({report['total_s']:.1f} s)")
     shutil.rmtree(work, ignore_errors=True)
-    if args.quick and report["service"] is not None:
+    if args.quick and report["service"] and "run_dir" in report["service"]:
         shutil.rmtree(report["service"]["run_dir"], ignore_errors=True)
-    if report["service"] is not None and report["service"].get("returncode") != 0:
+    if failed:
+        print(f"gpu_check: failed: {', '.join(failed)} (errors in {args.out})", file=sys.stderr)
         return 1
     return 0
 

@@ -24,7 +24,7 @@ def test_quick_cpu_run_writes_real_figures(tmp_path):
                           cwd=str(ROOT), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["device_info"]["device"] == "cpu"
+    assert report["device_info"]["device"] == "cpu" and report["failed"] == []
     settings = report["in_process"]["settings"]
     assert set(settings) == {"float32", "tf32", "bf16"}
     assert settings["tf32"]["applied"]["tf32"].startswith("skipped")      # a CUDA setting, recorded as skipped
