@@ -31,7 +31,7 @@ import numpy as np
 
 from spectro import rundir
 from spectro.errors import ConfigError, DataError
-from spectro.features import standardize  # noqa: F401  (re-exported: clusters and report use it from here)
+from spectro.features import standardize
 
 
 def modes(chi: np.ndarray, components: Sequence[str], token_text: Sequence[str],

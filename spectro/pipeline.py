@@ -201,7 +201,7 @@ def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
     if "chi_half" in ds:
         keep = [names.index(c) for c in out["components"]]
         half = np.asarray(ds["chi_half"].values, dtype=np.float64)[:, :, keep]        # (2, tokens, clustered)
-        rel = split_half(half, out["components"], getattr(params, "features", "centred"))
+        rel = split_half(half, out["components"], params.features)
         t1 = time.perf_counter()
         stab = stability(half, params)
         if stab is not None:

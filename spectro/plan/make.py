@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 

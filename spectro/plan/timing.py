@@ -4,14 +4,10 @@ the GPU model (models in `spectro.plan`)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np

@@ -3,15 +3,8 @@ array, the moments store it could be, and peak memory per actor (models in `spec
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
-import statistics
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
