@@ -160,6 +160,15 @@ class PlanConfig:
 
 
 @dataclass
+class StoreConfig:
+    """How `samples.zarr` keeps the probe losses (spectro.store.samples)."""
+    probe: str = "draws"                # "draws": probe_loss per draw and token | "moments": per-chain float64 sums
+
+
+STORE_PROBE_MODES = ("draws", "moments")
+
+
+@dataclass
 class SpectroConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -172,13 +181,18 @@ class SpectroConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     device: str = "auto"                # "auto" | "cpu" | "cuda" | "cuda:N"
     stage: str = "all"                  # "all" | "sample" | "susceptibilities" | "clusters" | "report" | "plan"
     fresh: bool = False                 # True: discard an existing run directory's samples
 
 
 # Keys whose change does not alter any stored number, so a resumed run may differ in them.
-RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae", "plan")
+# `store` is listed although its probe mode changes what is stored: the store's layout records that mode and
+# reopening a store with the other one is refused there with its own message (spectro.store.samples); leaving it
+# out of the fingerprint keeps stores made before the option existed resumable.
+RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae", "plan",
+                       "store")
 STAGES = ("all", "sample", "susceptibilities", "clusters", "sae", "report", "plan")
 
 
@@ -305,6 +319,9 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(c.report.control is None or (bool(str(c.report.control).strip()) and Path(c.report.control).is_dir()),
              "report.control", c.report.control, "must be an existing run directory or null",
              "run the control first (experiment=control hydra.run.dir=...) and pass its directory")
+    _require(c.store.probe in STORE_PROBE_MODES, "store.probe", c.store.probe,
+             f"must be one of {', '.join(STORE_PROBE_MODES)}",
+             "store.probe=draws keeps every draw's probe losses; store.probe=moments keeps only per-chain sums")
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     from spectro.gpus import GPUS
     _require(c.plan.gpu is None or c.plan.gpu in GPUS, "plan.gpu", c.plan.gpu, f"must be one of {', '.join(GPUS)}",

@@ -11,7 +11,8 @@ Non-obvious choices:
 - Progress is read from the store, not from the actors: the store is the
   source of truth, so the progress bar, wandb traces and resume all agree.
 - A unit checkpoints (weights of the component, optimizer state, generator
-  states, draw counter) after every chunk it writes, to
+  states, draw counter; with `store.probe=moments` also its chains' running
+  float64 moment sums) after every chunk it writes, to
   `checkpoints/<component>__c<first>-<last>.pt` (temp file + rename; plain
   tensors, read back with `torch.load(weights_only=True)`).
 - Actors are created with `max_restarts=0`; when one dies (kill -9, OOM, its
@@ -30,6 +31,15 @@ Non-obvious choices:
   DiskFullError; every chunk written before it is kept and checkpointed, so
   rerunning the same command after freeing space resumes. Any other task
   error stops the run with SamplingFailed naming the unit and the cause.
+- With `store.probe=moments` a unit adds each block of draws to its chains'
+  `estimator.ChainMoments` exactly as the covariance job adds a draws-mode
+  chunk (same float32 probe losses, same blocks of Dc draws), so both modes
+  give the same chi. The sums are published with the block (one of two
+  alternating slots, `spectro.store.samples`) and saved in the checkpoint;
+  a resumed unit restores them and re-adds the same draws, so its final sums
+  are bit-identical to an uninterrupted run's. A resumed unit first sets the
+  progress its checkpoint reached (the kill may have come before that write),
+  so the slot it overwrites next is never the one `progress` points at.
 - Checkpoint file names come from component names; `store.confined` refuses
   one that could write outside `checkpoints/`.
 - Every actor is killed at the end (also on error): on a small node a later
@@ -62,6 +72,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from spectro.config import SamplerConfig, SpectroConfig
 from spectro.device import HeapTrimmer, apply_settings, gpu_request, resolve_device
 from spectro.errors import DiskFullError, SpectroError
+from spectro.estimator import ChainMoments
 from spectro.sampling import Problem, UnitRunner
 from spectro.store import TRACE_ARRAYS, SampleStore, confined, disk_full
 
@@ -78,14 +89,40 @@ def checkpoint_path(checkpoint_dir: Path, component: str, chains: Sequence[int])
     return confined(Path(checkpoint_dir), f"{component}__c{int(chains[0])}-{int(chains[-1])}.pt")
 
 
+def _moment_arrays(moments: list[ChainMoments]) -> dict[str, np.ndarray]:
+    """A unit's chains' sums as arrays: n, phi, phi2 (chains,) and phiD, D (chains, tokens)."""
+    return {"n": np.array([m.n for m in moments], dtype=np.int64),
+            "phi": np.array([m.s_phi for m in moments], dtype=np.float64),
+            "phi2": np.array([m.s_phi2 for m in moments], dtype=np.float64),
+            "phiD": np.stack([m.s_phiD for m in moments]), "D": np.stack([m.s_D for m in moments])}
+
+
+def _moments_from(ckpt: dict, n_chains: int, n_tokens: int, draw: int) -> list[ChainMoments]:
+    """The chains' sums saved in a checkpoint; ValueError (an unusable checkpoint) if absent or inconsistent."""
+    if "moments" not in ckpt:
+        raise ValueError("the checkpoint holds no moment sums (store.probe=moments needs them)")
+    a = {k: v.numpy() for k, v in ckpt["moments"].items()}
+    if a["phiD"].shape != (n_chains, n_tokens) or a["D"].shape != (n_chains, n_tokens) or not (a["n"] == draw).all():
+        raise ValueError(f"the checkpoint's moment sums do not match {n_chains} chains x {n_tokens} tokens "
+                         f"at draw {draw}")
+    return [ChainMoments(n_tokens, n=int(a["n"][k]), s_phi=float(a["phi"][k]), s_phi2=float(a["phi2"][k]),
+                         s_phiD=a["phiD"][k].astype(np.float64), s_D=a["D"][k].astype(np.float64))
+            for k in range(n_chains)]
+
+
 def _restore(runner: UnitRunner, store: SampleStore, ckpt_file: Path, component: str, chains: Sequence[int]):
-    """The unit's state from its checkpoint; from draw 0 (its chunks deleted) if there is none or it is unreadable."""
+    """(state, moments) of the unit from its checkpoint; from draw 0 (its chunks deleted) if there is none or it is
+    unreadable. `moments`: the chains' running sums with store.probe=moments, else None."""
+    by_moments = store.layout.probe == "moments"
+    n_tokens = store.layout.n_tokens
     if ckpt_file.exists():
         try:
-            state = runner.restore(torch.load(ckpt_file, weights_only=True))
+            ckpt = torch.load(ckpt_file, weights_only=True)
+            state = runner.restore(ckpt)
+            moments = _moments_from(ckpt, len(chains), n_tokens, state.draw) if by_moments else None
             problem = store.check_unit(component, chains, state.draw)   # the draws before it must be on disk
             if problem is None:
-                return state
+                return state, moments
             log.warning("%s chains %s: %s; sampling this unit again from draw 0", component, list(chains), problem)
         except Exception as exc:  # truncated/corrupted file: pickle, zip and key errors all mean "unusable"
             log.warning("checkpoint %s is unreadable (%s: %s); sampling %s chains %s again from draw 0",
@@ -94,7 +131,7 @@ def _restore(runner: UnitRunner, store: SampleStore, ckpt_file: Path, component:
     if store.progress()[ci, chains[0]:chains[-1] + 1].max() > 0:
         store.reset_unit(component, chains)      # committed draws without a usable checkpoint: start over
     ckpt_file.unlink(missing_ok=True)
-    return runner.start()
+    return runner.start(), ([ChainMoments(n_tokens) for _ in chains] if by_moments else None)
 
 
 def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: Sequence[int],
@@ -103,11 +140,14 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
     component = problem.components(problem.model, [component_name])[0]
     runner = UnitRunner(problem, component, chains, sampler, run_seed)
     ckpt_file = checkpoint_path(checkpoint_dir, component_name, chains)
-    state = _restore(runner, store, ckpt_file, component_name, chains)
+    state, moments = _restore(runner, store, ckpt_file, component_name, chains)
+    ci = store.component_index(component_name)
+    if store.progress()[ci, chains[0]:chains[-1] + 1].min() < state.draw:
+        store.set_progress(component_name, chains, state.draw)     # killed after its checkpoint, before this
     n_draws, chunk = store.layout.n_draws, store.layout.draw_chunk
     resumed_at = state.draw
     heap = HeapTrimmer()                 # freed heap pages back to the OS when the process grows (device.py)
-    draws, buffer = [], None
+    draws, buffer, sampling, probe = [], None, None, None
     while state.draw < n_draws:
         start = state.draw
         draws = []
@@ -115,15 +155,24 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
             state, d = runner.next_draw(state)
             draws.append(d)
             heap.after_draw()
+        sampling = np.stack([d.sampling_loss for d in draws], 1)                  # (chains, n)
+        probe = np.stack([d.probe_loss for d in draws], 1)                        # (chains, n, tokens)
+        sums = None
+        if moments is not None:
+            for k, m in enumerate(moments):
+                m.add(sampling[k], probe[k], store.init_loss)
+            sums = _moment_arrays(moments)
         store.write_block(
-            component_name, chains, start,
-            sampling_loss=np.stack([d.sampling_loss for d in draws], 1),            # (chains, n)
-            probe_loss=np.stack([d.probe_loss for d in draws], 1),                  # (chains, n, tokens)
+            component_name, chains, start, sampling_loss=sampling, moments=sums,
+            probe_loss=probe if sums is None else None,
             traces={name: np.stack([getattr(d, name) for d in draws], 1) for name in TRACE_ARRAYS},
             diverged_at=state.diverged_at)
         tmp = ckpt_file.with_name(f"{ckpt_file.name}.{os.getpid()}.tmp")   # unique: a killed driver's actors may linger
         buffer = io.BytesIO()
-        torch.save(runner.checkpoint(state), buffer)      # serialise in memory: a full disk raises a plain OSError
+        ckpt = runner.checkpoint(state)
+        if sums is not None:
+            ckpt["moments"] = {k: torch.from_numpy(v) for k, v in sums.items()}
+        torch.save(ckpt, buffer)                          # serialise in memory: a full disk raises a plain OSError
         try:
             tmp.write_bytes(buffer.getbuffer())
         except BaseException:
@@ -131,12 +180,9 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
             raise
         os.replace(tmp, ckpt_file)
         store.set_progress(component_name, chains, state.draw)
-    ci = store.component_index(component_name)
-    if store.progress()[ci, chains[0]:chains[-1] + 1].min() < state.draw:
-        store.set_progress(component_name, chains, state.draw)     # killed after the last checkpoint, before this
     report = {"component": component_name, "chains": list(chains), "resumed_at": resumed_at,
               "diverged_at": state.diverged_at.tolist()}
-    del runner, state, draws, buffer     # the unit's caches and buffers: free them, then trim once
+    del runner, state, draws, buffer, moments, sampling, probe   # the unit's caches, buffers: free them, trim once
     heap.reset()                         # the next unit allocates differently: start it from a trimmed heap
     return {**report, "heap_trims": heap.trims}
 

@@ -28,6 +28,11 @@ Non-obvious choices:
   chain's committed draws and marks the output `partial` with the progress.
 - R-hat (rank-normalised, split) and bulk ESS come from arviz-stats, on
   phi = sampling_loss - init_loss per (chain, draw).
+- A `store.probe=moments` store holds each chain's sums already: a task reads
+  the slot that `progress` points at (spectro.store.samples) for its tokens
+  instead of reducing `probe_loss`, and everything after that (chi, chi_se,
+  chi_per_chain, chi_half, reliability) is the same code. With partial=true
+  the sums cover each chain's committed draws, as the draws path does.
 """
 
 from __future__ import annotations
@@ -124,21 +129,11 @@ def block_estimate(store: SampleStore, sel: Selection, t0: int, t1: int, form: s
     (2, tokens, components) for tokens [t0, t1)."""
     L = store.layout
     C, N, T = len(L.components), L.n_chains, t1 - t0
-    s = store.read("sampling_loss")                                          # (C, N, D)
-    init = store.init_loss
     moments = [[ChainMoments(T) for _ in range(N)] for _ in range(C)]
-    for ci in range(C):
-        for g0 in range(0, N, L.chain_group):
-            g1 = min(g0 + L.chain_group, N)
-            for d0 in range(0, L.n_draws, L.draw_chunk):
-                d1 = min(d0 + L.draw_chunk, L.n_draws)
-                wanted = [k for k in range(g0, g1) if sel.use[ci, k] and sel.draws[ci, k] > d0]
-                if not wanted:
-                    continue
-                block = store.read("probe_loss", (ci, slice(g0, g1), slice(d0, d1), slice(t0, t1)))  # (G, Dc, T)
-                for k in wanted:
-                    n = min(d1, int(sel.draws[ci, k])) - d0
-                    moments[ci][k].add(s[ci, k, d0:d0 + n], block[k - g0, :n], init)
+    if L.probe == "moments":
+        _stored_moments(store, sel, t0, t1, moments)
+    else:
+        _reduce_draws(store, sel, t0, t1, moments)
     chi = np.full((T, C), np.nan)
     se = np.full((T, C), np.nan)
     per_chain = np.full((N, T, C), np.nan)
@@ -158,6 +153,50 @@ def block_estimate(store: SampleStore, sel: Selection, t0: int, t1: int, form: s
         per_chain[chains, :, ci] = est.chi_per_chain
         half[:, :, ci] = est.chi_half
     return chi, se, per_chain, half
+
+
+def _reduce_draws(store: SampleStore, sel: Selection, t0: int, t1: int, moments: list) -> None:
+    """Add every used chain's committed draws of `probe_loss`, tokens [t0, t1), to `moments[ci][k]`, one Zarr
+    chunk at a time."""
+    L = store.layout
+    C, N = len(L.components), L.n_chains
+    s = store.read("sampling_loss")                                          # (C, N, D)
+    init = store.init_loss
+    for ci in range(C):
+        for g0 in range(0, N, L.chain_group):
+            g1 = min(g0 + L.chain_group, N)
+            for d0 in range(0, L.n_draws, L.draw_chunk):
+                d1 = min(d0 + L.draw_chunk, L.n_draws)
+                wanted = [k for k in range(g0, g1) if sel.use[ci, k] and sel.draws[ci, k] > d0]
+                if not wanted:
+                    continue
+                block = store.read("probe_loss", (ci, slice(g0, g1), slice(d0, d1), slice(t0, t1)))  # (G, Dc, T)
+                for k in wanted:
+                    n = min(d1, int(sel.draws[ci, k])) - d0
+                    moments[ci][k].add(s[ci, k, d0:d0 + n], block[k - g0, :n], init)
+
+
+def _stored_moments(store: SampleStore, sel: Selection, t0: int, t1: int, moments: list) -> None:
+    """Fill `moments[ci][k]` of every used chain from its committed moments slot, tokens [t0, t1)."""
+    L = store.layout
+    for ci in range(len(L.components)):
+        for g0 in range(0, L.n_chains, L.chain_group):
+            g1 = min(g0 + L.chain_group, L.n_chains)
+            wanted = [k for k in range(g0, g1) if sel.use[ci, k]]
+            if not wanted:
+                continue
+            a = store.read_moments(ci, slice(g0, g1), slice(t0, t1))
+            for k in wanted:
+                n, slot = int(sel.draws[ci, k]), L.moment_slot(int(sel.draws[ci, k]))
+                if int(a["n"][k - g0, slot]) != n:
+                    raise StoreError(f"{store.path}: the moment sums of {L.components[ci]} chain {k} cover "
+                                     f"{int(a['n'][k - g0, slot])} draws, but its progress says {n}; the store "
+                                     f"changed while it was read (a sampler is writing) or is damaged: rerun the "
+                                     f"sampling stage (it verifies and repairs), then this one")
+                moments[ci][k] = ChainMoments(t1 - t0, n=n, s_phi=float(a["phi"][k - g0, slot]),
+                                              s_phi2=float(a["phi2"][k - g0, slot]),
+                                              s_phiD=a["phiD"][k - g0, slot].astype(np.float64),
+                                              s_D=a["D"][k - g0, slot].astype(np.float64))
 
 
 def _reduce_batch(batch: dict, samples_path: str, out_path: str, sel: Selection, form: str) -> dict:

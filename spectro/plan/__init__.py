@@ -11,8 +11,9 @@ creates no store, checkpoint or summary. The plan holds:
 - FLOPs of the SGLD steps, of the draw-time evaluations and of building the
   lower-layer caches (model below);
 - the sample store's logical (uncompressed) bytes per array, as
-  `SampleStore._create` lays it out, the checkpoints' bytes, and what a
-  per-chain float64 moments store would hold (not implemented yet);
+  `SampleStore._create` lays it out, and the checkpoints' bytes, for the
+  configured `store.probe` mode (`store`) and for both (`stores`: draws
+  keeps every draw's probe losses, moments per-chain float64 sums);
 - peak memory per actor (model below);
 - predicted wall time of the sampling stage on this machine, from a few
   timed SGLD steps and evaluations of `full` and of one other component in
@@ -72,5 +73,5 @@ from spectro.gpus import GPU, GPUS  # noqa: F401
 from spectro.plan.make import format_plan, make_plan, run_plan  # noqa: F401
 from spectro.plan.timing import (BW_EFFICIENCY, EFFICIENCY, LAUNCH_S, CpuLoad, OpCount, calibrate, fit,  # noqa: F401
                                  load_stretch, other_demand, schedule, unit_seconds_cpu)
-from spectro.plan.work import (ACTOR_START_S, Shape, actor_memory, moments_arrays, store_arrays,  # noqa: F401
-                               unit_work)
+from spectro.plan.work import (ACTOR_START_S, Shape, actor_memory, checkpoint_moment_bytes,  # noqa: F401
+                               store_arrays, unit_work)

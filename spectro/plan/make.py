@@ -16,7 +16,7 @@ from spectro.gpus import GPUS
 from spectro.plan.timing import (BW_EFFICIENCY, EFFICIENCY, LAUNCH_S, CpuLoad, _threads, calibrate, fit, fit_ops,
                                  load_stretch, schedule, unit_seconds_cpu, unit_seconds_gpu)
 from spectro.plan.work import (ACTOR_START_S, GENERATOR_STATE_BYTES, RUNTIME_BYTES, Shape, actor_memory,
-                               moments_arrays, store_arrays, unit_work)
+                               checkpoint_moment_bytes, store_arrays, unit_work)
 
 # ---------------------------------------------------------------- the plan
 
@@ -48,10 +48,14 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
               "flops_evals": sum(u["flops_evals"] for u in units),
               "flops_cache": sum(u["flops_cache"] for u in units)}
     totals["flops"] = totals["flops_steps"] + totals["flops_evals"] + totals["flops_cache"]
-    store = store_arrays(layout, p.probe)
-    moments = moments_arrays(layout, store)
     ckpt = sum(u["chains"] * (u["sampled_entries"] * 4 * (2 if s.precondition == "rmsprop" else 1)
                               + 2 * GENERATOR_STATE_BYTES) for u in units)
+    stores = {}
+    for mode in ("draws", "moments"):
+        arrays = store_arrays(layout, p.probe, mode)
+        extra = sum(checkpoint_moment_bytes(u["chains"], layout.n_tokens) for u in units) if mode == "moments" else 0
+        stores[mode] = {"mode": mode, "arrays": arrays, "bytes": sum(a["bytes"] for a in arrays.values()),
+                        "checkpoint_bytes": ckpt + extra}
     plan = {
         "config": {"model": config.model.source, "components": list(layout.components),
                    "num_chains": s.num_chains, "chain_group": layout.chain_group, "antithetic": s.antithetic,
@@ -61,10 +65,8 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
                    "threads_per_actor": _threads(config), "probe_dtype": s.probe_dtype, "tf32": s.tf32},
         "model": dataclasses.asdict(shape),
         "totals": totals,
-        "store": {"mode": "draws", "arrays": store, "bytes": sum(a["bytes"] for a in store.values()),
-                  "checkpoint_bytes": ckpt},
-        "moments_store": {"mode": "moments (not implemented yet)", "arrays": moments,
-                          "bytes": sum(a["bytes"] for a in moments.values())},
+        "store": stores[layout.probe],          # the configured store.probe mode
+        "stores": {mode: {k: v for k, v in st.items() if k != "arrays"} for mode, st in stores.items()},
         "memory": actor_memory(config, shape, units),
         "units": [{k: v for k, v in u.items() if k != "tensors"} for u in units],
     }
@@ -143,12 +145,13 @@ def format_plan(plan: dict) -> str:
             ("FLOPs: lower-layer caches", f"{t['flops_cache'] / 1e12:,.2f} TFLOP"),
             ("FLOPs: total", f"{t['flops'] / 1e12:,.2f} TFLOP")]
     for name, a in plan["store"]["arrays"].items():
-        if a["bytes"] >= 1000 or name == "probe_loss":
+        if a["bytes"] >= 1000 or name in ("probe_loss", "moment_phiD"):
             rows.append((f"store {name} {tuple(a['shape'])} {a['dtype']}", _b(a["bytes"])))
-    rows += [("store, draws mode (logical, all arrays)", _b(plan["store"]["bytes"])),
-             ("checkpoints", _b(plan["store"]["checkpoint_bytes"])),
-             ("store, moments mode (not implemented yet)", _b(plan["moments_store"]["bytes"])),
-             (f"peak memory per actor (largest unit: {m['component']})", _b(m["peak_bytes"]))]
+    for mode, st in plan["stores"].items():
+        mark = " (this run)" if mode == plan["store"]["mode"] else ""
+        rows += [(f"store, store.probe={mode}{mark} (logical, all arrays)", _b(st["bytes"])),
+                 (f"checkpoints, store.probe={mode}{mark}", _b(st["checkpoint_bytes"]))]
+    rows.append((f"peak memory per actor (largest unit: {m['component']})", _b(m["peak_bytes"])))
     if "cpu" in plan:
         cpu = plan["cpu"]
         r = cpu["rates"]

@@ -1,5 +1,5 @@
 """The plan's counts: units, steps and FLOPs per unit, the sample store's logical bytes per
-array, the moments store it could be, and peak memory per actor (models in `spectro.plan`)."""
+array in either probe store mode, and peak memory per actor (models in `spectro.plan`)."""
 
 from __future__ import annotations
 
@@ -83,10 +83,14 @@ def _utf8(values) -> int:
     return int(sum(len(str(v).encode("utf-8")) for v in values))
 
 
-def store_arrays(layout, probe) -> dict:
-    """Logical (uncompressed) bytes of every array `SampleStore._create` makes: {name: {shape, dtype, bytes}}.
-    String arrays count their UTF-8 bytes."""
+def store_arrays(layout, probe, mode: str | None = None) -> dict:
+    """Logical (uncompressed) bytes of every array `SampleStore._create` makes for probe store `mode` (default
+    the layout's, `store.probe`): {name: {shape, dtype, bytes}}. String arrays count their UTF-8 bytes.
+    "draws" keeps `probe_loss` per draw and token; "moments" keeps instead `estimator.ChainMoments`'s sums
+    per (component, chain) in two alternating slots: n, sum phi, sum phi^2 and, per token, sum phi*D and
+    sum D. The per-draw scalar traces (R-hat, ESS, divergence) and the probe table are the same in both."""
     C, N, D, T = len(layout.components), layout.n_chains, layout.n_draws, layout.n_tokens
+    mode = mode or layout.probe
     out = {}
 
     def add(name, shape, dtype, size):
@@ -94,7 +98,14 @@ def store_arrays(layout, probe) -> dict:
         out[name] = {"shape": list(shape), "dtype": dtype, "bytes": int(n * size)}
 
     add("sampling_loss", (C, N, D), "float64", _F8)
-    add("probe_loss", (C, N, D, T), "float32", _F4)
+    if mode == "draws":
+        add("probe_loss", (C, N, D, T), "float32", _F4)
+    else:
+        add("moment_n", (C, N, 2), "int64", _I8)
+        add("moment_phi", (C, N, 2), "float64", _F8)
+        add("moment_phi2", (C, N, 2), "float64", _F8)
+        add("moment_phiD", (C, N, 2, T), "float64", _F8)
+        add("moment_D", (C, N, 2, T), "float64", _F8)
     for name in ("step_loss", "grad_norm", "noise_norm", "distance"):
         add(name, (C, N, D), "float64", _F8)
     add("diverged_at", (C, N), "int64", _I8)
@@ -109,20 +120,10 @@ def store_arrays(layout, probe) -> dict:
     return out
 
 
-def moments_arrays(layout, store: dict) -> dict:
-    """What a per-chain float64 moments store would hold instead of `probe_loss` (not implemented yet):
-    `estimator.ChainMoments`'s sums per (component, chain): n, sum phi, sum phi^2 and, per token, sum phi*D and
-    sum D; the per-draw scalar traces (R-hat, ESS, divergence) and the probe table stay as they are."""
-    C, N, T = len(layout.components), layout.n_chains, layout.n_tokens
-    out = {"moment_phiD": {"shape": [C, N, T], "dtype": "float64", "bytes": C * N * T * _F8},
-           "moment_D": {"shape": [C, N, T], "dtype": "float64", "bytes": C * N * T * _F8},
-           "moment_n": {"shape": [C, N], "dtype": "int64", "bytes": C * N * _I8},
-           "moment_phi": {"shape": [C, N], "dtype": "float64", "bytes": C * N * _F8},
-           "moment_phi2": {"shape": [C, N], "dtype": "float64", "bytes": C * N * _F8}}
-    for name, a in store.items():
-        if name != "probe_loss":
-            out[name] = a
-    return out
+def checkpoint_moment_bytes(chains: int, n_tokens: int) -> int:
+    """What a moments-mode checkpoint adds per unit: its chains' sums (n int64, phi and phi^2 float64, and per
+    token phi*D and D float64)."""
+    return chains * (3 * 8 + 2 * 8 * n_tokens)
 
 
 # ---------------------------------------------------------------- memory

@@ -9,7 +9,12 @@ Layout (dims in brackets; every array carries `dimension_names`, so
 `xarray.open_zarr(path, consolidated=False)` names them):
 
     sampling_loss  float64 [component, chain, draw]          chunks (1, G, Dc)
-    probe_loss     float32 [component, chain, draw, token]   chunks (1, G, Dc, Tc)
+    probe_loss     float32 [component, chain, draw, token]   chunks (1, G, Dc, Tc)   (store.probe=draws)
+    moment_n       int64   [component, chain, slot]          chunks (1, G, 1)        (store.probe=moments)
+    moment_phi, moment_phi2
+                   float64 [component, chain, slot]          chunks (1, G, 1)
+    moment_phiD, moment_D
+                   float64 [component, chain, slot, token]   chunks (1, G, 1, Tc)
     step_loss, grad_norm, noise_norm, distance
                    float64 [component, chain, draw]          chunks (1, G, Dc)
     diverged_at    int64   [component, chain]   -1 = healthy chunks (1, G)
@@ -45,6 +50,17 @@ Non-obvious choices:
   component names) is refused with what is wrong.
 - Disk full (ENOSPC/EDQUOT/EFBIG) while creating the store removes the partial
   store and raises StoreError saying so.
+- `store.probe=moments` keeps, instead of `probe_loss`, each chain's float64
+  `estimator.ChainMoments` sums over its draws so far (n, sum phi, sum phi^2,
+  and per token sum phi*D, sum D): storage no longer grows with draws. Each
+  unit writes them at every checkpoint into one of two slots, alternating
+  (block j of Dc draws -> slot j % 2, `Layout.moment_slot`), so the slot that
+  `progress` points at is never the one being overwritten: a writer killed
+  mid-write leaves the committed sums whole, and a partial read sees sums of
+  exactly `progress` draws (each slot also carries its own n, checked on
+  read). The mode is part of the layout; a store is never reopened in the
+  other mode. Format 2 still: moments are additive, draws-mode stores are
+  unchanged.
 """
 
 from __future__ import annotations
@@ -67,6 +83,9 @@ from spectro.errors import DiskFullError, StoreError, UnsafePathError
 STORE_FORMAT = 2
 TRACE_ARRAYS = ("step_loss", "grad_norm", "noise_norm", "distance")
 UNIT_ARRAYS = ("sampling_loss", "probe_loss", *TRACE_ARRAYS)          # (component, chain, draw[, token])
+MOMENT_ARRAYS = ("moment_n", "moment_phi", "moment_phi2", "moment_phiD", "moment_D")   # (component, chain, slot[, tok])
+MOMENT_TOKEN_ARRAYS = ("moment_phiD", "moment_D")
+PROBE_MODES = ("draws", "moments")
 STATE_ARRAYS = ("diverged_at", "progress")                            # (component, chain)
 PROBE_ARRAYS = ("token_context", "token_position", "token_id", "token_text", "token_source", "probe_input_ids")
 PROBE_CHUNK_BYTES = 4 << 20
@@ -115,15 +134,22 @@ class Layout:
     chain_group: int      # G
     draw_chunk: int       # Dc
     token_chunk: int      # Tc
+    probe: str = "draws"  # "draws" | "moments" (module doc); stores made before the option are "draws"
 
     @staticmethod
     def plan(components: Sequence[str], n_chains: int, n_draws: int, n_contexts: int, seq_len: int,
-             chain_group: int, checkpoint_every: int) -> "Layout":
+             chain_group: int, checkpoint_every: int, probe: str = "draws") -> "Layout":
+        if probe not in PROBE_MODES:
+            raise StoreError(f"unknown probe store mode {probe!r}; use one of {PROBE_MODES}")
         g = min(chain_group, n_chains)
         dc = min(checkpoint_every, n_draws)
         n_tokens = n_contexts * (seq_len - 1)
         tc = int(max(1, min(n_tokens, PROBE_CHUNK_BYTES // (4 * g * dc))))
-        return Layout(tuple(components), n_chains, n_draws, n_tokens, n_contexts, seq_len, g, dc, tc)
+        return Layout(tuple(components), n_chains, n_draws, n_tokens, n_contexts, seq_len, g, dc, tc, probe)
+
+    def moment_slot(self, committed: int) -> int:
+        """The moments slot holding a unit's sums over its first `committed` (> 0) draws (module doc)."""
+        return ((committed - 1) // self.draw_chunk) % 2
 
     def units(self) -> list[tuple[str, tuple[int, ...]]]:
         """All (component, chain ids) units, component-major."""
@@ -172,6 +198,11 @@ class SampleStore:
                     f"{path} was made with a different config (keys that differ: {', '.join(keys)}); "
                     f"rerun with the original settings to resume, pass fresh=true to discard it, "
                     f"or choose another run directory")
+            if store.layout.probe != layout.probe:
+                raise StoreError(
+                    f"{path} keeps probe losses as store.probe={store.layout.probe}, but this run asks for "
+                    f"store.probe={layout.probe}; rerun with store.probe={store.layout.probe} to resume, pass "
+                    f"fresh=true to discard it, or choose another run directory")
             if store.layout != layout:
                 raise StoreError(f"{path} has layout {store.layout}, expected {layout}; pass fresh=true")
             store.verify_probe(probe)      # rewrites probe coordinates that were corrupted
@@ -199,8 +230,18 @@ class SampleStore:
         comp3 = ("component", "chain", "draw")
         g.create_array("sampling_loss", shape=(C, N, D), chunks=(1, G, Dc), dtype="float64", fill_value=np.nan,
                        dimension_names=comp3, compressors=_compressors())
-        g.create_array("probe_loss", shape=(C, N, D, T), chunks=(1, G, Dc, Tc), dtype="float32",
-                       fill_value=np.nan, dimension_names=comp3 + ("token",), compressors=_compressors())
+        if L.probe == "draws":
+            g.create_array("probe_loss", shape=(C, N, D, T), chunks=(1, G, Dc, Tc), dtype="float32",
+                           fill_value=np.nan, dimension_names=comp3 + ("token",), compressors=_compressors())
+        else:
+            slot3 = ("component", "chain", "slot")
+            for name in MOMENT_ARRAYS:
+                per_token = name in MOMENT_TOKEN_ARRAYS
+                g.create_array(name, shape=(C, N, 2, T) if per_token else (C, N, 2),
+                               chunks=(1, G, 1, Tc) if per_token else (1, G, 1),
+                               dtype="int64" if name == "moment_n" else "float64",
+                               fill_value=0 if name == "moment_n" else np.nan,
+                               dimension_names=slot3 + (("token",) if per_token else ()), compressors=_compressors())
         for name in TRACE_ARRAYS:
             g.create_array(name, shape=(C, N, D), chunks=(1, G, Dc), dtype="float64", fill_value=np.nan,
                            dimension_names=comp3, compressors=_compressors())
@@ -261,9 +302,14 @@ class SampleStore:
                 raise StoreError(f"{path} names a component {name!r} that is not a valid component name; "
                                  f"this store was not written by spectro")
         C, N, D, T = len(L.components), L.n_chains, L.n_draws, L.n_tokens
+        if L.probe not in PROBE_MODES:
+            raise StoreError(f"{path} has an unknown probe mode {L.probe!r} in its layout; rerun with fresh=true")
         expected = {**{a: (C, N, D) for a in UNIT_ARRAYS}, "probe_loss": (C, N, D, T),
                     **{a: (C, N) for a in STATE_ARRAYS}, "component": (C,),
                     **{a: (T,) for a in PROBE_ARRAYS}, "probe_input_ids": (L.n_contexts, L.seq_len)}
+        if L.probe == "moments":
+            del expected["probe_loss"]
+            expected.update({a: (C, N, 2, T) if a in MOMENT_TOKEN_ARRAYS else (C, N, 2) for a in MOMENT_ARRAYS})
         present = set(g.array_keys())
         missing = [a for a in expected if a not in present]
         if missing:
@@ -281,11 +327,18 @@ class SampleStore:
         return self._index[component]
 
     def write_block(self, component: str, chains: Sequence[int], draw_start: int, *, sampling_loss: np.ndarray,
-                    probe_loss: np.ndarray, traces: dict[str, np.ndarray], diverged_at: np.ndarray) -> None:
+                    probe_loss: np.ndarray | None = None, traces: dict[str, np.ndarray], diverged_at: np.ndarray,
+                    moments: dict[str, np.ndarray] | None = None) -> None:
         """Write draws [draw_start, draw_start + n) of one unit: chunk-aligned.
 
-        sampling_loss (chains, n), probe_loss (chains, n, tokens), traces[name] (chains, n), diverged_at (chains,)
+        sampling_loss (chains, n), probe_loss (chains, n, tokens), traces[name] (chains, n), diverged_at (chains,);
+        in moments mode `moments` instead of probe_loss: the chains' sums over draws [0, draw_start + n),
+        {"n", "phi", "phi2"} (chains,) and {"phiD", "D"} (chains, tokens), into slot `moment_slot`.
         """
+        mode = self.layout.probe
+        if (probe_loss is None) != (mode == "moments") or (moments is None) != (mode == "draws"):
+            raise StoreError(f"{self.path} keeps probe losses as store.probe={mode}: write "
+                             f"{'probe_loss' if mode == 'draws' else 'moments'} blocks to it")
         ci = self.component_index(component)
         c0, c1 = chains[0], chains[-1] + 1
         n = sampling_loss.shape[1]
@@ -294,7 +347,12 @@ class SampleStore:
             raise StoreError(f"block at draw {draw_start} with {n} draws is not chunk-aligned")
         d = slice(draw_start, draw_start + n)
         self._array("sampling_loss")[ci, c0:c1, d] = sampling_loss
-        self._array("probe_loss")[ci, c0:c1, d, :] = probe_loss
+        if mode == "draws":
+            self._array("probe_loss")[ci, c0:c1, d, :] = probe_loss
+        else:
+            slot = self.layout.moment_slot(draw_start + n)
+            for name in MOMENT_ARRAYS:
+                self._array(name)[ci, c0:c1, slot] = moments[name.removeprefix("moment_")]
         for name in TRACE_ARRAYS:
             self._array(name)[ci, c0:c1, d] = traces[name]
         self._array("diverged_at")[ci, c0:c1] = diverged_at
@@ -312,15 +370,21 @@ class SampleStore:
     def _chunk_file(self, name: str, coords: tuple[int, ...]) -> Path:
         return self.path / name / self.group[name].metadata.encode_chunk_key(coords)
 
-    def _unit_chunks(self, ci: int, g: int, committed: int) -> list[tuple[str, tuple[int, ...]]]:
-        """(array, chunk coords) of every chunk unit (component ci, chain group g) has committed."""
+    def _unit_chunks(self, ci: int, g: int, committed: int, every_slot: bool = False) -> list[tuple[str, tuple]]:
+        """(array, chunk coords) of every chunk unit (component ci, chain group g) has committed; in moments mode
+        the slot holding its sums over `committed` draws (both slots with `every_slot`)."""
         L = self.layout
         n_dchunks = -(-committed // L.draw_chunk)
         n_tchunks = -(-L.n_tokens // L.token_chunk)
         out = [(a, (ci, g)) for a in STATE_ARRAYS]
         for j in range(n_dchunks):
             out += [(a, (ci, g, j)) for a in UNIT_ARRAYS if a != "probe_loss"]
-            out += [("probe_loss", (ci, g, j, t)) for t in range(n_tchunks)]
+            if L.probe == "draws":
+                out += [("probe_loss", (ci, g, j, t)) for t in range(n_tchunks)]
+        if L.probe == "moments" and committed > 0:
+            for slot in ((0, 1) if every_slot else (L.moment_slot(committed),)):
+                out += [(a, (ci, g, slot)) for a in MOMENT_ARRAYS if a not in MOMENT_TOKEN_ARRAYS]
+                out += [(a, (ci, g, slot, t)) for a in MOMENT_TOKEN_ARRAYS for t in range(n_tchunks)]
         return out
 
     def verify(self, *, remove_partial: bool = False) -> list[dict]:
@@ -372,7 +436,7 @@ class SampleStore:
         """Delete every chunk of one unit (progress first), so it is sampled again from draw 0."""
         ci = self.component_index(component)
         g = chains[0] // self.layout.chain_group
-        chunks = self._unit_chunks(ci, g, self.layout.n_draws)
+        chunks = self._unit_chunks(ci, g, self.layout.n_draws, every_slot=True)
         for name, coords in sorted(chunks, key=lambda nc: nc[0] != "progress"):    # progress first
             self._chunk_file(name, coords).unlink(missing_ok=True)
 
@@ -409,7 +473,18 @@ class SampleStore:
         return self.group["diverged_at"][:]
 
     def read(self, name: str, selection=slice(None)) -> np.ndarray:
+        if name == "probe_loss" and self.layout.probe == "moments":
+            raise StoreError(f"{self.path} was sampled with store.probe=moments: it keeps per-chain sums "
+                             f"(moment_* arrays), not each draw's probe losses; resample with store.probe=draws "
+                             f"(fresh=true) for those")
         return self.group[name][selection]
+
+    def read_moments(self, ci: int, chains: slice, tokens: slice) -> dict[str, np.ndarray]:
+        """Both moment slots of chains `chains` of component index `ci`, tokens `tokens`: {"n", "phi", "phi2"}
+        (chains, 2) and {"phiD", "D"} (chains, 2, tokens). Pick a chain's slot with `layout.moment_slot`."""
+        return {name.removeprefix("moment_"): self.group[name][(ci, chains, slice(None))
+                                                               + ((tokens,) if name in MOMENT_TOKEN_ARRAYS else ())]
+                for name in MOMENT_ARRAYS}
 
     @property
     def attrs(self) -> dict:
