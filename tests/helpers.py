@@ -97,10 +97,11 @@ def make_store(path, problem, config, components=COMPONENTS):
 
 def arrays(path):
     """Every sample and trace array of a store, by name."""
-    from spectro.store import TRACE_ARRAYS, SampleStore
+    from spectro.store import MOMENT_ARRAYS, TRACE_ARRAYS, SampleStore
 
     st = SampleStore.open(path)
-    names = ["sampling_loss", "probe_loss", "diverged_at", "progress", *TRACE_ARRAYS]
+    probe = ["probe_loss"] if st.layout.probe == "draws" else list(MOMENT_ARRAYS)
+    names = ["sampling_loss", *probe, "diverged_at", "progress", *TRACE_ARRAYS]
     return {n: st.read(n) for n in names}
 
 

@@ -55,10 +55,33 @@ def test_plan_matches_what_a_run_writes(tmp_path, ray_local):
     assert plan["totals"]["sgld_steps"] == 6 * (2 + 4 * 2)
     # the calibrated units are predicted as measured, every unit gets a positive time
     assert plan["cpu"]["predicted_wall_s"] > 0 and all(u["predicted_s"] > 0 for u in plan["units"])
-    # moments mode: per chain and token two float64 sums in place of probe_loss's draws
+    assert plan["store"]["mode"] == "draws" and plan["stores"]["draws"]["bytes"] == sum(written.values())
+
+
+def test_plan_matches_what_a_moments_run_writes(tmp_path, ray_local):
+    """store.probe=moments: no probe_loss; per chain, in two slots, two float64 sums per token and three scalars."""
+    from spectro import pipeline
+    from spectro.plan import make_plan
+
+    config = small_config(stage="sample", store={"probe": "moments"})
+    prepared = pipeline.prepare(config)
+    plan = make_plan(config, prepared, calibrate_draws=0)
+    pipeline.run(config, tmp_path / "run", prepared)
+    g = zarr.open_group(str(tmp_path / "run" / "samples.zarr"), mode="r")
+    written = {name: _logical_bytes(g[name]) for name in g.array_keys()}
+    assert plan["store"]["mode"] == "moments" and "probe_loss" not in written
+    assert {name: a["bytes"] for name, a in plan["store"]["arrays"].items()} == written
+    for name, a in plan["store"]["arrays"].items():
+        assert tuple(a["shape"]) == g[name].shape, name
     C, N, T = 3, 4, 4 * 15
-    m = plan["moments_store"]["arrays"]
-    assert m["moment_phiD"]["bytes"] == m["moment_D"]["bytes"] == C * N * T * 8 and "probe_loss" not in m
+    assert written["moment_phiD"] == written["moment_D"] == C * N * 2 * T * 8
+    assert plan["stores"]["moments"]["bytes"] == sum(written.values())
+    # 32 bytes per chain and token whatever the draws, against 4 per draw: larger here (4 draws), smaller above 8
+    assert written["moment_phiD"] + written["moment_D"] == 2 * C * N * 4 * T * 4
+    # the checkpoints hold the running sums too: plan them as written
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    assert len(ckpts) == plan["totals"]["units"]
+    assert plan["stores"]["moments"]["checkpoint_bytes"] > plan["stores"]["draws"]["checkpoint_bytes"]
 
 
 def test_stage_plan_writes_only_plan_json(tmp_path, capsys):
@@ -70,6 +93,7 @@ def test_stage_plan_writes_only_plan_json(tmp_path, capsys):
     plan = json.loads((tmp_path / "plan.json").read_text())
     out = capsys.readouterr().out
     assert "units (component x chain group)" in out and "store probe_loss" in out and "h100" in out
+    assert "store, store.probe=draws (this run)" in out and "store, store.probe=moments (logical" in out
     assert plan["gpu"]["predicted_wall_s"] > 0 and "cpu" not in plan
     # FLOPs of `full`'s step: 6 x params x tokens, less the token embedding (a lookup and a scatter-add)
     full = next(u for u in plan["units"] if u["component"] == "full")
