@@ -66,7 +66,8 @@ three copies during an update: weights, new weights, gradients; RMSProp adds
 two), the lower-layer cache, the activations autograd saves in a step
 (g B T tokens x layers above `start` x (11 H + 2 I + 2 heads T) float32 + the
 head's (128 x V) block per chain) or of one evaluation chunk, whichever is
-larger, and the draws buffered for one store chunk.
+larger, and the draws buffered for one store chunk (with `store.probe=moments`
+also the chains' per-token sums and the copy being written).
 """
 
 from spectro.gpus import GPU, GPUS  # noqa: F401

@@ -145,6 +145,8 @@ def actor_memory(config, shape: Shape, units: list[dict]) -> dict:
         rows = max(T, BODY_ROWS // T * T)
         eval_act = rows * per_token_layer + CE_ROWS * V * 4
         buffer = 2 * min(s.checkpoint_every, s.num_draws) * g * u["n_tokens"] * 4
+        if config.store.probe == "moments":
+            buffer += 2 * g * u["n_tokens"] * 2 * 8        # the chains' per-token sums, and their copy being written
         total = state + cache + max(step_act, eval_act) + buffer
         if best is None or total > best["unit_bytes"]:
             best = {"component": u["component"], "unit_bytes": total, "chain_state": state, "cache": cache,
