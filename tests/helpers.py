@@ -105,6 +105,35 @@ def arrays(path):
     return {n: st.read(n) for n in names}
 
 
+def kill_actor_mid_run(store_path, killed: list, min_done: int, timeout_s: float = 120.0) -> None:
+    """Once the store at `store_path` has at least `min_done` chain-draws committed but is not complete, SIGKILL
+    one sampler actor (a descendant of this process: this test's local Ray, never another's) and append its pid
+    to `killed`. Run it in a thread beside `service.sample`."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from spectro.store import SampleStore
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not killed:
+        st = SampleStore.open(store_path)
+        prog = st.progress()
+        if prog.sum() >= min_done and prog.sum() < prog.size * st.layout.n_draws:
+            for proc in psutil.Process().children(recursive=True):     # Ray titles it "ray::SamplerActor..."
+                try:
+                    cmdline = proc.cmdline()
+                except psutil.Error:
+                    continue
+                if any("SamplerActor" in part for part in cmdline):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.05)
+
+
 def assert_identical(a, b):
     for name in a:
         assert a[name].dtype == b[name].dtype

@@ -18,7 +18,7 @@ from spectro.estimator import ChainMoments
 from spectro.service import run_unit, sample
 from spectro.store import MOMENT_ARRAYS, SampleStore, read_susceptibilities
 from spectro.susceptibilities import compute, online_estimate, select_chains
-from tests.helpers import arrays, assert_identical, make_store, tiny_config, tiny_problem
+from tests.helpers import arrays, assert_identical, kill_actor_mid_run, make_store, tiny_config, tiny_problem
 
 N_DRAWS = 7            # checkpoint_every=3: blocks of 3, 3 and 1 draws; 4 chains in 2 groups, antithetic pairs
 RESULTS = ("chi", "chi_se", "chi_per_chain", "chi_half")
@@ -244,6 +244,25 @@ def test_resumed_unit_never_overwrites_the_committed_slot(unit_refs, tmp_path):
     np.testing.assert_array_equal(got["D"], ref.s_D)
     run_one_unit(problem, SampleStore.open(path, mode="r+"), config, tmp_path / "checkpoints")
     assert_identical(arrays(refs["moments"] / "samples.zarr"), arrays(path))
+
+
+@pytest.mark.slow
+def test_actor_killed_mid_run_resumes_to_identical_moments(runs, tmp_path, ray_local):
+    """kill -9 of the only sampler actor mid-run: the service re-queues its unit from the checkpoint, and the
+    finished store, moment sums included, is bit-identical to the uninterrupted run's."""
+    import threading
+
+    problem, config = tiny_problem(), config_for("moments")
+    one = dataclasses.replace(config, ray=dataclasses.replace(config.ray, num_actors=1))
+    store = make_store(tmp_path / "samples.zarr", problem, one)
+    killed = []
+    t = threading.Thread(target=kill_actor_mid_run, args=(tmp_path / "samples.zarr", killed, 2 * 3))
+    t.start()
+    report = sample(problem, store, one, tmp_path / "checkpoints", poll_s=0.1)
+    t.join()
+    assert killed and report.actor_failures == 1
+    assert any(u["resumed_at"] > 0 for u in report.units_run)
+    assert_identical(arrays(runs["moments"]["run"] / "samples.zarr"), arrays(tmp_path / "samples.zarr"))
 
 
 # ---------------------------------------------------------------- the mode belongs to the store

@@ -2,10 +2,7 @@
 Zarr v3 store: shapes, names, dtypes, plausibility, bit-identical results
 across actor counts and faults, divergence handling."""
 
-import os
-import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +12,8 @@ from spectro.config import as_dict
 from spectro.device import release_host_memory
 from spectro.service import sample
 from spectro.store import SampleStore
-from tests.helpers import COMPONENTS, arrays, assert_identical, make_store, tiny_config, tiny_problem
+from tests.helpers import (COMPONENTS, arrays, assert_identical, kill_actor_mid_run, make_store, tiny_config,
+                           tiny_problem)
 
 
 @pytest.fixture(scope="module")
@@ -66,35 +64,13 @@ def test_one_actor_bit_identical_to_two(reference, tmp_path, ray_local):
 
 @pytest.mark.slow
 def test_actor_killed_mid_unit_resumes_bit_identical(reference, tmp_path, ray_local):
-    import psutil
-
     run, problem, config, _ = reference
     import dataclasses
     slow = dataclasses.replace(config, ray=dataclasses.replace(config.ray, num_actors=1))
     store = make_store(tmp_path / "samples.zarr", problem, slow)
     killed = []
-
-    def killer():
-        # wait until some unit has committed a checkpoint but the run is not done, then kill -9 the actor
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            prog = SampleStore.open(tmp_path / "samples.zarr").progress()
-            if prog.sum() >= 2 * 3 and prog.sum() < prog.size * 6:
-                # Ray titles an actor's worker process "ray::SamplerActor..."
-                # only this test's actors (descendants of this process: our local Ray instance), never
-                # another session's on a shared machine
-                for proc in psutil.Process().children(recursive=True):
-                    try:
-                        cmdline = proc.cmdline()
-                    except psutil.Error:
-                        continue
-                    if any("SamplerActor" in part for part in cmdline):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        killed.append(proc.pid)
-                        return
-            time.sleep(0.05)
-
-    t = threading.Thread(target=killer)
+    # kill -9 the actor once some unit has committed a checkpoint but the run is not done
+    t = threading.Thread(target=kill_actor_mid_run, args=(tmp_path / "samples.zarr", killed, 2 * 3))
     t.start()
     report = sample(problem, store, slow, tmp_path / "checkpoints", poll_s=0.1)
     t.join()

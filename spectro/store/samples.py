@@ -264,7 +264,9 @@ class SampleStore:
         ids[:] = probe.input_ids
         g.attrs.update({
             "spectro_store": STORE_FORMAT,
-            "layout": {**asdict(L), "components": list(L.components)},
+            # a draws-mode layout is written as before the option existed, so those stores stay unchanged
+            "layout": {k: v for k, v in {**asdict(L), "components": list(L.components)}.items()
+                       if not (k == "probe" and v == "draws")},
             "fingerprint": json.loads(json.dumps(fingerprint)),
             "config": json.loads(json.dumps(config)),
             "model": json.loads(json.dumps(model)),
