@@ -40,7 +40,7 @@ def runs(tmp_path_factory, ray_local):
         config = config_for(mode)
         store = make_store(run / "samples.zarr", problem, config)
         sample(problem, store, config, run / "checkpoints")
-        summary = compute(run, nbeta=config.sampler.nbeta, tokens_per_block=11)     # 3 token blocks
+        summary = compute(run, nbeta=config.sampler.nbeta)
         out[mode] = {"run": run, "store": SampleStore.open(run / "samples.zarr"), "summary": summary,
                      "ds": read_susceptibilities(run / "susceptibilities.zarr")}
     return out
