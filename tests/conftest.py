@@ -51,3 +51,47 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.section("spectro modules")
     tr.write_line(f"imported {len(every) - len(missed)} of {len(every)} spectro modules")
     tr.write_line("never imported: " + (", ".join(missed) if missed else "none"))
+
+
+# --------------------------------------------------------------------------- #
+# a clean end: Ray shut down, then no interpreter finalization
+# --------------------------------------------------------------------------- #
+
+
+def pytest_sessionstart(session):
+    session.config._spectro_session = session
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Shut down a Ray instance a test left running (an in-process pipeline run starts one and keeps it)."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave with pytest's exit status once every result is reported, without finalizing the interpreter.
+
+    This process has hosted Ray's core worker and Ray Data's executor threads next to the thread pools
+    of torch, faiss (OpenMP) and numba. Tearing those down while the interpreter frees its modules crashed
+    once after a complete, passing run (SIGSEGV, exit 139, no test affected). Every file a test writes is
+    closed by then; only the interpreter's own teardown is skipped. The exit status is pytest's (5 when no
+    test was collected)."""
+    import logging
+    import sys
+
+    session = getattr(config, "_spectro_session", None)
+    if session is None or not hasattr(session, "exitstatus"):
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or replaced stream: nothing left to flush
+            pass
+    os._exit(int(session.exitstatus))

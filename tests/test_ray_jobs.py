@@ -67,13 +67,26 @@ def ray_head(tmp_path_factory):
         log.close()
 
 
+def submit(client, deadline_s: float = 120, **kwargs) -> str:
+    """client.submit_job, retried while the head's job agent is still starting: the job server answers before
+    the agent has registered (HTTP 500 "No available agent to submit job"), more often on a loaded machine."""
+    deadline = time.time() + deadline_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
 def test_smoke_job_submitted_through_the_jobs_api(ray_head, tmp_path):
     from ray.job_submission import JobStatus
 
     run_dir = tmp_path / "run"
     entry = (f"{sys.executable} jobs/run.py experiment=smoke components=[l0h1,l3h3] sampler.num_draws=3 "
              f"sampler.checkpoint_every=3 data.n_probe_contexts=4 hydra.run.dir={run_dir}")
-    job = ray_head.submit_job(entrypoint=entry, runtime_env={
+    job = submit(ray_head, entrypoint=entry, runtime_env={
         "working_dir": str(ROOT), "excludes": [".venv", "runs", "multirun", "outputs", "wandb", "*.zarr"]})
     deadline = time.time() + 600
     status = ray_head.get_job_status(job)
