@@ -160,6 +160,12 @@ class PlanConfig:
 
 
 @dataclass
+class StorageConfig:
+    """Where the run's artifacts go (spectro.rundir.Location); Hydra's .hydra/ and spectro.log stay local."""
+    uri: Optional[str] = None           # null: the Hydra run directory; s3://bucket/prefix, a URL fsspec opens, a path
+
+
+@dataclass
 class SpectroConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -172,13 +178,15 @@ class SpectroConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     device: str = "auto"                # "auto" | "cpu" | "cuda" | "cuda:N"
     stage: str = "all"                  # "all" | "sample" | "susceptibilities" | "clusters" | "report" | "plan"
     fresh: bool = False                 # True: discard an existing run directory's samples
 
 
 # Keys whose change does not alter any stored number, so a resumed run may differ in them.
-RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae", "plan")
+RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae", "plan",
+                       "storage")
 STAGES = ("all", "sample", "susceptibilities", "clusters", "sae", "report", "plan")
 
 
@@ -305,6 +313,11 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(c.report.control is None or (bool(str(c.report.control).strip()) and Path(c.report.control).is_dir()),
              "report.control", c.report.control, "must be an existing run directory or null",
              "run the control first (experiment=control hydra.run.dir=...) and pass its directory")
+    _require(c.storage.uri is None or bool(str(c.storage.uri).strip()), "storage.uri", c.storage.uri,
+             "must be a URL, a directory or null", "e.g. storage.uri=s3://bucket/run1, or null for the run directory")
+    if c.storage.uri:
+        from spectro.rundir import check_uri
+        check_uri(str(c.storage.uri))           # the scheme only; reachability is checked before sampling
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     from spectro.gpus import GPUS
     _require(c.plan.gpu is None or c.plan.gpu in GPUS, "plan.gpu", c.plan.gpu, f"must be one of {', '.join(GPUS)}",

@@ -1,8 +1,15 @@
 """Shared fixtures and the test environment: a local Ray instance on
-loopback owned by one fixture (init once, shutdown at the end); offline
-wandb and Hugging Face. Plain helpers live in tests/helpers.py."""
+loopback owned by one fixture (init once, shutdown at the end); an S3 server
+(moto's standalone server, a subprocess on loopback) for runs on object
+storage; offline wandb and Hugging Face. Plain helpers live in tests/helpers.py."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
 
 # Keep Ray on 127.0.0.1; must be set before Ray starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -24,6 +31,57 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's standalone S3 server on a free loopback port, as a subprocess (a real HTTP endpoint, never an
+    in-process mock); the AWS_* variables point every later process at it: this one, its subprocesses and
+    Ray workers started after it (request it before `ray_local`). Yields the endpoint URL."""
+    try:
+        import boto3  # noqa: F401
+        import moto  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"object-storage tests need moto[server], boto3 and s3fs (the test extra): {exc}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).parent / "moto_server"        # beside this interpreter: the venv's own
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
+    proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"moto's S3 server did not start on {endpoint}")
+            time.sleep(0.2)
+    mp = pytest.MonkeyPatch()
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        mp.setenv(key, value)
+    try:
+        yield endpoint
+    finally:
+        mp.undo()
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_bucket(s3):
+    """A new, empty bucket on the `s3` server; yields its URL (s3://name)."""
+    import boto3
+
+    name = f"spectro-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket=name)
+    yield f"s3://{name}"
 
 
 # --------------------------------------------------------------------------- #

@@ -163,3 +163,32 @@ def closed_form(X, y, w_hat, anchor, nbeta, gamma, eps):
     lam = nbeta * H + gamma * torch.eye(X.shape[1], dtype=torch.float64)
     mean = torch.linalg.solve(lam, nbeta * H @ w_hat + gamma * anchor)
     return gaussian_stationary_moments(lam, mean, eps)
+
+
+# --------------------------------------------------------------------------- #
+# killing a sampler actor
+# --------------------------------------------------------------------------- #
+
+
+def kill_sampler_actor_when(ready, killed: list, timeout: float = 120.0) -> None:
+    """Thread target: poll `ready()` until it is true, then SIGKILL one sampler actor of this process's own
+    Ray instance (its descendants, never another process's) and append its pid to `killed`."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not killed:
+        if ready():
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    cmdline = proc.cmdline()
+                except psutil.Error:
+                    continue
+                if any("SamplerActor" in part for part in cmdline):     # Ray titles it "ray::SamplerActor..."
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.05)

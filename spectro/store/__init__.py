@@ -7,9 +7,10 @@ The public names are re-exported here (`from spectro.store import SampleStore`).
 """
 
 from spectro.store.samples import (DISK_FULL, PROBE_ARRAYS, STATE_ARRAYS, STORE_FORMAT, TRACE_ARRAYS, UNIT_ARRAYS,
-                                   Layout, ProbeTable, SampleStore, confined, disk_full, zarr_version)
+                                   Layout, ProbeTable, SampleStore, confined, disk_full, zarr_store,
+                                   zarr_version)
 from spectro.store.susceptibilities import DIAGNOSTICS, PROBE_COORDS, SusceptibilityStore, read_susceptibilities
 
 __all__ = ["DIAGNOSTICS", "DISK_FULL", "PROBE_ARRAYS", "PROBE_COORDS", "STATE_ARRAYS", "STORE_FORMAT", "TRACE_ARRAYS",
            "UNIT_ARRAYS", "Layout", "ProbeTable", "SampleStore", "SusceptibilityStore", "confined", "disk_full",
-           "read_susceptibilities", "zarr_version"]
+           "read_susceptibilities", "zarr_store", "zarr_version"]
