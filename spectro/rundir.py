@@ -22,6 +22,9 @@ Non-obvious choices:
   payload (docs/architecture.md says where actors get them).
 - Listings skip fsspec's cache: another process (an actor, a block writer)
   may have added or deleted objects since the last listing.
+- A remote failure that is not a missing object (no credentials, endpoint
+  down, access denied) is one StoreError naming the location, also in an
+  actor, whose constructor then fails with it.
 """
 
 from __future__ import annotations
@@ -114,8 +117,10 @@ class Location:
     @property
     def key(self) -> str:
         """The path on the file system (`bucket/prefix/...` on S3)."""
-        if self._key is None:
-            self.fs
+        if self._key is None and self._fs is not None:
+            self._key = self._fs._strip_protocol(self.uri).rstrip("/")
+        elif self._key is None:
+            self.fs                                  # sets it from the URL
         return self._key
 
     def __truediv__(self, name: str) -> "Location":
@@ -156,18 +161,26 @@ class Location:
 
     # ---- queries
 
+    def _remote(self, op, *args):
+        """`op(*args)` on the remote file system, after dropping fsspec's listing cache; a failure other than
+        a missing object (no credentials, endpoint down, access denied) is one StoreError naming the location."""
+        fs = self.fs
+        fs.invalidate_cache()
+        try:
+            return op(*args)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"cannot access {self.uri} ({type(exc).__name__}: {exc}); check the endpoint and the "
+                             f"credentials in this process's environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                             f"...)") from None
+
     def exists(self) -> bool:
-        if self.local:
-            return self.path.exists()
-        self.fs.invalidate_cache()
-        return self.fs.exists(self.key)
+        return self.path.exists() if self.local else self._remote(self.fs.exists, self.key)
 
     def is_dir(self) -> bool:
         """A local directory; on object storage, a prefix with at least one object under it."""
-        if self.local:
-            return self.path.is_dir()
-        self.fs.invalidate_cache()
-        return self.fs.isdir(self.key)
+        return self.path.is_dir() if self.local else self._remote(self.fs.isdir, self.key)
 
     def find(self) -> set[str]:
         """Every file below this directory, as keys relative to it ('' parts joined by '/')."""
@@ -175,16 +188,21 @@ class Location:
             if not self.path.is_dir():
                 return set()
             return {p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()}
-        self.fs.invalidate_cache()
         n = len(self.key) + 1
-        return {k[n:] for k in self.fs.find(self.key)}
+        return {k[n:] for k in self._remote(self.fs.find, self.key)}
 
     def existing(self, keys) -> set[str]:
-        """Which of these keys (relative to this directory) exist: one check each on local disk, one listing
-        on object storage (a HEAD per chunk would cost a request each)."""
+        """Which of these keys (relative to this directory) exist: one check each on local disk; on object
+        storage one listing per parent directory of the keys (a request per key would cost far more, and
+        listing the whole store would read every other unit's chunks too)."""
+        keys = set(keys)
         if self.local:
             return {k for k in keys if (self.path / k).is_file()}
-        return self.find() & set(keys)
+        present = set()
+        for parent in {posixpath.dirname(k) for k in keys}:
+            below = (self / parent).find() if parent else self.find()
+            present |= {posixpath.join(parent, k) for k in below if "/" not in k}
+        return present & keys
 
     def rglob(self, pattern: str) -> list["Location"]:
         """Files below this directory whose name matches `pattern` (fnmatch)."""
@@ -200,7 +218,7 @@ class Location:
     # ---- whole objects
 
     def read_bytes(self) -> bytes:
-        return self.path.read_bytes() if self.local else self.fs.cat_file(self.key)
+        return self.path.read_bytes() if self.local else self._remote(self.fs.cat_file, self.key)
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
@@ -209,7 +227,7 @@ class Location:
         """Write `data` whole: local, a temporary file beside the target then one rename; object storage,
         one PUT. A reader sees the old object or the new one, never a part."""
         if not self.local:
-            self.fs.pipe_file(self.key, bytes(data))
+            self._remote(self.fs.pipe_file, self.key, bytes(data))
             return self
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:

@@ -48,6 +48,15 @@ def test_location_writes_whole_objects_lists_and_deletes(s3_bucket):
     assert not run.exists()
 
 
+def test_unreachable_endpoint_is_one_store_error(s3_bucket):
+    import s3fs
+
+    down = s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{_free_port()}", skip_instance_cache=True,
+                             config_kwargs={"retries": {"max_attempts": 1}})
+    with pytest.raises(StoreError, match=r"cannot access s3://.*/run .*EndpointConnectionError.*AWS_ENDPOINT_URL"):
+        Location(f"{s3_bucket}/run", _fs=down).exists()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -96,6 +105,7 @@ def test_samples_and_checkpoints_on_s3_bit_identical_and_repaired(local_referenc
     assert len(report.units_run) == 6 and report.units_repaired == []
     assert_identical(arrays(ref / "samples.zarr"), arrays(run / "samples.zarr"))
     assert len((run / "checkpoints").glob("*.pt")) == 6 and not run.rglob("*.partial") and not run.rglob("*.tmp")
+    assert not (run / "samples.zarr.creating").exists()
     # damage on S3, four kinds in four units (as tests/test_faults.py does on disk)
     flipped = run / "samples.zarr" / "probe_loss" / "c" / "1" / "0" / "1" / "0"
     data = bytearray(flipped.read_bytes())
@@ -177,7 +187,8 @@ def test_pipeline_on_s3_matches_local_and_reads_back(s3, s3_bucket, tmp_path, ra
     run = Location(uri)
     names = {k.split("/")[0] for k in run.find()}
     assert names == {"config.json", "provenance.json", "samples.zarr", "checkpoints", "susceptibilities.zarr",
-                     "clusters.json", "modes.json", "report.html", "summary.json"}
+                     "clusters.json", "modes.json", "sae", "sae.json", "report.html", "summary.json"}
+    assert (run / "sae").find() == {"sae_weights.safetensors", "cfg.json"}
     assert not hydra_dir.exists() or not any(p.name in names for p in hydra_dir.iterdir())
     assert_identical(arrays(local / "samples.zarr"), arrays(run / "samples.zarr"))
     chi_local = read_susceptibilities(local / "susceptibilities.zarr")["chi"].values
