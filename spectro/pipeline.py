@@ -357,8 +357,8 @@ def run_sampling(config: SpectroConfig, run_dir: rundir.PathLike, p: Prepared,
     rundir.write_json(run_dir / rundir.PROVENANCE, prov)
     if p.config.fresh:
         (run_dir / rundir.CHECKPOINTS).rmtree()
-    monitor = Monitor(config.wandb, local_dir or run_dir.path, as_dict(p.config), nbeta=p.config.sampler.nbeta,
-                      name=run_dir.name)
+    wandb_dir = local_dir or run_dir.path or Path.cwd()         # wandb writes local files only
+    monitor = Monitor(config.wandb, wandb_dir, as_dict(p.config), nbeta=p.config.sampler.nbeta, name=run_dir.name)
     cpu0 = time.process_time()
     report = service.sample(p.problem, store, p.config, run_dir / rundir.CHECKPOINTS, on_poll=monitor.poll)
     driver_cpu = time.process_time() - cpu0        # the driver's own CPU while actors sampled (it shares the machine)

@@ -149,10 +149,13 @@ class Location:
         return f"Location({self.uri!r})"
 
     def __eq__(self, other) -> bool:
+        """Equal to a Location with the same URI, and (local ones) to the same `pathlib.Path`."""
+        if isinstance(other, Path):
+            return self.local and self.path == other
         return isinstance(other, Location) and other.uri == self.uri
 
     def __hash__(self) -> int:
-        return hash(self.uri)
+        return hash(self.path) if self.local else hash(self.uri)
 
     def __fspath__(self) -> str:
         if not self.local:
@@ -241,10 +244,10 @@ class Location:
     def write_text(self, text: str, encoding: str = "utf-8") -> "Location":
         return self.write_bytes(text.encode(encoding))
 
-    def mkdir(self) -> None:
+    def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
         """Create the directory (local only: object storage has no directories)."""
         if self.local:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(parents=parents, exist_ok=exist_ok)
 
     def unlink(self, missing_ok: bool = True) -> None:
         if self.local:

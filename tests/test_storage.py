@@ -14,11 +14,13 @@ single stage on the S3 run, and `xr.open_zarr("s3://...")` reads chi back.
 
 import dataclasses
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 
-import numpy as np
 import pytest
 import xarray as xr
 
@@ -28,8 +30,8 @@ from spectro.errors import ConfigError, StoreError
 from spectro.rundir import Location
 from spectro.service import checkpoint_path, sample
 from spectro.store import SampleStore, read_susceptibilities
-from tests.helpers import (arrays, assert_identical, compose_cfg, kill_sampler_actor_when, make_store, tiny_config,
-                           tiny_problem)
+from tests.helpers import (ROOT, arrays, assert_identical, compose_cfg, kill_sampler_actor_when, make_store,
+                           tiny_config, tiny_problem)
 
 
 def test_location_writes_whole_objects_lists_and_deletes(s3_bucket):
@@ -182,14 +184,19 @@ def test_pipeline_on_s3_matches_local_and_reads_back(s3, s3_bucket, tmp_path, ra
     pipeline.run(to_config(compose_cfg(SMALL)), local)
     uri = f"{s3_bucket}/runs/one"
     hydra_dir = tmp_path / "hydra"
-    summary = pipeline.run(to_config(compose_cfg([*SMALL, f"storage.uri={uri}"])), hydra_dir)
+    # the main job from the command line, as a Ray job runs it: its own Ray instance, AWS_* from the environment
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "run.py"), *SMALL, f"storage.uri={uri}",
+                           f"hydra.run.dir={hydra_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = rundir.read_json(Location(uri) / "summary.json")
     assert summary["run_dir"] == uri and summary["sample"]["complete"]
     run = Location(uri)
     names = {k.split("/")[0] for k in run.find()}
     assert names == {"config.json", "provenance.json", "samples.zarr", "checkpoints", "susceptibilities.zarr",
                      "clusters.json", "modes.json", "sae", "sae.json", "report.html", "summary.json"}
     assert (run / "sae").find() == {"sae_weights.safetensors", "cfg.json"}
-    assert not hydra_dir.exists() or not any(p.name in names for p in hydra_dir.iterdir())
+    assert sorted(p.name for p in hydra_dir.iterdir()) == [".hydra", "spectro.log"]     # only Hydra's own files
     assert_identical(arrays(local / "samples.zarr"), arrays(run / "samples.zarr"))
     chi_local = read_susceptibilities(local / "susceptibilities.zarr")["chi"].values
     # the documented reader: xarray straight from the URL (credentials from the environment or storage_options)

@@ -37,9 +37,12 @@ Non-obvious choices:
   chunk of every unit and returns the units with a missing, truncated or
   corrupted one; `reset_unit()` deletes that unit's chunks so it is sampled
   again from its first draw (bit-identical: its seeds depend only on the
-  config). Nothing half-written is read: zarr writes a chunk to
+  config). Nothing half-written is read: on local disk zarr writes a chunk to
   `<chunk>.<uuid>.partial` and renames it, and `verify()` removes the
-  `.partial` leftovers of a killed writer. Format 2 = this invariant.
+  `.partial` leftovers of a killed writer; on object storage a chunk is one
+  PUT, which leaves nothing behind. Chunk presence is checked through the
+  location (a listing per unit directory on object storage), never by a
+  file call. Format 2 = this invariant.
 - The store lives at a `spectro.rundir.Location` (a local path or a URL).
   Creation commits last: the group is made with a `spectro_creating` mark and
   the `spectro_store` format attribute replaces it after every array is
