@@ -266,10 +266,9 @@ class Location:
             for k in keys:
                 (self.path / k).unlink(missing_ok=True)
         elif keys:
-            present = self.find()
-            gone = [posixpath.join(self.key, k) for k in keys if k in present]
+            gone = [posixpath.join(self.key, k) for k in self.existing(keys)]
             if gone:
-                self.fs.rm(gone)
+                self._remote(self.fs.rm, gone)
 
     def rmtree(self) -> None:
         """Delete this directory and everything below it; nothing if absent."""
