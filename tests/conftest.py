@@ -4,12 +4,7 @@ loopback owned by one fixture (init once, shutdown at the end); an S3 server
 storage; offline wandb and Hugging Face. Plain helpers live in tests/helpers.py."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
 
 # Keep Ray on 127.0.0.1; must be set before Ray starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -20,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 # benchmarks/ imports these from here; tests import them from tests.helpers
-from tests.helpers import tiny_config, tiny_model, tiny_problem  # noqa: F401
+from tests.helpers import s3_env, start_s3_server, tiny_config, tiny_model, tiny_problem  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -44,27 +39,12 @@ def s3():
         import s3fs  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"object-storage tests need moto[server], boto3 and s3fs (the test extra): {exc}")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    exe = Path(sys.executable).parent / "moto_server"        # beside this interpreter: the venv's own
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
-    proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"moto's S3 server did not start on {endpoint}")
-            time.sleep(0.2)
+    try:
+        proc, endpoint = start_s3_server()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     mp = pytest.MonkeyPatch()
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in s3_env(endpoint).items():
         mp.setenv(key, value)
     try:
         yield endpoint
