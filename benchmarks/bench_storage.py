@@ -7,7 +7,7 @@ location the median seconds of the sample stage, of `SampleStore.verify()` (the 
 read of `probe_loss`, the objects written, and the S3/local ratios. Every S3 run is checked bit-identical to
 the local one.
 
-    python benchmarks/bench_storage.py                 # 3 repeats
+    python benchmarks/bench_storage.py                 # 4 repeats, alternating which location goes first
     python benchmarks/bench_storage.py --repeats 5 --draws 12
 """
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--draws", type=int, default=6)
     args = ap.parse_args()
 
@@ -57,7 +57,7 @@ def run(args) -> None:
     objects = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for kind in ("local", "s3"):
+            for kind in (("local", "s3") if r % 2 == 0 else ("s3", "local")):   # alternate: Ray warms up
                 run_dir = Location(Path(tmp) / f"r{r}") if kind == "local" else Location(f"s3://{bucket}/r{r}")
                 t = times[kind]
                 t0 = time.perf_counter()

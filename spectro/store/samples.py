@@ -181,6 +181,7 @@ class SampleStore:
         self.layout = Layout(**{**attrs["layout"], "components": tuple(attrs["layout"]["components"])})
         self.init_loss = float(attrs["init_loss"])
         self._index = {c: i for i, c in enumerate(self.layout.components)}
+        self._handles: dict[str, zarr.Array] = {}
 
     # ---- creation / opening
 
@@ -336,14 +337,17 @@ class SampleStore:
         self._array("progress")[ci, chains[0]:chains[-1] + 1] = n_draws
 
     def _array(self, name: str) -> zarr.Array:
-        """An array that writes every chunk, also one holding only the fill value (see module doc)."""
-        return self.group[name].with_config({"write_empty_chunks": True})
+        """An array that writes every chunk, also one holding only the fill value (see module doc). Opened once
+        per array: its metadata never changes, and on object storage each opening is a request."""
+        if name not in self._handles:
+            self._handles[name] = self.group[name].with_config({"write_empty_chunks": True})
+        return self._handles[name]
 
     # ---- integrity (resume)
 
     def _chunk_key(self, name: str, coords: tuple[int, ...]) -> str:
         """The chunk's key relative to the store root, e.g. `probe_loss/c/1/0/1/0`."""
-        return f"{name}/{self.group[name].metadata.encode_chunk_key(coords)}"
+        return f"{name}/{self._array(name).metadata.encode_chunk_key(coords)}"
 
     def _unit_chunks(self, ci: int, g: int, committed: int) -> list[tuple[str, tuple[int, ...]]]:
         """(array, chunk coords) of every chunk unit (component ci, chain group g) has committed."""
@@ -394,7 +398,7 @@ class SampleStore:
         for name, coords in chunks:
             if self._chunk_key(name, coords) not in present:
                 return f"{name} chunk {coords} is missing"
-            arr = self.group[name]
+            arr = self._array(name)
             region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, arr.chunks, arr.shape))
             try:
                 arr[region]
