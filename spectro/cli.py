@@ -7,7 +7,9 @@ configuration in the repository's conf/ directory. `main(cfg, run_dir)` does
 the work: validate, run, report. On bad input it prints one line,
 `spectro: error: ...`, exits with code 2, and removes the run directory if
 this invocation created it (so a failed start leaves nothing half-written); an
-existing run directory with samples is never removed.
+existing run directory with samples is never removed. With `storage.uri` the
+run's artifacts go there and the Hydra directory keeps only .hydra/ and
+spectro.log.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
             from spectro.plan import run_plan
             run_plan(config, run_dir)
             return 0
+        if config.storage.uri:              # storage.uri: an unreachable bucket is one error before any work
+            from spectro.rundir import Location
+            Location(config.storage.uri).check_writable()
         prepared = pipeline.prepare(config) if config.stage in ("all", "sample") else None
     except SpectroError as exc:
         print(f"spectro: error: {exc}", file=sys.stderr)

@@ -169,6 +169,12 @@ STORE_PROBE_MODES = ("draws", "moments")
 
 
 @dataclass
+class StorageConfig:
+    """Where the run's artifacts go (spectro.rundir.Location); Hydra's .hydra/ and spectro.log stay local."""
+    uri: Optional[str] = None           # null: the Hydra run directory; s3://bucket/prefix, a URL fsspec opens, a path
+
+
+@dataclass
 class SpectroConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -182,6 +188,7 @@ class SpectroConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     device: str = "auto"                # "auto" | "cpu" | "cuda" | "cuda:N"
     stage: str = "all"                  # "all" | "sample" | "susceptibilities" | "clusters" | "report" | "plan"
     fresh: bool = False                 # True: discard an existing run directory's samples
@@ -192,7 +199,7 @@ class SpectroConfig:
 # reopening a store with the other one is refused there with its own message (spectro.store.samples); leaving it
 # out of the fingerprint keeps stores made before the option existed resumable.
 RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae", "plan",
-                       "store")
+                       "store", "storage")
 STAGES = ("all", "sample", "susceptibilities", "clusters", "sae", "report", "plan")
 
 
@@ -322,6 +329,11 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(c.store.probe in STORE_PROBE_MODES, "store.probe", c.store.probe,
              f"must be one of {', '.join(STORE_PROBE_MODES)}",
              "store.probe=draws keeps every draw's probe losses; store.probe=moments keeps only per-chain sums")
+    _require(c.storage.uri is None or bool(str(c.storage.uri).strip()), "storage.uri", c.storage.uri,
+             "must be a URL, a directory or null", "e.g. storage.uri=s3://bucket/run1, or null for the run directory")
+    if c.storage.uri:
+        from spectro.rundir import check_uri
+        check_uri(str(c.storage.uri))           # the scheme only; reachability is checked before sampling
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     from spectro.gpus import GPUS
     _require(c.plan.gpu is None or c.plan.gpu in GPUS, "plan.gpu", c.plan.gpu, f"must be one of {', '.join(GPUS)}",

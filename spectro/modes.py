@@ -24,7 +24,6 @@ Non-obvious choices:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -90,9 +89,9 @@ def modes(chi: np.ndarray, components: Sequence[str], token_text: Sequence[str],
     }
 
 
-def write_modes(run_dir, result: dict) -> Path:
+def write_modes(run_dir, result: dict) -> rundir.Location:
     """Write `result` (from `modes`) to `<run_dir>/modes.json`; returns the path."""
-    run_dir = Path(run_dir)
+    run_dir = rundir.location(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory {run_dir} does not exist; create it or pass the run's directory")
     return rundir.write_json(run_dir / rundir.MODES, result, indent=None)

@@ -4,12 +4,16 @@
 components, corpus, context lengths) before anything is written; `run(config,
 run_dir)` then creates the run directory's contents and executes the stages.
 
-Run directory (Hydra's output directory, or any path):
+Run location (`storage.uri` when set, e.g. s3://bucket/prefix; else Hydra's
+output directory, or any path; spectro.rundir.Location):
 
     config.json        the resolved config (nbeta filled in)
     provenance.json    model source/revision/file hashes, corpus hash, versions
     samples.zarr/      the sample store (spectro.store)
     checkpoints/       per-unit chain checkpoints for resume
+
+Hydra's own files (.hydra/, spectro.log) and wandb's offline files stay in
+the local run directory.
 
 Non-obvious choices:
 - The SGLD pool, the sampling set and the probe contexts are disjoint windows
@@ -116,18 +120,20 @@ def provenance(p: Prepared) -> dict:
             "n_probe_tokens": p.probe.n_tokens}
 
 
-def open_store(p: Prepared, run_dir: Path, prov: dict) -> SampleStore:
+def open_store(p: Prepared, run_dir: rundir.PathLike, prov: dict) -> SampleStore:
     probe = p.probe
     table = ProbeTable(input_ids=probe.contexts.input_ids.numpy(), context=probe.token_context,
                        position=probe.token_position, token_id=probe.token_id, text=probe.token_text,
                        source=probe.token_source)
-    return SampleStore.create_or_open(run_dir / "samples.zarr", layout_for(p), fingerprint=fingerprint(p.config),
+    return SampleStore.create_or_open(rundir.location(run_dir) / rundir.SAMPLES, layout_for(p),
+                                      fingerprint=fingerprint(p.config),
                                       config=as_dict(p.config), model=prov["model"], data=prov["data"],
                                       init_loss=p.problem.init_loss, probe=table, fresh=p.config.fresh)
 
 
 def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = None) -> dict:
-    """Execute the configured stages in `run_dir`; returns a summary dict.
+    """Execute the configured stages; returns a summary dict. The artifacts go to `storage.uri` when set,
+    else to `run_dir` (the local Hydra directory, which keeps the wandb files either way).
 
     `stage=all` runs sample -> susceptibilities -> clusters -> sae -> report
     (sae only with `sae.enabled`); a single stage runs alone on an existing run
@@ -137,10 +143,12 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
 
     from spectro import service
 
-    run_dir = Path(run_dir)
+    local_dir = Path(run_dir)
     if config.stage == "plan":              # spectro.plan: no sampling, no Ray
         from spectro.plan import run_plan
-        return run_plan(config, run_dir, prepared)
+        return run_plan(config, local_dir, prepared)
+    run_dir = rundir.run_location(config.storage.uri, local_dir)
+    run_dir.check_writable()                # an unreachable bucket fails here, before any sampling
     stages = ("sample", "susceptibilities", "clusters", "sae", "report") if config.stage == "all" else (config.stage,)
     if config.stage == "all" and not config.sae.enabled:
         stages = tuple(s for s in stages if s != "sae")
@@ -151,7 +159,7 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
     try:
         if "sample" in stages:
             prepared = prepared or prepare(config)
-            summary["sample"] = run_sampling(config, run_dir, prepared)
+            summary["sample"] = run_sampling(config, run_dir, prepared, local_dir=local_dir)
             _update_summary(run_dir, summary)
         if "susceptibilities" in stages:
             summary["susceptibilities"] = run_susceptibilities(config, run_dir)
@@ -172,7 +180,7 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
     return summary
 
 
-def _update_summary(run_dir: Path, summary: dict) -> None:
+def _update_summary(run_dir: rundir.Location, summary: dict) -> None:
     """Merge this invocation's results into summary.json (each stage's entry replaces the previous one), so
     every later stage, the report included, reads the figures of the stages before it."""
     path = run_dir / rundir.SUMMARY
@@ -180,7 +188,7 @@ def _update_summary(run_dir: Path, summary: dict) -> None:
     rundir.write_json(path, {**previous, **summary})
 
 
-def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
+def run_clusters(config: SpectroConfig, run_dir: rundir.PathLike) -> dict:
     """Cluster the susceptibility matrix and compute its modes; then how far to trust the clusters: the
     clustering features' split-half reliability and the stability of the clusters across halves of the
     chains (spectro.stability), with the plain verdict, added to clusters.json."""
@@ -191,6 +199,7 @@ def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
     from spectro.stability import stability
     from spectro.store import read_susceptibilities
 
+    run_dir = rundir.location(run_dir)
     t0 = time.perf_counter()
     params = ClusterParams.from_config(config.clustering)
     out = cluster_run(run_dir, params)
@@ -221,7 +230,7 @@ def run_clusters(config: SpectroConfig, run_dir: Path) -> dict:
     return out
 
 
-def run_sae(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = None) -> dict:
+def run_sae(config: SpectroConfig, run_dir: rundir.PathLike, prepared: Optional[Prepared] = None) -> dict:
     """Train (or load) a sparse autoencoder and match its features to the clusters (docs/method.md).
 
     Model and data come from the run's own config.json (the run is defined by it), the SAE settings from
@@ -231,7 +240,7 @@ def run_sae(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] =
     from spectro.config import DataConfig, ModelConfig
     from spectro.store import read_susceptibilities
 
-    run_dir = Path(run_dir)
+    run_dir = rundir.location(run_dir)
     for name, stage in (("clusters.json", "clusters"), ("config.json", "sample"),
                         ("susceptibilities.zarr", "susceptibilities")):
         if not (run_dir / name).exists():
@@ -257,7 +266,7 @@ def run_sae(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] =
     return out
 
 
-def _sae_stage(run_dir: Path, settings: SAEConfig, model: torch.nn.Module, train_ids: torch.Tensor,
+def _sae_stage(run_dir: rundir.PathLike, settings: SAEConfig, model: torch.nn.Module, train_ids: torch.Tensor,
                probe_ids: torch.Tensor, token_context: np.ndarray, token_position: np.ndarray,
                token_text: Sequence[str], clusters: dict) -> dict:
     """Train (or load) the SAE, measure it, match it to clusters.json; write sae.json (+ sae/); return a summary.
@@ -271,7 +280,7 @@ def _sae_stage(run_dir: Path, settings: SAEConfig, model: torch.nn.Module, train
 
     a = settings
     t0, c0 = time.perf_counter(), time.process_time()
-    run_dir = Path(run_dir)
+    run_dir = rundir.location(run_dir)
     d_model = int(model.config.hidden_size)
     labels = np.asarray(clusters.get("labels", []), dtype=np.int64)
     if labels.size != len(token_text):
@@ -324,7 +333,7 @@ def _sae_stage(run_dir: Path, settings: SAEConfig, model: torch.nn.Module, train
             "p_value": null.get("p_value"), "seconds": doc["seconds"], "cpu_seconds": doc["cpu_seconds"]}
 
 
-def run_report(config: SpectroConfig, run_dir: Path) -> dict:
+def run_report(config: SpectroConfig, run_dir: rundir.PathLike) -> dict:
     from spectro.report import write_report
 
     r = config.report
@@ -334,21 +343,24 @@ def run_report(config: SpectroConfig, run_dir: Path) -> dict:
     return {"path": str(path)}
 
 
-def run_sampling(config: SpectroConfig, run_dir: Path, p: Prepared) -> dict:
+def run_sampling(config: SpectroConfig, run_dir: rundir.PathLike, p: Prepared,
+                 local_dir: Optional[Path] = None) -> dict:
+    """The sample stage into `run_dir`; wandb's files go to `local_dir` (default: `run_dir`, when local)."""
     from spectro import service
     from spectro.monitor import Monitor
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = rundir.location(run_dir)
+    run_dir.mkdir()
     prov = provenance(p)
     store = open_store(p, run_dir, prov)    # refuses a store made with another config
     rundir.write_json(run_dir / rundir.CONFIG, as_dict(p.config))
     rundir.write_json(run_dir / rundir.PROVENANCE, prov)
-    if p.config.fresh and (run_dir / "checkpoints").exists():
-        import shutil
-        shutil.rmtree(run_dir / "checkpoints")
-    monitor = Monitor(config.wandb, run_dir, as_dict(p.config), nbeta=p.config.sampler.nbeta)
+    if p.config.fresh:
+        (run_dir / rundir.CHECKPOINTS).rmtree()
+    wandb_dir = local_dir or run_dir.path or Path.cwd()         # wandb writes local files only
+    monitor = Monitor(config.wandb, wandb_dir, as_dict(p.config), nbeta=p.config.sampler.nbeta, name=run_dir.name)
     cpu0 = time.process_time()
-    report = service.sample(p.problem, store, p.config, run_dir / "checkpoints", on_poll=monitor.poll)
+    report = service.sample(p.problem, store, p.config, run_dir / rundir.CHECKPOINTS, on_poll=monitor.poll)
     driver_cpu = time.process_time() - cpu0        # the driver's own CPU while actors sampled (it shares the machine)
     per_component = monitor.finish(store)
     diverged = store.diverged_at()
@@ -366,13 +378,14 @@ def run_sampling(config: SpectroConfig, run_dir: Path, p: Prepared) -> dict:
             "init_loss": p.problem.init_loss, "complete": store.complete(), "components": per_component}
 
 
-def run_susceptibilities(config: SpectroConfig, run_dir: Path) -> dict:
+def run_susceptibilities(config: SpectroConfig, run_dir: rundir.PathLike) -> dict:
     """The covariance job; nβ is the one the samples were drawn with (from the store)."""
     import time
 
     from spectro import susceptibilities
 
-    store = SampleStore.open(run_dir / "samples.zarr")
+    run_dir = rundir.location(run_dir)
+    store = SampleStore.open(run_dir / rundir.SAMPLES)
     bad = store.verify()                 # never read a corrupted or missing chunk as data
     if bad:
         where = "; ".join(f"{u['component']} chains {u['chains']}: {u['problem']}" for u in bad[:3])

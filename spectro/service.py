@@ -13,8 +13,13 @@ Non-obvious choices:
 - A unit checkpoints (weights of the component, optimizer state, generator
   states, draw counter; with `store.probe=moments` also its chains' running
   float64 moment sums) after every chunk it writes, to
-  `checkpoints/<component>__c<first>-<last>.pt` (temp file + rename; plain
-  tensors, read back with `torch.load(weights_only=True)`).
+  `checkpoints/<component>__c<first>-<last>.pt`: serialised in memory, then
+  written whole (`Location.write_bytes`: temp file + rename on local disk,
+  one PUT on object storage); plain tensors, read back with
+  `torch.load(weights_only=True)`.
+- The store and checkpoints may be on object storage (`storage.uri`): actors
+  and Ray Data workers open it from its URL with the AWS credentials of their
+  own environment (inherited from the driver on a local cluster).
 - Actors are created with `max_restarts=0`; when one dies (kill -9, OOM, its
   node removed) the driver re-queues its unit, which resumes from that unit's
   last checkpoint on whichever actor frees up first, and starts a replacement
@@ -61,7 +66,6 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -69,6 +73,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
+from spectro import rundir
 from spectro.config import SamplerConfig, SpectroConfig
 from spectro.device import HeapTrimmer, apply_settings, gpu_request, resolve_device
 from spectro.errors import DiskFullError, SpectroError
@@ -85,8 +90,8 @@ class SamplingFailed(SpectroError):
 
 # ---------------------------------------------------------------- the unit (plain Python, no Ray)
 
-def checkpoint_path(checkpoint_dir: Path, component: str, chains: Sequence[int]) -> Path:
-    return confined(Path(checkpoint_dir), f"{component}__c{int(chains[0])}-{int(chains[-1])}.pt")
+def checkpoint_path(checkpoint_dir: rundir.PathLike, component: str, chains: Sequence[int]) -> rundir.Location:
+    return confined(checkpoint_dir, f"{component}__c{int(chains[0])}-{int(chains[-1])}.pt")
 
 
 def _moment_arrays(moments: list[ChainMoments]) -> dict[str, np.ndarray]:
@@ -110,14 +115,15 @@ def _moments_from(ckpt: dict, n_chains: int, n_tokens: int, draw: int) -> list[C
             for k in range(n_chains)]
 
 
-def _restore(runner: UnitRunner, store: SampleStore, ckpt_file: Path, component: str, chains: Sequence[int]):
+def _restore(runner: UnitRunner, store: SampleStore, ckpt_file: rundir.Location, component: str,
+             chains: Sequence[int]):
     """(state, moments) of the unit from its checkpoint; from draw 0 (its chunks deleted) if there is none or it is
     unreadable. `moments`: the chains' running sums with store.probe=moments, else None."""
     by_moments = store.layout.probe == "moments"
     n_tokens = store.layout.n_tokens
     if ckpt_file.exists():
         try:
-            ckpt = torch.load(ckpt_file, weights_only=True)
+            ckpt = torch.load(io.BytesIO(ckpt_file.read_bytes()), weights_only=True)
             state = runner.restore(ckpt)
             moments = _moments_from(ckpt, len(chains), n_tokens, state.draw) if by_moments else None
             problem = store.check_unit(component, chains, state.draw)   # the draws before it must be on disk
@@ -135,7 +141,7 @@ def _restore(runner: UnitRunner, store: SampleStore, ckpt_file: Path, component:
 
 
 def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: Sequence[int],
-             sampler: SamplerConfig, run_seed: int, checkpoint_dir: Path) -> dict:
+             sampler: SamplerConfig, run_seed: int, checkpoint_dir: rundir.PathLike) -> dict:
     """Sample one unit into the store, resuming from its checkpoint if present."""
     component = problem.components(problem.model, [component_name])[0]
     runner = UnitRunner(problem, component, chains, sampler, run_seed)
@@ -167,18 +173,12 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
             probe_loss=probe if sums is None else None,
             traces={name: np.stack([getattr(d, name) for d in draws], 1) for name in TRACE_ARRAYS},
             diverged_at=state.diverged_at)
-        tmp = ckpt_file.with_name(f"{ckpt_file.name}.{os.getpid()}.tmp")   # unique: a killed driver's actors may linger
         buffer = io.BytesIO()
         ckpt = runner.checkpoint(state)
         if sums is not None:
             ckpt["moments"] = {k: torch.from_numpy(v) for k, v in sums.items()}
         torch.save(ckpt, buffer)                          # serialise in memory: a full disk raises a plain OSError
-        try:
-            tmp.write_bytes(buffer.getbuffer())
-        except BaseException:
-            tmp.unlink(missing_ok=True)          # e.g. disk full: leave no half-written checkpoint
-            raise
-        os.replace(tmp, ckpt_file)
+        ckpt_file.write_bytes(buffer.getbuffer())         # whole: the old checkpoint or the new one, never a part
         store.set_progress(component_name, chains, state.draw)
     report = {"component": component_name, "chains": list(chains), "resumed_at": resumed_at,
               "diverged_at": state.diverged_at.tolist()}
@@ -199,8 +199,8 @@ class Payload:
     checkpoint_dir: str
 
 
-def make_payload(problem: Problem, sampler: SamplerConfig, run_seed: int, store_path: Path,
-                 checkpoint_dir: Path) -> Payload:
+def make_payload(problem: Problem, sampler: SamplerConfig, run_seed: int, store_path: rundir.PathLike,
+                 checkpoint_dir: rundir.PathLike) -> Payload:
     return Payload(problem=problem.to("cpu"), sampler=sampler, run_seed=run_seed, store_path=str(store_path),
                    checkpoint_dir=str(checkpoint_dir))
 
@@ -215,7 +215,7 @@ class SamplerActor:
         self.settings = apply_settings(self.device, payload.sampler.tf32, memory_fraction)
         self.payload = payload
         self.problem = payload.problem.to(self.device)
-        self.store = SampleStore.open(Path(payload.store_path), mode="r+")
+        self.store = SampleStore.open(payload.store_path, mode="r+")
 
     def pid(self) -> int:
         return os.getpid()
@@ -228,7 +228,7 @@ class SamplerActor:
     def run(self, component: str, chains: Sequence[int]) -> dict:
         t0 = time.perf_counter()
         report = run_unit(self.problem, self.store, component, chains, self.payload.sampler,
-                          self.payload.run_seed, Path(self.payload.checkpoint_dir))
+                          self.payload.run_seed, self.payload.checkpoint_dir)
         return {**report, "seconds": time.perf_counter() - t0, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()}
 
@@ -333,7 +333,7 @@ def ray_version() -> str:
     return ray.__version__
 
 
-def repair(store: SampleStore, checkpoint_dir: Path) -> list[dict]:
+def repair(store: SampleStore, checkpoint_dir: rundir.PathLike) -> list[dict]:
     """Verify every committed chunk; reset the units with a bad one (chunks, then checkpoint).
     Call only while no actor writes to the store."""
     bad = store.verify(remove_partial=True)
@@ -342,19 +342,19 @@ def repair(store: SampleStore, checkpoint_dir: Path) -> list[dict]:
                     unit["problem"])
         store.reset_unit(unit["component"], unit["chains"])
         checkpoint_path(checkpoint_dir, unit["component"], unit["chains"]).unlink(missing_ok=True)
-    for leftover in Path(checkpoint_dir).glob("*.tmp"):
+    for leftover in rundir.location(checkpoint_dir).glob("*.tmp"):
         leftover.unlink(missing_ok=True)                 # a checkpoint a killed actor was writing
     return bad
 
 
-def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoint_dir: Path, *,
+def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoint_dir: rundir.PathLike, *,
            on_poll: Optional[Callable[[SampleStore], None]] = None, poll_s: float = 1.0,
            max_unit_failures: int = 3) -> SamplingReport:
     """Run every unit the store lacks on Ray actors; blocks until done."""
     t0 = time.perf_counter()
     L = store.layout
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = rundir.location(checkpoint_dir)
+    checkpoint_dir.mkdir()
     repaired = repair(store, checkpoint_dir)
     todo = [u for u in L.units() if not store.unit_done(*u)]
     report = SamplingReport(units_skipped=len(L.units()) - len(todo), units_repaired=repaired)

@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import logging
 import resource
-import shutil
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from spectro import rundir
 from spectro.config import EstimatorConfig
 from spectro.errors import DivergenceError, StoreError
 from spectro.estimator import ChainMoments, susceptibility
@@ -201,8 +200,8 @@ def _stored_moments(store: SampleStore, sel: Selection, t0: int, t1: int, moment
 
 def _reduce_batch(batch: dict, samples_path: str, out_path: str, sel: Selection, form: str) -> dict:
     """Ray Data map_batches function: one or more token blocks per call."""
-    store = SampleStore.open(Path(samples_path))
-    out = SusceptibilityStore.open_block_writer(Path(out_path))
+    store = SampleStore.open(samples_path)
+    out = SusceptibilityStore.open_block_writer(out_path)
     t0s, t1s, finite = [], [], []
     for t0, t1 in zip(batch["t0"], batch["t1"]):
         chi, se, per_chain, half = block_estimate(store, sel, int(t0), int(t1), form)
@@ -247,21 +246,22 @@ def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold
     return out
 
 
-def compute(run_dir: Path, *, form: str = _E.form, nbeta: float, rhat_threshold: float = _E.rhat_threshold,
+def compute(run_dir: rundir.PathLike, *, form: str = _E.form, nbeta: float,
+            rhat_threshold: float = _E.rhat_threshold,
             partial: bool = _E.partial, tokens_per_block: Optional[int] = None,
             concurrency: Optional[int] = None) -> dict:
     """Run the covariance job over `run_dir/samples.zarr`; writes `run_dir/susceptibilities.zarr`."""
     import ray
 
-    run_dir = Path(run_dir)
-    store = SampleStore.open(run_dir / "samples.zarr")
+    run_dir = rundir.location(run_dir)
+    store = SampleStore.open(run_dir / rundir.SAMPLES)
     sel = select_chains(store, partial)
     L = store.layout
     for e in sel.excluded:
         log.warning("excluding %s chain %d (diverged at draw %d) from the estimates",
                     e["component"], e["chain"], e["diverged_at"])
     blocks = plan_blocks(store, tokens_per_block)
-    out = SusceptibilityStore.create(run_dir / "susceptibilities.zarr", store, blocks[0]["t1"] - blocks[0]["t0"],
+    out = SusceptibilityStore.create(run_dir / rundir.SUSCEPTIBILITIES, store, blocks[0]["t1"] - blocks[0]["t0"],
                                      L.n_chains)
     ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
     kwargs = dict(samples_path=str(store.path), out_path=str(out.path), sel=sel, form=form)
@@ -275,7 +275,7 @@ def compute(run_dir: Path, *, form: str = _E.form, nbeta: float, rhat_threshold:
     estimated = 0 if FULL in empty else len(L.components) - len(empty)     # every estimate is centred on full
     expected_finite = L.n_tokens * estimated
     if sum(int(r["finite"]) for r in results) != expected_finite:     # never a silent NaN/inf in chi
-        shutil.rmtree(out.path, ignore_errors=True)
+        out.path.rmtree()
         raise DivergenceError(f"chi has {expected_finite - sum(int(r['finite']) for r in results)} non-finite values "
                               f"for components whose chains did not diverge: their probe losses hold inf/NaN. "
                               f"Lower sampler.step_size or raise sampler.gamma and resample (fresh=true)")
@@ -288,7 +288,7 @@ def compute(run_dir: Path, *, form: str = _E.form, nbeta: float, rhat_threshold:
              "progress": store.progress().tolist() if sel.partial else None,
              "components_without_chains": empty}
     out.write_diagnostics(diag, attrs)
-    out.commit(run_dir / "susceptibilities.zarr")
+    out.commit(run_dir / rundir.SUSCEPTIBILITIES)
     return {"blocks": len(blocks), "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "reliability": None if reliability is None else
             {k: reliability[k] for k in ("raw_median", "features_median", "features_min", "least_reliable")},

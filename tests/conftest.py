@@ -1,8 +1,10 @@
 """Shared fixtures and the test environment: a local Ray instance on
-loopback owned by one fixture (init once, shutdown at the end); offline
-wandb and Hugging Face. Plain helpers live in tests/helpers.py."""
+loopback owned by one fixture (init once, shutdown at the end); an S3 server
+(moto's standalone server, a subprocess on loopback) for runs on object
+storage; offline wandb and Hugging Face. Plain helpers live in tests/helpers.py."""
 
 import os
+import uuid
 
 # Keep Ray on 127.0.0.1; must be set before Ray starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -13,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 # benchmarks/ imports these from here; tests import them from tests.helpers
-from tests.helpers import tiny_config, tiny_model, tiny_problem  # noqa: F401
+from tests.helpers import s3_env, start_s3_server, tiny_config, tiny_model, tiny_problem  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,42 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's standalone S3 server on a free loopback port, as a subprocess (a real HTTP endpoint, never an
+    in-process mock); the AWS_* variables point every later process at it: this one, its subprocesses and
+    Ray workers started after it (request it before `ray_local`). Yields the endpoint URL."""
+    try:
+        import boto3  # noqa: F401
+        import moto  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"object-storage tests need moto[server], boto3 and s3fs (the test extra): {exc}")
+    try:
+        proc, endpoint = start_s3_server()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    mp = pytest.MonkeyPatch()
+    for key, value in s3_env(endpoint).items():
+        mp.setenv(key, value)
+    try:
+        yield endpoint
+    finally:
+        mp.undo()
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_bucket(s3):
+    """A new, empty bucket on the `s3` server; yields its URL (s3://name)."""
+    import boto3
+
+    name = f"spectro-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket=name)
+    yield f"s3://{name}"
 
 
 # --------------------------------------------------------------------------- #

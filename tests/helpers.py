@@ -193,3 +193,71 @@ def closed_form(X, y, w_hat, anchor, nbeta, gamma, eps):
     lam = nbeta * H + gamma * torch.eye(X.shape[1], dtype=torch.float64)
     mean = torch.linalg.solve(lam, nbeta * H @ w_hat + gamma * anchor)
     return gaussian_stationary_moments(lam, mean, eps)
+
+
+# --------------------------------------------------------------------------- #
+# killing a sampler actor
+# --------------------------------------------------------------------------- #
+
+
+def kill_sampler_actor_when(ready, killed: list, timeout: float = 120.0) -> None:
+    """Thread target: poll `ready()` until it is true, then SIGKILL one sampler actor of this process's own
+    Ray instance (its descendants, never another process's) and append its pid to `killed`."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not killed:
+        if ready():
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    cmdline = proc.cmdline()
+                except psutil.Error:
+                    continue
+                if any("SamplerActor" in part for part in cmdline):     # Ray titles it "ray::SamplerActor..."
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- #
+# an S3 server on loopback (moto's standalone server, a subprocess)
+# --------------------------------------------------------------------------- #
+
+
+def start_s3_server(timeout: float = 60.0):
+    """Start moto's standalone S3 server on a free loopback port; returns (process, endpoint URL) once it
+    accepts connections. Uses the `moto_server` beside this interpreter (the venv's own), else `-m moto.server`."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).parent / "moto_server"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
+    proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}") from None
+            time.sleep(0.2)
+
+
+def s3_env(endpoint: str) -> dict:
+    """The AWS_* variables that point s3fs, botocore and boto3 (in every process that inherits them) at
+    `endpoint` with throwaway credentials."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -28,11 +27,11 @@ log = logging.getLogger("spectro.clusters")
 
 
 def write_clusters(run_dir, clustering: Clustering, chi: np.ndarray, components: Sequence[str],
-                   token_text: Sequence[str], token_source: Sequence[str], top_n: int = 20) -> Path:
+                   token_text: Sequence[str], token_source: Sequence[str], top_n: int = 20) -> rundir.Location:
     """Write `<run_dir>/clusters.json` and return its path: method, params, components, n_tokens,
     n_clusters, n_noise, role_agreement, labels (-1 = noise), and per cluster id, size,
     conductance, profile (mean z-scored chi), profile_raw, top_tokens, sources, roles, members."""
-    run_dir = Path(run_dir)
+    run_dir = rundir.location(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory {run_dir} does not exist; create it or pass the run's directory")
     chi = np.asarray(chi, dtype=np.float64)
@@ -96,7 +95,7 @@ def read_input(run_dir) -> ClusterInput:
     from spectro.components import FULL
     from spectro.store import read_susceptibilities
 
-    path = Path(run_dir) / rundir.SUSCEPTIBILITIES
+    path = rundir.location(run_dir) / rundir.SUSCEPTIBILITIES
     ds = read_susceptibilities(path)
     missing = [v for v in ("chi", "component", "token_text", "token_source") if v not in ds.variables]
     if missing:
@@ -117,8 +116,8 @@ def read_input(run_dir) -> ClusterInput:
 
 def cluster_run(run_dir, params: ClusterParams = ClusterParams()) -> dict:
     """Cluster `<run_dir>/susceptibilities.zarr` (without the "full" component); write clusters.json and
-    modes.json; return a summary."""
-    run_dir = Path(run_dir)
+    modes.json; return a summary. `run_dir` may be a URL (spectro.rundir.Location)."""
+    run_dir = rundir.location(run_dir)
     inp = read_input(run_dir)
     result = cluster(inp.chi, params)
     clusters_path = write_clusters(run_dir, result, inp.chi, inp.components, inp.token_text, inp.token_source)

@@ -38,6 +38,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from spectro import rundir
+
 log = logging.getLogger("spectro")
 
 
@@ -74,8 +76,8 @@ def _num(x: Any) -> float:
 class _Run:
     """Everything the report needs, each part optional."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: rundir.PathLike):
+        self.run_dir = rundir.location(run_dir)       # a local directory or a URL (storage.uri)
         self.notes: list[str] = []           # missing/odd inputs, shown at the top
         self.config = self.provenance = self.summary = self.clusters = self.modes = None
         self.sae: Optional[dict] = None      # sae.json; its absence is the SAE section's business, not a note
@@ -90,8 +92,9 @@ class _Run:
         self.contexts = None                 # _Contexts, built on first use
 
     @classmethod
-    def load(cls, run_dir: Path) -> "_Run":
+    def load(cls, run_dir: rundir.PathLike) -> "_Run":
         r = cls(run_dir)
+        run_dir = r.run_dir
         r.config = _read_json(run_dir / "config.json", r.notes)
         r.provenance = _read_json(run_dir / "provenance.json", r.notes)
         r.summary = _read_json(run_dir / "summary.json", r.notes)

@@ -34,8 +34,8 @@ _R = ReportConfig()       # the schema's defaults: the one place they are writte
 _FROM_RUN = object()      # write_report's default for `control`: the run's own config.json says
 
 
-def write_report(run_dir: Path, *, max_contexts: int = _R.max_contexts, page_size: int = _R.page_size,
-                 map_method: Optional[str] = None, control: Any = _FROM_RUN) -> Path:
+def write_report(run_dir: rundir.PathLike, *, max_contexts: int = _R.max_contexts, page_size: int = _R.page_size,
+                 map_method: Optional[str] = None, control: Any = _FROM_RUN) -> rundir.Location:
     """Write `<run_dir>/report.html` from whatever the run directory holds; returns its path.
 
     `map_method` ("umap" | "pca") and `control` (a control run's directory, or None for no comparison) default
@@ -43,7 +43,7 @@ def write_report(run_dir: Path, *, max_contexts: int = _R.max_contexts, page_siz
     that does not exist, or bad settings."""
     from spectro.errors import ConfigError
 
-    run_dir = Path(run_dir)
+    run_dir = rundir.location(run_dir)          # a local directory or a URL (storage.uri)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist; pass the run's directory")
     for name, v in (("max_contexts", max_contexts), ("page_size", page_size)):
@@ -67,7 +67,7 @@ def write_report(run_dir: Path, *, max_contexts: int = _R.max_contexts, page_siz
                               "first (experiment=control hydra.run.dir=...) or drop report.control")
     page = _render(run, max_contexts=max_contexts, page_size=page_size, map_method=map_method, control=control)
     out = rundir.write_text(run_dir / rundir.REPORT, page)
-    log.info("report written to %s (%.1f kB)", out, out.stat().st_size / 1024)
+    log.info("report written to %s (%.1f kB)", out, len(page.encode("utf-8")) / 1024)
     return out
 
 

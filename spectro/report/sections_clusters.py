@@ -224,7 +224,7 @@ def _control_section(run: _Run, labels: Optional[np.ndarray], control: Optional[
                         "(<code>experiment=control</code>, another <code>sampler.seed</code>) with the same model and "
                         "data config and pass its directory as <code>report.control</code>: clusters that also appear "
                         "there come from the geometry of the weights and the probe set, not from the loss.")
-    if control.resolve() == run.run_dir.resolve():
+    if run.run_dir.local and control.resolve() == run.run_dir.path.resolve():
         return _section("control", _notice("report.control names this run's own directory; pass the control run's "
                                            "directory."))
     ctl = _Run.load(control)

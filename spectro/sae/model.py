@@ -16,7 +16,6 @@ Non-obvious choices:
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +85,13 @@ class SAE:
         return self.decode(self.encode(x))
 
 
-def save_sae(sae: SAE, directory: Path) -> Path:
-    """Write sae_weights.safetensors, then cfg.json, into `directory` (each a temp file, then rename)."""
+def save_sae(sae: SAE, directory: rundir.PathLike) -> rundir.Location:
+    """Write sae_weights.safetensors, then cfg.json, into `directory` (a local path or a URL), each whole
+    (spectro.rundir.Location.write_bytes: temp file and rename, or one PUT)."""
     import safetensors.torch
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = rundir.location(directory)
+    directory.mkdir()
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if sae.threshold is not None:
         tensors["threshold"] = sae.threshold
@@ -101,9 +101,8 @@ def save_sae(sae: SAE, directory: Path) -> Path:
     if sae.architecture == "topk":
         cfg["k"] = sae.k
         cfg["activation_fn_kwargs"] = {"k": sae.k}
-    wtmp = directory / (WEIGHTS_FILE + ".tmp")
-    safetensors.torch.save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(wtmp))
-    os.replace(wtmp, directory / WEIGHTS_FILE)
+    (directory / WEIGHTS_FILE).write_bytes(
+        safetensors.torch.save({k: v.detach().float().contiguous() for k, v in tensors.items()}))
     rundir.write_json(directory / CFG_FILE, cfg, indent=2, allow_nan=True)
     return directory
 

@@ -27,8 +27,9 @@ Layout (dims in brackets; every array carries `dimension_names`, so
 Non-obvious choices:
 - G = chains per unit, Dc = draws per checkpoint, Tc = tokens per chunk (sized
   so one probe chunk is about 4 MB uncompressed). A unit buffers Dc draws and
-  writes each chunk once; `LocalStore` writes a chunk by temp file + rename, so
-  a killed writer leaves the old chunk or the new one, never a torn one.
+  writes each chunk once; `LocalStore` writes a chunk by temp file + rename,
+  `FsspecStore` (object storage, `zarr_store`) by one PUT, so a killed writer
+  leaves the old chunk or the new one, never a torn one.
 - No sharding: writers sharing a shard lose updates (docs/architecture.md).
 - Arrays are allocated at full shape with fill NaN (or -1 / 0); `progress`
   is written after the data and the unit's checkpoint, so a draw counted in
@@ -41,9 +42,18 @@ Non-obvious choices:
   chunk of every unit and returns the units with a missing, truncated or
   corrupted one; `reset_unit()` deletes that unit's chunks so it is sampled
   again from its first draw (bit-identical: its seeds depend only on the
-  config). Nothing half-written is read: zarr writes a chunk to
+  config). Nothing half-written is read: on local disk zarr writes a chunk to
   `<chunk>.<uuid>.partial` and renames it, and `verify()` removes the
-  `.partial` leftovers of a killed writer. Format 2 = this invariant.
+  `.partial` leftovers of a killed writer; on object storage a chunk is one
+  PUT, which leaves nothing behind. Chunk presence is checked through the
+  location (a listing per unit directory on object storage), never by a
+  file call. Format 2 = this invariant.
+- The store lives at a `spectro.rundir.Location` (a local path or a URL).
+  Creation commits last: the group is made with a `spectro_creating` mark and
+  the `spectro_store` format attribute replaces it after every array is
+  written. Locally the store is also built as `samples.zarr.creating` and
+  renamed; object storage has no rename, so a store still marked creating is
+  taken as absent and made again.
 - A store made with a different config is refused, naming the keys that
   differ, unless the caller asks for a fresh start. A directory that is not
   ours (no or another format version, missing arrays, wrong shapes, unsafe
@@ -68,9 +78,7 @@ from __future__ import annotations
 import errno
 import json
 import re
-import shutil
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -79,6 +87,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from spectro.config import flat_diff
 from spectro.errors import DiskFullError, StoreError, UnsafePathError
+from spectro.rundir import Location, PathLike
 
 STORE_FORMAT = 2
 TRACE_ARRAYS = ("step_loss", "grad_norm", "noise_norm", "distance")
@@ -107,16 +116,26 @@ def disk_full(exc: BaseException) -> bool:
     return False
 
 
-def confined(root: Path, name: str) -> Path:
+def confined(root: PathLike, name: str) -> Location:
     """`root / name` for a plain file name derived from config or store contents;
     refuses anything that could write outside `root` (separators, `..`, absolute)."""
+    root = Location.of(root)
     if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
         raise UnsafePathError(f"refusing to write {name!r} under {root}: a name taken from a config or store may "
                               f"only hold letters, digits, '_', '.', '-' (no path separators or '..')")
-    path = Path(root) / name
-    if Path(root).resolve() not in path.resolve().parents:
-        raise UnsafePathError(f"refusing to write {path}: it resolves outside {Path(root).resolve()}")
+    path = root / name
+    if root.local and root.path.resolve() not in path.path.resolve().parents:
+        raise UnsafePathError(f"refusing to write {path}: it resolves outside {root.path.resolve()}")
     return path
+
+
+def zarr_store(location: PathLike, read_only: bool = False):
+    """The Zarr store object for a location: `LocalStore` for a local path, `FsspecStore` (async, e.g. s3fs)
+    for a URL; credentials and endpoint come from the environment (spectro.rundir)."""
+    loc = Location.of(location)
+    if loc.local:
+        return zarr.storage.LocalStore(loc.path, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(loc.uri, read_only=read_only)
 
 
 def _compressors():
@@ -169,25 +188,35 @@ class ProbeTable:
     source: Sequence[str]
 
 
+def _still_creating(path: Location) -> bool:
+    """Whether the store at `path` carries the creation mark and no format yet (its writer stopped)."""
+    try:
+        attrs = dict(zarr.open_group(zarr_store(path, read_only=True), mode="r").attrs)
+    except Exception:  # not a readable group: open() says what is wrong with it
+        return False
+    return bool(attrs.get("spectro_creating")) and "spectro_store" not in attrs
+
+
 class SampleStore:
     """Read/write access to one `samples.zarr`."""
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = Path(path)
+    def __init__(self, path: PathLike, group: zarr.Group):
+        self.path = Location.of(path)
         self.group = group
         attrs = dict(group.attrs)
         self.layout = Layout(**{**attrs["layout"], "components": tuple(attrs["layout"]["components"])})
         self.init_loss = float(attrs["init_loss"])
         self._index = {c: i for i, c in enumerate(self.layout.components)}
+        self._handles: dict[str, zarr.Array] = {}
 
     # ---- creation / opening
 
     @classmethod
-    def create_or_open(cls, path: Path, layout: Layout, *, fingerprint: dict, config: dict, model: dict,
+    def create_or_open(cls, path: PathLike, layout: Layout, *, fingerprint: dict, config: dict, model: dict,
                        data: dict, init_loss: float, probe: ProbeTable, fresh: bool = False) -> "SampleStore":
-        path = Path(path)
-        if path.exists() and fresh:
-            shutil.rmtree(path)
+        path = Location.of(path)
+        if path.exists() and (fresh or _still_creating(path)):
+            path.rmtree()
         if path.exists():
             store = cls.open(path, mode="r+")
             old = store.group.attrs["fingerprint"]
@@ -207,24 +236,24 @@ class SampleStore:
                 raise StoreError(f"{path} has layout {store.layout}, expected {layout}; pass fresh=true")
             store.verify_probe(probe)      # rewrites probe coordinates that were corrupted
             return store
-        tmp = path.with_name(path.name + ".creating")
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = path.with_name(path.name + ".creating") if path.local else path    # object storage: no rename
+        tmp.rmtree()
         try:
             cls._create(tmp, layout, fingerprint=fingerprint, config=config, model=model, data=data,
                         init_loss=init_loss, probe=probe)
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.rmtree()
             if disk_full(exc):
                 raise DiskFullError(f"no space left on the device while creating {path} ({exc.strerror}); free space "
                                  f"or choose a run directory on a larger disk, then rerun") from None
             raise
-        tmp.rename(path)          # the store appears whole or not at all
+        if tmp != path:
+            tmp.path.rename(path.path)          # the store appears whole or not at all
         return cls.open(path, mode="r+")
 
     @classmethod
-    def _create(cls, path: Path, L: Layout, *, fingerprint, config, model, data, init_loss, probe: ProbeTable):
-        g = zarr.open_group(str(path), mode="w")
+    def _create(cls, path: Location, L: Layout, *, fingerprint, config, model, data, init_loss, probe: ProbeTable):
+        g = zarr.open_group(zarr_store(path), mode="w", attributes={"spectro_creating": True})
         C, N, D, T = len(L.components), L.n_chains, L.n_draws, L.n_tokens
         G, Dc, Tc = L.chain_group, L.draw_chunk, L.token_chunk
         comp3 = ("component", "chain", "draw")
@@ -262,8 +291,9 @@ class SampleStore:
         ids = g.create_array("probe_input_ids", shape=probe.input_ids.shape, dtype="int64",
                              dimension_names=("context", "position"), compressors=_compressors())
         ids[:] = probe.input_ids
-        g.attrs.update({
+        g.attrs.update({                  # last: one write of the group's metadata commits the store
             "spectro_store": STORE_FORMAT,
+            "spectro_creating": False,
             # a draws-mode layout is written as before the option existed, so those stores stay unchanged
             "layout": {k: v for k, v in {**asdict(L), "components": list(L.components)}.items()
                        if not (k == "probe" and v == "draws")},
@@ -275,16 +305,19 @@ class SampleStore:
         })
 
     @classmethod
-    def open(cls, path: Path, mode: str = "r") -> "SampleStore":
-        path = Path(path)
+    def open(cls, path: PathLike, mode: str = "r") -> "SampleStore":
+        path = Location.of(path)
         if not path.exists():
             raise StoreError(f"no sample store at {path}; run the sampling stage first")
         try:
-            g = zarr.open_group(str(path), mode=mode)
+            g = zarr.open_group(zarr_store(path, read_only=mode == "r"), mode=mode)
             attrs = dict(g.attrs)
         except Exception as exc:  # zarr raises several types for non-stores
             raise StoreError(f"{path} is not a readable Zarr v3 store ({type(exc).__name__}: {exc})") from None
         version = attrs.get("spectro_store")
+        if version is None and attrs.get("spectro_creating"):
+            raise StoreError(f"{path} was still being created when its writer stopped; rerun the sample stage "
+                             f"(it is made again)")
         if version is None:
             raise StoreError(f"{path} is not a spectro sample store (it has no 'spectro_store' format attribute); "
                              f"point at a run directory's samples.zarr")
@@ -364,13 +397,17 @@ class SampleStore:
         self._array("progress")[ci, chains[0]:chains[-1] + 1] = n_draws
 
     def _array(self, name: str) -> zarr.Array:
-        """An array that writes every chunk, also one holding only the fill value (see module doc)."""
-        return self.group[name].with_config({"write_empty_chunks": True})
+        """An array that writes every chunk, also one holding only the fill value (see module doc). Opened once
+        per array: its metadata never changes, and on object storage each opening is a request."""
+        if name not in self._handles:
+            self._handles[name] = self.group[name].with_config({"write_empty_chunks": True})
+        return self._handles[name]
 
     # ---- integrity (resume)
 
-    def _chunk_file(self, name: str, coords: tuple[int, ...]) -> Path:
-        return self.path / name / self.group[name].metadata.encode_chunk_key(coords)
+    def _chunk_key(self, name: str, coords: tuple[int, ...]) -> str:
+        """The chunk's key relative to the store root, e.g. `probe_loss/c/1/0/1/0`."""
+        return f"{name}/{self._array(name).metadata.encode_chunk_key(coords)}"
 
     def _unit_chunks(self, ci: int, g: int, committed: int, every_slot: bool = False) -> list[tuple[str, tuple]]:
         """(array, chunk coords) of every chunk unit (component ci, chain group g) has committed; in moments mode
@@ -397,7 +434,7 @@ class SampleStore:
         call it with it set when no writer is running.
         """
         L = self.layout
-        if remove_partial:
+        if remove_partial and self.path.local:          # object storage writes whole objects: no temp files
             for leftover in self.path.rglob("*.partial"):
                 leftover.unlink(missing_ok=True)
         bad = []
@@ -423,10 +460,11 @@ class SampleStore:
 
     def _check_chunks(self, chunks: list[tuple[str, tuple[int, ...]]]) -> str | None:
         """The first problem among these chunks (absent, or fails to decode), else None. Reads one chunk at a time."""
+        present = self.path.existing(self._chunk_key(n, c) for n, c in chunks)
         for name, coords in chunks:
-            if not self._chunk_file(name, coords).is_file():
+            if self._chunk_key(name, coords) not in present:
                 return f"{name} chunk {coords} is missing"
-            arr = self.group[name]
+            arr = self._array(name)
             region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, arr.chunks, arr.shape))
             try:
                 arr[region]
@@ -439,8 +477,8 @@ class SampleStore:
         ci = self.component_index(component)
         g = chains[0] // self.layout.chain_group
         chunks = self._unit_chunks(ci, g, self.layout.n_draws, every_slot=True)
-        for name, coords in sorted(chunks, key=lambda nc: nc[0] != "progress"):    # progress first
-            self._chunk_file(name, coords).unlink(missing_ok=True)
+        self.path.delete([self._chunk_key(n, c) for n, c in chunks if n == "progress"])     # progress first
+        self.path.delete([self._chunk_key(n, c) for n, c in chunks if n != "progress"])
 
     def verify_probe(self, probe: ProbeTable) -> list[str]:
         """Rewrite probe coordinate arrays that are unreadable or differ from `probe`; returns their names."""

@@ -1,21 +1,27 @@
 """The susceptibilities store, `susceptibilities.zarr`: chi, its standard errors,
 per-chain and split-half estimates, diagnostics and reliability per component,
-written block by block by the susceptibilities job into a temporary group that
-is committed by one rename; and its reader (`read_susceptibilities`, an
-xarray Dataset).
+written block by block by the susceptibilities job, and its reader
+(`read_susceptibilities`, an xarray Dataset).
+
+Non-obvious choices:
+- Commit: the group is made with the attribute `spectro_partial: true`, which
+  `commit()` sets to false after every array and diagnostic is written (one
+  write of the group's metadata). Locally the group is also built as
+  `<name>.partial` and renamed into place, so the previous result stays
+  readable until then; object storage has no rename, so it is written in
+  place and the reader refuses a group still marked partial.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import zarr
 
 from spectro.errors import StoreError
-from spectro.store.samples import SampleStore, _compressors
+from spectro.rundir import Location, PathLike
+from spectro.store.samples import SampleStore, _compressors, zarr_store
 
 PROBE_COORDS = ("token_context", "token_position", "token_id", "token_text", "token_source")
 DIAGNOSTICS = {"llc_mean": "float64", "llc_std": "float64", "mean_phi": "float64", "rhat": "float64",
@@ -26,21 +32,21 @@ class SusceptibilityStore:
     """`susceptibilities.zarr`: chi (token, component) with standard errors,
     per-chain values, probe coordinates and per-component diagnostics.
 
-    Written under `<name>.partial` by independent token-block writers and
-    renamed into place by `commit()`, so a reader never sees a half-written one.
+    Written by independent token-block writers (under `<name>.partial` on
+    local disk, in place on object storage) and committed by `commit()`, so a
+    reader never reads a half-written one (module doc).
     """
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = Path(path)
+    def __init__(self, path: PathLike, group: zarr.Group):
+        self.path = Location.of(path)
         self.group = group
 
     @classmethod
-    def create(cls, path: Path, samples: SampleStore, token_chunk: int, n_chains: int) -> "SusceptibilityStore":
-        path = Path(path)
-        tmp = path.with_name(path.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        g = zarr.open_group(str(tmp), mode="w")
+    def create(cls, path: PathLike, samples: SampleStore, token_chunk: int, n_chains: int) -> "SusceptibilityStore":
+        path = Location.of(path)
+        tmp = path.with_name(path.name + ".partial") if path.local else path     # object storage: no rename
+        tmp.rmtree()
+        g = zarr.open_group(zarr_store(tmp), mode="w", attributes={"spectro_partial": True})
         L = samples.layout
         C, T = len(L.components), L.n_tokens
         coords = " ".join(PROBE_COORDS)
@@ -95,24 +101,30 @@ class SusceptibilityStore:
             a[:] = np.asarray(diagnostics[name], dtype=dtype)
         self.group.attrs.update(json.loads(json.dumps(attrs)))
 
-    def commit(self, final_path: Path) -> Path:
-        final_path = Path(final_path)
-        if final_path.exists():
-            shutil.rmtree(final_path)
-        self.path.rename(final_path)
+    def commit(self, final_path: PathLike) -> Location:
+        """Mark the group complete (its last write), then, on local disk, rename it into place."""
+        final_path = Location.of(final_path)
+        self.group.attrs.update({"spectro_partial": False})
+        if final_path != self.path:
+            final_path.rmtree()
+            self.path.path.rename(final_path.path)
         self.path = final_path
         return final_path
 
     @classmethod
-    def open_block_writer(cls, path: Path) -> "SusceptibilityStore":
-        return cls(Path(path), zarr.open_group(str(path), mode="r+"))
+    def open_block_writer(cls, path: PathLike) -> "SusceptibilityStore":
+        return cls(path, zarr.open_group(zarr_store(path), mode="r+"))
 
 
-def read_susceptibilities(path: Path):
-    """The committed susceptibilities as an xarray Dataset (lazy)."""
+def read_susceptibilities(path: PathLike):
+    """The committed susceptibilities as an xarray Dataset (lazy); `path` may be a URL (s3://...)."""
     import xarray as xr
 
-    path = Path(path)
+    path = Location.of(path)
     if not path.exists():
         raise StoreError(f"no susceptibilities at {path}; run the susceptibilities stage first")
-    return xr.open_zarr(str(path), consolidated=False)
+    ds = xr.open_zarr(zarr_store(path, read_only=True), consolidated=False)
+    if ds.attrs.get("spectro_partial"):
+        raise StoreError(f"{path} is incomplete (its writer stopped before the commit); rerun the "
+                         f"susceptibilities stage")
+    return ds
