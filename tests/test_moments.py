@@ -123,7 +123,7 @@ def test_moments_store_layout_and_integrity(runs, tmp_path):
     copy = tmp_path / "samples.zarr"
     shutil.copytree(runs["moments"]["run"] / "samples.zarr", copy)
     damaged = SampleStore.open(copy, mode="r+")
-    chunk = damaged._chunk_file("moment_D", (1, 1, L.moment_slot(N_DRAWS), 0))
+    chunk = copy / damaged._chunk_key("moment_D", (1, 1, L.moment_slot(N_DRAWS), 0))
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     chunk.write_bytes(bytes(raw))
@@ -133,8 +133,8 @@ def test_moments_store_layout_and_integrity(runs, tmp_path):
     damaged.reset_unit(L.components[1], [2, 3])
     assert damaged.verify() == [] and (damaged.progress()[1, 2:4] == 0).all()
     for slot in (0, 1):
-        assert not damaged._chunk_file("moment_phiD", (1, 1, slot, 0)).exists()
-        assert not damaged._chunk_file("moment_n", (1, 1, slot)).exists()
+        assert not (copy / damaged._chunk_key("moment_phiD", (1, 1, slot, 0))).exists()
+        assert not (copy / damaged._chunk_key("moment_n", (1, 1, slot))).exists()
 
 
 # ---------------------------------------------------------------- a unit stopped between two of its writes
