@@ -142,6 +142,14 @@ class Location:
     def with_name(self, name: str) -> "Location":
         return self.parent / name
 
+    def resolve(self) -> "Location":
+        """The absolute location (local paths resolved; a URL is already absolute)."""
+        return Location(self.path.resolve()) if self.local else self
+
+    def as_uri(self) -> str:
+        """A URL for it: `file://...` for a local path."""
+        return self.path.resolve().as_uri() if self.local else self.uri
+
     def __str__(self) -> str:
         return self.uri
 
