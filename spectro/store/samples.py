@@ -396,18 +396,22 @@ class SampleStore:
         ci = self.component_index(component)
         self._array("progress")[ci, chains[0]:chains[-1] + 1] = n_draws
 
-    def _array(self, name: str) -> zarr.Array:
+    def _handle(self, name: str) -> zarr.Array:
         """An array that writes every chunk, also one holding only the fill value (see module doc). Opened once
         per array: its metadata never changes, and on object storage each opening is a request."""
         if name not in self._handles:
             self._handles[name] = self.group[name].with_config({"write_empty_chunks": True})
         return self._handles[name]
 
+    def _array(self, name: str) -> zarr.Array:
+        """The array to write `name` through (every write goes through here; reads use `_handle`)."""
+        return self._handle(name)
+
     # ---- integrity (resume)
 
     def _chunk_key(self, name: str, coords: tuple[int, ...]) -> str:
         """The chunk's key relative to the store root, e.g. `probe_loss/c/1/0/1/0`."""
-        return f"{name}/{self._array(name).metadata.encode_chunk_key(coords)}"
+        return f"{name}/{self._handle(name).metadata.encode_chunk_key(coords)}"
 
     def _unit_chunks(self, ci: int, g: int, committed: int, every_slot: bool = False) -> list[tuple[str, tuple]]:
         """(array, chunk coords) of every chunk unit (component ci, chain group g) has committed; in moments mode
@@ -464,7 +468,7 @@ class SampleStore:
         for name, coords in chunks:
             if self._chunk_key(name, coords) not in present:
                 return f"{name} chunk {coords} is missing"
-            arr = self._array(name)
+            arr = self._handle(name)
             region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, arr.chunks, arr.shape))
             try:
                 arr[region]
