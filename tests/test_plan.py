@@ -92,7 +92,7 @@ def test_stage_plan_writes_only_plan_json(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
     plan = json.loads((tmp_path / "plan.json").read_text())
     out = capsys.readouterr().out
-    assert "units (component x chain group)" in out and "store probe_loss" in out and "h100" in out
+    assert "units (component x chain group x probe shard)" in out and "store probe_loss" in out and "h100" in out
     assert "store, store.probe=draws (this run)" in out and "store, store.probe=moments (logical" in out
     assert plan["gpu"]["predicted_wall_s"] > 0 and "cpu" not in plan
     # FLOPs of `full`'s step: 6 x params x tokens, less the token embedding (a lookup and a scatter-add)
