@@ -20,9 +20,10 @@ mid-layer head with the lower-layer cache):
   `experiment=pythia14m` counts (seq 512, 256 sampling and 2,048 probe contexts, 8 chains, minibatch 64, 5
   steps between draws): the steps and evaluations are timed on fewer rows (2 chains x 4 contexts a step,
   8 probe contexts) and scaled per token to the preset's counts.
-By FLOP count per draw (the plan's FLOP model, `spectro.plan.work.unit_work`; burn-in excluded): both of those and a 1.4B Pythia shape
-(24 layers, d_model 2048, 16 heads, MLP 8192, vocabulary 50,304; seq 2,048, 2,076 probe contexts = 4.25M
-probe tokens, 4 chains x 100 draws, minibatch 16, 5 steps between draws, 64 sampling contexts).
+By FLOP count per draw (the plan's FLOP model, `spectro.plan.work.unit_work`; burn-in excluded): both of
+those and a 1.4B Pythia shape (24 layers, d_model 2048, 16 heads, MLP 8192, vocabulary 50,304; seq 2,048,
+2,076 probe contexts = 4.25M probe tokens, 4 chains x 100 draws, minibatch 16, 5 steps between draws, 64
+sampling contexts).
 """
 
 from __future__ import annotations
