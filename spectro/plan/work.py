@@ -144,7 +144,8 @@ def actor_memory(config, shape: Shape, units: list[dict]) -> dict:
     for u in units:
         g, S, start = u["chains"], u["sampled_entries"], u["start_layer"]
         state = 3 * g * S * 4 + (2 * g * S * 4 if s.precondition == "rmsprop" else 0) + S   # + bool masks
-        cache = (d.n_train_contexts + d.n_sampling_contexts + d.n_probe_contexts) * T * H * 4 if start else 0
+        n_probe = u.get("probe_contexts", d.n_probe_contexts)             # a probe shard caches its contexts only
+        cache = (d.n_train_contexts + d.n_sampling_contexts + n_probe) * T * H * 4 if start else 0
         step_act = g * s.batch_size * T * ((shape.layers - start) * per_token_layer + 2 * H * 4) + g * CE_ROWS * V * 4
         rows = max(T, BODY_ROWS // T * T)
         eval_act = rows * per_token_layer + CE_ROWS * V * 4

@@ -2,8 +2,9 @@
 
 The store package (this module and `spectro.store.susceptibilities`) is the
 only place that touches Zarr. The store is the source of truth
-for progress and resume: a unit of work (component, chain group) owns exactly
-one chunk column of every per-draw array and writes it in whole chunks.
+for progress and resume: a unit of work (component, chain group, probe shard) owns
+its chunks of every per-draw array (the token chunks of its shard; shard 0 also
+the per-draw scalars: `spectro.store.layout`) and writes them in whole chunks.
 
 Layout (dims in brackets; every array carries `dimension_names`, so
 `xarray.open_zarr(path, consolidated=False)` names them):
