@@ -45,8 +45,10 @@ Non-obvious choices:
   trajectory and evaluates only its probe contexts (`spectro.store.layout`:
   shard 0 alone writes the per-draw scalars). Its checkpoint is its own
   (`...__c<first>-<last>__s<shard>.pt` when S > 1) and also records the
-  sampling losses of every draw it made, so the trajectories of a chain's
-  shards can be compared after the fact (they must be identical).
+  sampling losses of every draw it made; the driver compares them with the
+  stored ones at the end (`check_trajectories`, mmap: only that tensor is
+  read) and fails the run if a shard made another trajectory (a
+  nondeterministic kernel): its probe losses would belong to other chains.
 - Checkpoint file names come from component names; `store.confined` refuses
   one that could write outside `checkpoints/`.
 - Every actor is killed at the end (also on error): on a small node a later
@@ -285,6 +287,7 @@ class SamplingReport:
     draws_per_second: float = 0.0
     actor_seconds: float = 0.0            # summed over units: time actors spent inside units
     actor_utilisation: float = 0.0        # actor_seconds / (num_actors x seconds): the rest is start-up and tail
+    trajectories_checked: int = 0         # probe shard units whose sampling losses matched shard 0's
 
 
 class Progress:
@@ -371,6 +374,27 @@ def repair(store: SampleStore, checkpoint_dir: Path) -> list[dict]:
     for leftover in Path(checkpoint_dir).glob("*.tmp"):
         leftover.unlink(missing_ok=True)                 # a checkpoint a killed actor was writing
     return bad
+
+
+def check_trajectories(store: SampleStore, checkpoint_dir: Path) -> int:
+    """With probe shards: every shard unit's recorded sampling losses equal the stored ones (shard 0's), bit for
+    bit; SamplingFailed naming the first unit that differs. Returns the number of shard units compared."""
+    L = store.layout
+    stored = store.read("sampling_loss")
+    compared = 0
+    for component, chains, shard in L.shard_units():
+        ckpt_file = unit_checkpoint(checkpoint_dir, store, component, chains, shard)
+        if shard == 0 or not ckpt_file.exists():
+            continue
+        history = torch.load(ckpt_file, weights_only=True, mmap=True).get("sampling_loss", torch.zeros(0, 0))
+        ci, n = store.component_index(component), history.shape[1]
+        if n and history.numpy().tobytes() != stored[ci, chains[0]:chains[-1] + 1, :n].tobytes():
+            raise SamplingFailed(
+                f"{unit_name(component, chains, shard, L.probe_shards)} made another SGLD trajectory than probe "
+                f"shard 0 (their sampling losses differ), so its probe losses belong to other chains; sampling is "
+                f"not deterministic on this device (rerun with sampler.probe_shards=1, or fresh=true)")
+        compared += 1
+    return compared
 
 
 def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoint_dir: Path, *,
@@ -461,6 +485,8 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
         progress.update(final=True)
         if on_poll is not None:
             on_poll(store)
+        if L.probe_shards > 1:
+            report.trajectories_checked = check_trajectories(store, checkpoint_dir)
     finally:
         for handle in list(live.values()) + [h for _, h in starting.values()]:
             ray.kill(handle, no_restart=True)

@@ -17,7 +17,7 @@ from spectro.config import to_config
 from spectro.errors import ConfigError, StoreError
 from spectro.observables import BODY_ROWS
 from spectro.sampling import make_problem
-from spectro.service import run_unit, sample, unit_checkpoint
+from spectro.service import SamplingFailed, check_trajectories, run_unit, sample, unit_checkpoint
 from spectro.store import Layout, SampleStore, read_susceptibilities, shard_contexts
 from spectro.susceptibilities import compute, online_estimate
 from tests.helpers import COMPONENTS, arrays, assert_identical, kill_actor_mid_run, make_store, tiny_config, tiny_model
@@ -65,13 +65,15 @@ def runs(tmp_path_factory, ray_local):
             config = config_for(shards, n_probe)
             if n_probe == UNALIGNED:
                 store = make_store(run / "samples.zarr", problem, config)
-                units = sample(problem, store, config, run / "checkpoints").units_run
+                report = sample(problem, store, config, run / "checkpoints")
+                units, checked = report.units_run, report.trajectories_checked
                 compute(run, nbeta=config.sampler.nbeta)
                 ds = read_susceptibilities(run / "susceptibilities.zarr")
                 est = {name: ds[name].values for name in RESULTS + ("rhat", "ess_bulk", "llc_mean")}
             else:
-                units, est = in_process(problem, config, run)
+                (units, est), checked = in_process(problem, config, run), None
             out[n_probe, shards] = {"run": run, "units": units, "problem": problem, "config": config,
+                                    "checked": checked,
                                     "store": SampleStore.open(run / "samples.zarr"), "est": est}
     return out
 
@@ -143,6 +145,25 @@ def test_every_shard_of_a_chain_made_the_same_trajectory(runs):
             ci = store.component_index(component)
             assert history.shape == (len(chains), 7)
             assert history.tobytes() == stored[ci, chains[0]:chains[-1] + 1].tobytes(), (component, chains, shard)
+    # the service compares them itself at the end of sampling: every unit but the shard 0 ones
+    assert runs[UNALIGNED, 3]["checked"] == 3 * 2 * 2 and runs[UNALIGNED, 1]["checked"] == 0
+
+
+def test_a_shard_with_another_trajectory_fails_the_run(runs, tmp_path):
+    """A shard whose chains moved differently (here: one recorded sampling loss one ulp off, as a
+    nondeterministic kernel would leave it) would store probe losses of other chains: one clear error."""
+    ref = runs[UNALIGNED, 3]
+    run = tmp_path / "run"
+    shutil.copytree(ref["run"], run)
+    store = SampleStore.open(run / "samples.zarr")
+    assert check_trajectories(store, run / "checkpoints") == 12
+    ckpt_file = unit_checkpoint(run / "checkpoints", store, COMPONENTS[1], (2, 3), 2)
+    ckpt = torch.load(ckpt_file, weights_only=True)
+    ckpt["sampling_loss"][1, 4] = float(np.nextafter(ckpt["sampling_loss"][1, 4].item(), np.inf))
+    torch.save(ckpt, ckpt_file)
+    with pytest.raises(SamplingFailed, match=rf"unit {COMPONENTS[1]} chains \[2, 3\] probe shard 2/3 made another "
+                                             r"SGLD trajectory than probe shard 0"):
+        check_trajectories(store, run / "checkpoints")
 
 
 class Stopped(Exception):
