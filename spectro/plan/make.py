@@ -143,7 +143,9 @@ def format_plan(plan: dict) -> str:
             ("SGLD steps (per unit: burn-in + draws x steps between)", f"{t['sgld_steps']:,} "
              f"({t['chain_steps']:,} chain-steps)"),
             ("chain evaluations (sampling set + probe set)",
-             f"{t['evaluations']:,} x {t['probe_tokens']:,} probe tokens"),
+             f"{t['evaluations']:,} x {t['probe_tokens']:,} probe tokens" if t["probe_shards"] == 1 else
+             f"{t['evaluations']:,} x a shard's ~{t['probe_tokens'] / t['probe_shards']:,.0f} probe tokens "
+             f"({t['probe_shards']} shards)"),
             ("FLOPs: SGLD steps", f"{t['flops_steps'] / 1e12:,.2f} TFLOP"),
             ("FLOPs: evaluations", f"{t['flops_evals'] / 1e12:,.2f} TFLOP"),
             ("FLOPs: lower-layer caches", f"{t['flops_cache'] / 1e12:,.2f} TFLOP"),
