@@ -73,6 +73,7 @@ class SamplerConfig:
     control: bool = False               # the nβ = 0 control: no loss term in any run (only the localisation)
     probe_dtype: str = "float32"        # "float32" | "bfloat16": autocast dtype of probe/sampling-loss evaluation
     tf32: bool = False                  # CUDA only: allow TF32 matmuls (SGLD steps and probes)
+    probe_shards: int = 1               # units per chain group, each evaluating a contiguous range of probe contexts
 
 
 @dataclass
@@ -198,8 +199,10 @@ class SpectroConfig:
 # `store` is listed although its probe mode changes what is stored: the store's layout records that mode and
 # reopening a store with the other one is refused there with its own message (spectro.store.samples); leaving it
 # out of the fingerprint keeps stores made before the option existed resumable.
+# `sampler.probe_shards` likewise: it changes no stored number, only the chunking and units, and the layout records
+# it (a resume with another value is refused there).
 RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae", "plan",
-                       "store", "storage")
+                       "store", "storage", "sampler.probe_shards")
 STAGES = ("all", "sample", "susceptibilities", "clusters", "sae", "report", "plan")
 
 
@@ -334,6 +337,12 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     if c.storage.uri:
         from spectro.rundir import check_uri
         check_uri(str(c.storage.uri))           # the scheme only; reachability is checked before sampling
+    _require(isinstance(s.probe_shards, int) and 1 <= s.probe_shards <= d.n_probe_contexts, "sampler.probe_shards",
+             s.probe_shards, f"must be between 1 and data.n_probe_contexts ({d.n_probe_contexts})",
+             "a shard is a contiguous range of probe contexts, e.g. sampler.probe_shards=4")
+    _require(s.probe_shards == 1 or c.store.probe == "draws", "sampler.probe_shards", s.probe_shards,
+             "must be 1 with store.probe=moments (its moment sums are kept per chain group, not per shard)",
+             "use store.probe=draws to shard the probe set, or sampler.probe_shards=1")
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     from spectro.gpus import GPUS
     _require(c.plan.gpu is None or c.plan.gpu in GPUS, "plan.gpu", c.plan.gpu, f"must be one of {', '.join(GPUS)}",

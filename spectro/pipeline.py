@@ -106,7 +106,7 @@ def _union(a: ContextSet, b: ContextSet) -> ContextSet:
 def layout_for(p: Prepared) -> Layout:
     s, d = p.config.sampler, p.config.data
     return Layout.plan([c.name for c in p.components], s.num_chains, s.num_draws, d.n_probe_contexts,
-                       d.seq_len, s.chain_group, s.checkpoint_every, p.config.store.probe)
+                       d.seq_len, s.chain_group, s.checkpoint_every, p.config.store.probe, s.probe_shards)
 
 
 def provenance(p: Prepared) -> dict:

@@ -37,6 +37,13 @@ Non-obvious choices:
   init_loss + divergence_bound. It stops moving; its later draws are NaN and
   flagged in `Draw.diverged`, and `diverged_at` records the first such draw so
   downstream estimates exclude it (never averaged in).
+- Probe shards (`sampler.probe_shards`): a runner given `probe_contexts`
+  = [c0, c1) evaluates only those probe contexts (their residual cache too).
+  Its SGLD trajectory and sampling-set losses do not depend on the range, so
+  the S shard units of a chain group replay the same chains; evaluating a
+  slice batches contexts from c0 on (`observables.BODY_ROWS` rows a batch), so
+  a shard's losses are bit-identical to the unsharded run's where c0 falls on
+  a batch boundary, and equal to float32 rounding elsewhere.
 """
 
 from __future__ import annotations
@@ -138,7 +145,8 @@ class Draw:
 
 class UnitRunner:
     def __init__(self, problem: Problem, component: Component, chain_ids: Sequence[int],
-                 config: SamplerConfig, run_seed: int, cache_lower_layers: bool = True):
+                 config: SamplerConfig, run_seed: int, cache_lower_layers: bool = True,
+                 probe_contexts: tuple[int, int] | None = None):
         if config.nbeta is None:
             raise ValueError("config.nbeta must be resolved (spectro.config.validate does this)")
         self.problem = problem
@@ -150,6 +158,13 @@ class UnitRunner:
         if self.antithetic and any(c % 2 == 0 and c + 1 not in self.chain_ids for c in self.chain_ids):
             raise ValueError(f"antithetic chains run in pairs (2p, 2p+1) in one unit; got chains {self.chain_ids}")
         self.signs = [(-1.0 if c % 2 else 1.0) for c in self.chain_ids] if self.antithetic else None
+        n_probe = problem.probe_ids.shape[0]
+        c0, c1 = probe_contexts or (0, n_probe)
+        if not 0 <= c0 < c1 <= n_probe:
+            raise ValueError(f"probe contexts [{c0}, {c1}) are not a range of the {n_probe} probe contexts")
+        self.probe_contexts = (int(c0), int(c1))
+        self._probe_ids = problem.probe_ids[c0:c1]
+        self.n_probe_tokens = problem.n_probe_tokens * (c1 - c0) // n_probe
         model_params = dict(problem.model.named_parameters())
         anchor = {n: model_params[n].detach() for n in component.masks}
         masks = {n: (None if m is None else m.to(problem.device)) for n, m in component.masks.items()}
@@ -165,7 +180,7 @@ class UnitRunner:
             self._upper = Body(model, L)
             self._train_h = residual_at(model, problem.train_ids, L)               # (n_train, seq, hidden)
             self._sampling_h = residual_at(model, problem.sampling_ids, L)         # (n_sampling, seq, hidden)
-            self._probe_h = residual_at(model, problem.probe_ids, L)               # (n_probe, seq, hidden)
+            self._probe_h = residual_at(model, self._probe_ids, L)                 # (shard contexts, seq, hidden)
             upper = self._upper
             loss_fn = lambda p, batch: mean_loss_from(upper, p, batch)
         elif _is_lm(problem):
@@ -176,7 +191,7 @@ class UnitRunner:
 
     def _per_token(self, params: dict, which: str) -> torch.Tensor:
         """Per-token losses on the sampling set or the probe contexts: (contexts, seq - 1)."""
-        ids = self.problem.sampling_ids if which == "sampling" else self.problem.probe_ids
+        ids = self.problem.sampling_ids if which == "sampling" else self._probe_ids
         if self.cached:
             hidden = self._sampling_h if which == "sampling" else self._probe_h
             return token_losses_from(self._upper, params, hidden, ids)
@@ -226,7 +241,7 @@ class UnitRunner:
             step_losses += loss
             bad = (~np.isfinite(loss) | (loss > bound)) & (diverged_at < 0)
             diverged_at[bad] = state.draw
-        probe_tokens = self.problem.n_probe_tokens
+        probe_tokens = self.n_probe_tokens
         sampling = np.full(self.n_chains, np.nan)
         probe = np.full((self.n_chains, probe_tokens), np.nan, dtype=np.float32)
         for c in range(self.n_chains):
@@ -255,6 +270,7 @@ class UnitRunner:
         return {
             "component": self.component.name,
             "chain_ids": list(self.chain_ids),
+            "probe_contexts": list(self.probe_contexts),
             "draw": state.draw,
             "step": state.sgld.step,
             "params": {n: p.detach().cpu().clone() for n, p in state.sgld.params.items()},
@@ -268,6 +284,9 @@ class UnitRunner:
         if ckpt["component"] != self.component.name or list(ckpt["chain_ids"]) != list(self.chain_ids):
             raise ValueError(f"checkpoint is for {ckpt['component']} chains {ckpt['chain_ids']}, "
                              f"not {self.component.name} chains {list(self.chain_ids)}")
+        if list(ckpt.get("probe_contexts", self.probe_contexts)) != list(self.probe_contexts):
+            raise ValueError(f"checkpoint is for probe contexts {ckpt['probe_contexts']}, "
+                             f"not {list(self.probe_contexts)}")
         dev = self.problem.device
         params = {n: p.to(dev) for n, p in ckpt["params"].items()}
         sq = None if ckpt["sq_avg"] is None else {n: v.to(dev) for n, v in ckpt["sq_avg"].items()}

@@ -1,6 +1,7 @@
 """The sampling service: Ray actors holding model replicas run units of work.
 
-A unit is (component, chain group). The driver plans every unit of a run
+A unit is (component, chain group, probe shard); with `sampler.probe_shards=1`
+(the default) one shard holds every probe context. The driver plans every unit of a run
 (each component plus `full`), skips units the store says are complete, and
 hands the rest to actors as they free up, at most one in flight per actor
 (`ray.wait`). Each actor loads the model once in `__init__` from a payload
@@ -45,6 +46,14 @@ Non-obvious choices:
   are bit-identical to an uninterrupted run's. A resumed unit first sets the
   progress its checkpoint reached (the kill may have come before that write),
   so the slot it overwrites next is never the one `progress` points at.
+- Probe shards: every shard unit of a chain group replays the same SGLD
+  trajectory and evaluates only its probe contexts (`spectro.store.layout`:
+  shard 0 alone writes the per-draw scalars). Its checkpoint is its own
+  (`...__c<first>-<last>__s<shard>.pt` when S > 1) and also records the
+  sampling losses of every draw it made; the driver compares them with the
+  stored ones at the end (`check_trajectories`, mmap: only that tensor is
+  read) and fails the run if a shard made another trajectory (a
+  nondeterministic kernel): its probe losses would belong to other chains.
 - Checkpoint file names come from component names; `store.confined` refuses
   one that could write outside `checkpoints/`.
 - Every actor is killed at the end (also on error): on a small node a later
@@ -90,8 +99,21 @@ class SamplingFailed(SpectroError):
 
 # ---------------------------------------------------------------- the unit (plain Python, no Ray)
 
-def checkpoint_path(checkpoint_dir: rundir.PathLike, component: str, chains: Sequence[int]) -> rundir.Location:
-    return confined(checkpoint_dir, f"{component}__c{int(chains[0])}-{int(chains[-1])}.pt")
+def checkpoint_path(checkpoint_dir: rundir.PathLike, component: str, chains: Sequence[int],
+                    shard: Optional[int] = None) -> rundir.Location:
+    """A unit's checkpoint file; `shard` is None (or omitted) for a store without probe shards."""
+    tail = "" if shard is None else f"__s{int(shard)}"
+    return confined(checkpoint_dir, f"{component}__c{int(chains[0])}-{int(chains[-1])}{tail}.pt")
+
+
+def unit_checkpoint(checkpoint_dir: rundir.PathLike, store: SampleStore, component: str, chains: Sequence[int],
+                    shard: int) -> rundir.Location:
+    """The checkpoint file of a unit of this store (no shard suffix without probe shards)."""
+    return checkpoint_path(checkpoint_dir, component, chains, shard if store.layout.probe_shards > 1 else None)
+
+
+def unit_name(component: str, chains: Sequence[int], shard: int = 0, shards: int = 1) -> str:
+    return f"unit {component} chains {list(chains)}" + (f" probe shard {shard}/{shards}" if shards > 1 else "")
 
 
 def _moment_arrays(moments: list[ChainMoments]) -> dict[str, np.ndarray]:
@@ -116,9 +138,11 @@ def _moments_from(ckpt: dict, n_chains: int, n_tokens: int, draw: int) -> list[C
 
 
 def _restore(runner: UnitRunner, store: SampleStore, ckpt_file: rundir.Location, component: str,
-             chains: Sequence[int]):
-    """(state, moments) of the unit from its checkpoint; from draw 0 (its chunks deleted) if there is none or it is
-    unreadable. `moments`: the chains' running sums with store.probe=moments, else None."""
+             chains: Sequence[int], shard: int = 0):
+    """(state, moments, history) of the unit from its checkpoint; from draw 0 (its chunks deleted) if there is
+    none or it is unreadable. `moments`: the chains' running sums with store.probe=moments, else None; `history`:
+    (chains, n_draws) sampling losses of the draws made so far (NaN where unknown)."""
+    history = np.full((len(chains), store.layout.n_draws), np.nan)
     by_moments = store.layout.probe == "moments"
     n_tokens = store.layout.n_tokens
     if ckpt_file.exists():
@@ -126,30 +150,31 @@ def _restore(runner: UnitRunner, store: SampleStore, ckpt_file: rundir.Location,
             ckpt = torch.load(io.BytesIO(ckpt_file.read_bytes()), weights_only=True)
             state = runner.restore(ckpt)
             moments = _moments_from(ckpt, len(chains), n_tokens, state.draw) if by_moments else None
-            problem = store.check_unit(component, chains, state.draw)   # the draws before it must be on disk
+            problem = store.check_unit(component, chains, state.draw, shard)   # the draws before it: on disk
             if problem is None:
-                return state, moments
+                if "sampling_loss" in ckpt:
+                    history[:, :state.draw] = ckpt["sampling_loss"].numpy()
+                return state, moments, history
             log.warning("%s chains %s: %s; sampling this unit again from draw 0", component, list(chains), problem)
         except Exception as exc:  # truncated/corrupted file: pickle, zip and key errors all mean "unusable"
             log.warning("checkpoint %s is unreadable (%s: %s); sampling %s chains %s again from draw 0",
                         ckpt_file, type(exc).__name__, exc, component, list(chains))
-    ci = store.component_index(component)
-    if store.progress()[ci, chains[0]:chains[-1] + 1].max() > 0:
-        store.reset_unit(component, chains)      # committed draws without a usable checkpoint: start over
+    if store.unit_progress(component, chains, shard).max() > 0:
+        store.reset_unit(component, chains, shard)     # committed draws without a usable checkpoint: start over
     ckpt_file.unlink(missing_ok=True)
-    return runner.start(), ([ChainMoments(n_tokens) for _ in chains] if by_moments else None)
+    return runner.start(), ([ChainMoments(n_tokens) for _ in chains] if by_moments else None), history
 
 
 def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: Sequence[int],
-             sampler: SamplerConfig, run_seed: int, checkpoint_dir: rundir.PathLike) -> dict:
-    """Sample one unit into the store, resuming from its checkpoint if present."""
+             sampler: SamplerConfig, run_seed: int, checkpoint_dir: rundir.PathLike, shard: int = 0) -> dict:
+    """Sample one unit (its probe shard's contexts) into the store, resuming from its checkpoint if present."""
     component = problem.components(problem.model, [component_name])[0]
-    runner = UnitRunner(problem, component, chains, sampler, run_seed)
-    ckpt_file = checkpoint_path(checkpoint_dir, component_name, chains)
-    state, moments = _restore(runner, store, ckpt_file, component_name, chains)
-    ci = store.component_index(component_name)
-    if store.progress()[ci, chains[0]:chains[-1] + 1].min() < state.draw:
-        store.set_progress(component_name, chains, state.draw)     # killed after its checkpoint, before this
+    runner = UnitRunner(problem, component, chains, sampler, run_seed,
+                        probe_contexts=store.layout.shard_contexts(shard))
+    ckpt_file = unit_checkpoint(checkpoint_dir, store, component_name, chains, shard)
+    state, moments, history = _restore(runner, store, ckpt_file, component_name, chains, shard)
+    if store.unit_progress(component_name, chains, shard).min() < state.draw:
+        store.set_progress(component_name, chains, state.draw, shard)   # killed after its checkpoint, before this
     n_draws, chunk = store.layout.n_draws, store.layout.draw_chunk
     resumed_at = state.draw
     heap = HeapTrimmer()                 # freed heap pages back to the OS when the process grows (device.py)
@@ -162,6 +187,7 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
             draws.append(d)
             heap.after_draw()
         sampling = np.stack([d.sampling_loss for d in draws], 1)                  # (chains, n)
+        history[:, start:state.draw] = sampling
         probe = np.stack([d.probe_loss for d in draws], 1)                        # (chains, n, tokens)
         sums = None
         if moments is not None:
@@ -172,15 +198,16 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
             component_name, chains, start, sampling_loss=sampling, moments=sums,
             probe_loss=probe if sums is None else None,
             traces={name: np.stack([getattr(d, name) for d in draws], 1) for name in TRACE_ARRAYS},
-            diverged_at=state.diverged_at)
+            diverged_at=state.diverged_at, shard=shard)
         buffer = io.BytesIO()
         ckpt = runner.checkpoint(state)
+        ckpt["sampling_loss"] = torch.from_numpy(history[:, :state.draw].copy())
         if sums is not None:
             ckpt["moments"] = {k: torch.from_numpy(v) for k, v in sums.items()}
         torch.save(ckpt, buffer)                          # serialise in memory: a full disk raises a plain OSError
         ckpt_file.write_bytes(buffer.getbuffer())         # whole: the old checkpoint or the new one, never a part
-        store.set_progress(component_name, chains, state.draw)
-    report = {"component": component_name, "chains": list(chains), "resumed_at": resumed_at,
+        store.set_progress(component_name, chains, state.draw, shard)
+    report = {"component": component_name, "chains": list(chains), "shard": shard, "resumed_at": resumed_at,
               "diverged_at": state.diverged_at.tolist()}
     del runner, state, draws, buffer, moments, sampling, probe   # the unit's caches, buffers: free them, trim once
     heap.reset()                         # the next unit allocates differently: start it from a trimmed heap
@@ -225,10 +252,10 @@ class SamplerActor:
         return {**self.settings, "threads": torch.get_num_threads(), "pid": os.getpid(),
                 "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", [])}
 
-    def run(self, component: str, chains: Sequence[int]) -> dict:
+    def run(self, component: str, chains: Sequence[int], shard: int = 0) -> dict:
         t0 = time.perf_counter()
         report = run_unit(self.problem, self.store, component, chains, self.payload.sampler,
-                          self.payload.run_seed, self.payload.checkpoint_dir)
+                          self.payload.run_seed, self.payload.checkpoint_dir, shard)
         return {**report, "seconds": time.perf_counter() - t0, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()}
 
@@ -238,7 +265,7 @@ class SamplerActor:
 def task_failure(unit: tuple, exc: RayTaskError, store: SampleStore) -> SpectroError:
     """The one clear error for a unit whose task raised (the actor is alive)."""
     original = getattr(exc, "cause", None)
-    where = f"unit {unit[0]} chains {list(unit[1])}"
+    where = unit_name(*unit, store.layout.probe_shards)
     if disk_full(original):
         return DiskFullError(f"no space left on the device holding {store.path.parent} while writing {where}; "
                              f"every chunk committed before it is kept. Free space (or move the run directory "
@@ -260,6 +287,7 @@ class SamplingReport:
     draws_per_second: float = 0.0
     actor_seconds: float = 0.0            # summed over units: time actors spent inside units
     actor_utilisation: float = 0.0        # actor_seconds / (num_actors x seconds): the rest is start-up and tail
+    trajectories_checked: int = 0         # probe shard units whose sampling losses matched shard 0's
 
 
 class Progress:
@@ -338,13 +366,37 @@ def repair(store: SampleStore, checkpoint_dir: rundir.PathLike) -> list[dict]:
     Call only while no actor writes to the store."""
     bad = store.verify(remove_partial=True)
     for unit in bad:
-        log.warning("%s chains %s: %s; sampling this unit again from draw 0", unit["component"], unit["chains"],
+        log.warning("%s: %s; sampling this unit again from draw 0",
+                    unit_name(unit["component"], unit["chains"], unit["shard"], store.layout.probe_shards),
                     unit["problem"])
-        store.reset_unit(unit["component"], unit["chains"])
-        checkpoint_path(checkpoint_dir, unit["component"], unit["chains"]).unlink(missing_ok=True)
+        store.reset_unit(unit["component"], unit["chains"], unit["shard"])
+        unit_checkpoint(checkpoint_dir, store, unit["component"], unit["chains"], unit["shard"]).unlink(missing_ok=True)
     for leftover in rundir.location(checkpoint_dir).glob("*.tmp"):
         leftover.unlink(missing_ok=True)                 # a checkpoint a killed actor was writing
     return bad
+
+
+def check_trajectories(store: SampleStore, checkpoint_dir: rundir.PathLike) -> int:
+    """With probe shards: every shard unit's recorded sampling losses equal the stored ones (shard 0's), bit for
+    bit; SamplingFailed naming the first unit that differs. Returns the number of shard units compared."""
+    L = store.layout
+    stored = store.read("sampling_loss")
+    compared = 0
+    for component, chains, shard in L.shard_units():
+        ckpt_file = unit_checkpoint(checkpoint_dir, store, component, chains, shard)
+        if shard == 0 or not ckpt_file.exists():
+            continue
+        source = str(ckpt_file.path) if ckpt_file.local else io.BytesIO(ckpt_file.read_bytes())
+        history = torch.load(source, weights_only=True, mmap=ckpt_file.local).get("sampling_loss",
+                                                                               torch.zeros(0, 0))
+        ci, n = store.component_index(component), history.shape[1]
+        if n and history.numpy().tobytes() != stored[ci, chains[0]:chains[-1] + 1, :n].tobytes():
+            raise SamplingFailed(
+                f"{unit_name(component, chains, shard, L.probe_shards)} made another SGLD trajectory than probe "
+                f"shard 0 (their sampling losses differ), so its probe losses belong to other chains; sampling is "
+                f"not deterministic on this device (rerun with sampler.probe_shards=1, or fresh=true)")
+        compared += 1
+    return compared
 
 
 def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoint_dir: rundir.PathLike, *,
@@ -356,8 +408,8 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
     checkpoint_dir = rundir.location(checkpoint_dir)
     checkpoint_dir.mkdir()
     repaired = repair(store, checkpoint_dir)
-    todo = [u for u in L.units() if not store.unit_done(*u)]
-    report = SamplingReport(units_skipped=len(L.units()) - len(todo), units_repaired=repaired)
+    todo = [u for u in L.shard_units() if not store.unit_done(*u)]
+    report = SamplingReport(units_skipped=len(L.shard_units()) - len(todo), units_repaired=repaired)
     if not todo:
         return report
     rc = config.ray
@@ -388,10 +440,10 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
             ray.kill(handle, no_restart=True)
         if unit is not None:
             failures[unit] = failures.get(unit, 0) + 1
-            log.warning("actor running %s chains %s died (%s); re-queuing it from its last checkpoint",
-                        unit[0], list(unit[1]), type(exc).__name__)
+            log.warning("actor running %s died (%s); re-queuing it from its last checkpoint",
+                        unit_name(*unit, L.probe_shards), type(exc).__name__)
             if failures[unit] >= max_unit_failures:
-                raise SamplingFailed(f"unit {unit[0]} chains {list(unit[1])} lost {failures[unit]} actors; "
+                raise SamplingFailed(f"{unit_name(*unit, L.probe_shards)} lost {failures[unit]} actors; "
                                      f"giving up (see the Ray logs for why the workers died)") from exc
             queue.insert(0, unit)
         start_actor()                     # replacement; used once it is constructed (it may wait for resources)
@@ -435,11 +487,13 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
         progress.update(final=True)
         if on_poll is not None:
             on_poll(store)
+        if L.probe_shards > 1:
+            report.trajectories_checked = check_trajectories(store, checkpoint_dir)
     finally:
         for handle in list(live.values()) + [h for _, h in starting.values()]:
             ray.kill(handle, no_restart=True)
     report.seconds = time.perf_counter() - t0
-    done = sum(len(u["chains"]) * (L.n_draws - u["resumed_at"]) for u in report.units_run)
+    done = sum(len(u["chains"]) * (L.n_draws - u["resumed_at"]) for u in report.units_run) / L.probe_shards
     report.draws_per_second = done / report.seconds if report.seconds > 0 else 0.0
     report.actor_seconds = sum(u["seconds"] for u in report.units_run)
     report.actor_utilisation = report.actor_seconds / (rc.num_actors * report.seconds) if report.seconds > 0 else 0.0

@@ -85,7 +85,8 @@ def make_store(path, problem, config, components=COMPONENTS):
 
     s = config.sampler
     layout = Layout.plan(components, s.num_chains, s.num_draws, problem.probe_ids.shape[0],
-                         problem.probe_ids.shape[1], s.chain_group, s.checkpoint_every, config.store.probe)
+                         problem.probe_ids.shape[1], s.chain_group, s.checkpoint_every, config.store.probe,
+                         s.probe_shards)
     n_ctx, seq = problem.probe_ids.shape
     T = n_ctx * (seq - 1)
     probe = ProbeTable(input_ids=problem.probe_ids.numpy(), context=np.repeat(np.arange(n_ctx), seq - 1),

@@ -32,7 +32,8 @@ LAYERS = {
     # 3: the sampler
     "spectro.sgld": 3, "spectro.sampling": 3,
     # 4: the store
-    "spectro.store": 4, "spectro.store.samples": 4, "spectro.store.susceptibilities": 4, "spectro.monitor": 4,
+    "spectro.store": 4, "spectro.store.samples": 4, "spectro.store.layout": 4, "spectro.store.susceptibilities": 4,
+    "spectro.monitor": 4,
     # 5: susceptibilities
     "spectro.estimator": 5, "spectro.reliability": 5, "spectro.susceptibilities": 5,
     # 6: clusters

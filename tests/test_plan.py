@@ -92,7 +92,7 @@ def test_stage_plan_writes_only_plan_json(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
     plan = json.loads((tmp_path / "plan.json").read_text())
     out = capsys.readouterr().out
-    assert "units (component x chain group)" in out and "store probe_loss" in out and "h100" in out
+    assert "units (component x chain group x probe shard)" in out and "store probe_loss" in out and "h100" in out
     assert "store, store.probe=draws (this run)" in out and "store, store.probe=moments (logical" in out
     assert plan["gpu"]["predicted_wall_s"] > 0 and "cpu" not in plan
     # FLOPs of `full`'s step: 6 x params x tokens, less the token embedding (a lookup and a scatter-add)
@@ -122,3 +122,31 @@ def test_unknown_calibration_component_is_one_clear_error(tmp_path, capsys):
     assert main(cfg, tmp_path / "run") == 2
     err = capsys.readouterr().err
     assert "plan.calibrate_on" in err and "l9h9" in err
+
+
+def test_plan_matches_what_a_sharded_run_writes(tmp_path, ray_local):
+    """sampler.probe_shards=3 over 4 probe contexts (shards of 2, 1, 1): units and bytes as the run writes them."""
+    from spectro import pipeline
+    from spectro.plan import make_plan
+    from spectro.store import SampleStore
+
+    config = small_config(stage="sample", sampler={"probe_shards": 3})
+    prepared = pipeline.prepare(config)
+    plan = make_plan(config, prepared, calibrate_draws=1)
+    summary = pipeline.run(config, tmp_path / "run", prepared)
+    assert plan["totals"]["units"] == summary["sample"]["units_run"] == 3 * 2 * 3
+    g = zarr.open_group(str(tmp_path / "run" / "samples.zarr"), mode="r")
+    written = {name: _logical_bytes(g[name]) for name in g.array_keys()}
+    assert {name: a["bytes"] for name, a in plan["store"]["arrays"].items()} == written
+    for name, a in plan["store"]["arrays"].items():
+        assert tuple(a["shape"]) == g[name].shape, name
+    assert g["progress"].shape == (3, 4, 3) and g["probe_loss"].chunks[-1] == 15     # one context per chunk
+    assert plan["totals"]["chain_draws"] == int(SampleStore.open(tmp_path / "run" / "samples.zarr").progress().sum())
+    # every shard repeats its chain group's SGLD steps; the probe evaluations are split, not repeated
+    assert plan["totals"]["sgld_steps"] == 18 * (2 + 4 * 2)
+    import dataclasses
+    one = make_plan(small_config(), dataclasses.replace(prepared, config=small_config()), calibrate_draws=0)
+    assert plan["totals"]["flops_steps"] == 3 * one["totals"]["flops_steps"]
+    assert plan["totals"]["flops_probe_evals"] == pytest.approx(one["totals"]["flops_probe_evals"], rel=1e-12)
+    assert len(list((tmp_path / "run" / "checkpoints").glob("*__s[0-2].pt"))) == 18
+    assert all(u["predicted_s"] > 0 for u in plan["units"])

@@ -5,9 +5,11 @@ as a run would (`pipeline.prepare`, which writes nothing), then prints a
 table and writes `plan.json` into the run directory; it samples nothing and
 creates no store, checkpoint or summary. The plan holds:
 
-- work: units (component x chain group, as `store.Layout.units` forms them
-  for the service), chain-draws, SGLD steps (burn-in + draws x
-  steps_between_draws per chain group), chain evaluations;
+- work: units (component x chain group x probe shard, as
+  `store.Layout.shard_units` forms them for the service), chain-draws, SGLD
+  steps (burn-in + draws x steps_between_draws per unit: every probe shard
+  of a chain group repeats them), chain evaluations (each of its shard's
+  probe contexts);
 - FLOPs of the SGLD steps, of the draw-time evaluations and of building the
   lower-layer caches (model below);
 - the sample store's logical (uncompressed) bytes per array, as

@@ -32,24 +32,27 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
     shape = Shape.of(p.loaded.model, d.seq_len)
     by_name = {c.name: c for c in p.components}
     units = []
-    for name, chains in layout.units():
-        w = unit_work(by_name[name], len(chains), config, shape)
+    for name, chains, shard in layout.shard_units():
+        c0, c1 = layout.shard_contexts(shard)
+        w = unit_work(by_name[name], len(chains), config, shape, c1 - c0)
         w["chain_ids"] = list(chains)
-        w["n_tokens"] = layout.n_tokens
+        w["shard"] = shard
+        w["n_tokens"] = (c1 - c0) * (layout.seq_len - 1)
         w["tensors"] = sorted(by_name[name].shapes)
         units.append(w)
-    totals = {"units": len(units), "components": len(layout.components),
-              "chain_draws": sum(u["chain_draws"] for u in units),
+    totals = {"units": len(units), "components": len(layout.components), "probe_shards": layout.probe_shards,
+              "chain_draws": sum(u["chain_draws"] for u in units if u["shard"] == 0),
               "sgld_steps": sum(u["steps"] for u in units),
               "chain_steps": sum(u["steps"] * u["chains"] for u in units),
               "evaluations": sum(u["evaluations"] for u in units),
               "probe_tokens": layout.n_tokens,
               "flops_steps": sum(u["flops_steps"] for u in units),
               "flops_evals": sum(u["flops_evals"] for u in units),
+              "flops_probe_evals": sum(u["flops_probe_evals"] for u in units),
               "flops_cache": sum(u["flops_cache"] for u in units)}
     totals["flops"] = totals["flops_steps"] + totals["flops_evals"] + totals["flops_cache"]
     ckpt = sum(u["chains"] * (u["sampled_entries"] * 4 * (2 if s.precondition == "rmsprop" else 1)
-                              + 2 * GENERATOR_STATE_BYTES) for u in units)
+                              + 2 * GENERATOR_STATE_BYTES + 8 * s.num_draws) for u in units)   # + loss history
     stores = {}
     for mode in ("draws", "moments"):
         arrays = store_arrays(layout, p.probe, mode)
@@ -82,7 +85,7 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
         t0 = time.perf_counter()
         with CpuLoad(_threads(config)) as load:
             calib = calibrate(p, names, n_draws, chains)
-        work = {u["component"]: u for u in units if u["chain_ids"] == list(chains)}
+        work = {n: unit_work(by_name[n], len(chains), config, shape) for n in names}   # as calibrated: all probes
         rates = fit(calib, work)
         per_unit = [unit_seconds_cpu(u, rates, calib, config) for u in units]
         cores = os.cpu_count() or 1
@@ -97,7 +100,8 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
     if pc.gpu:
         gpu = GPUS[pc.gpu]
         calib = plan.get("cpu", {}).get("calibration", {})
-        work = {u["component"]: u for u in units if u["chain_ids"] == list(layout.units()[0][1])}
+        work = {n: {**unit_work(by_name[n], len(layout.units()[0][1]), config, shape),
+                    "tensors": sorted(by_name[n].shapes)} for n in calib}
         ops = fit_ops(calib, work, shape)
         secs = [unit_seconds_gpu(u, gpu, config, shape, ops) for u in units]
         plan["gpu"] = {"name": pc.gpu, "part": gpu.name, "efficiency": EFFICIENCY, "bw_efficiency": BW_EFFICIENCY,
@@ -134,12 +138,14 @@ def format_plan(plan: dict) -> str:
     lines = [f"spectro plan: {c['model']}, {t['components']} components (full included), {c['num_chains']} chains "
              f"in groups of {c['chain_group']}{' (antithetic pairs)' if c['antithetic'] else ''}, "
              f"{c['num_draws']} draws, {c['num_actors']} actors x {c['threads_per_actor']} threads", ""]
-    rows = [("units (component x chain group)", f"{t['units']:,}"),
+    rows = [("units (component x chain group x probe shard)", f"{t['units']:,}"),
             ("chain-draws", f"{t['chain_draws']:,}"),
             ("SGLD steps (per unit: burn-in + draws x steps between)", f"{t['sgld_steps']:,} "
              f"({t['chain_steps']:,} chain-steps)"),
             ("chain evaluations (sampling set + probe set)",
-             f"{t['evaluations']:,} x {t['probe_tokens']:,} probe tokens"),
+             f"{t['evaluations']:,} x {t['probe_tokens']:,} probe tokens" if t["probe_shards"] == 1 else
+             f"{t['evaluations']:,} x a shard's ~{t['probe_tokens'] / t['probe_shards']:,.0f} probe tokens "
+             f"({t['probe_shards']} shards)"),
             ("FLOPs: SGLD steps", f"{t['flops_steps'] / 1e12:,.2f} TFLOP"),
             ("FLOPs: evaluations", f"{t['flops_evals'] / 1e12:,.2f} TFLOP"),
             ("FLOPs: lower-layer caches", f"{t['flops_cache'] / 1e12:,.2f} TFLOP"),

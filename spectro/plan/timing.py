@@ -194,7 +194,7 @@ def unit_seconds_cpu(w: dict, rates: dict, calib: dict, config) -> dict:
     """Predicted seconds of one unit on one actor of this machine."""
     s = config.sampler
     m = calib.get(w["component"])
-    if m is not None and m["chains"] == w["chains"]:
+    if m is not None and m["chains"] == w["chains"] and w["probe_contexts"] == config.data.n_probe_contexts:
         step, ev, setup = m["step_s"], m["eval_s"], m["setup_s"]
     else:
         step = w["flops_per_step"] / rates["step_flops_per_s"] + rates["update_s_per_entry"] * w["chains"] * \

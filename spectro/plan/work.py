@@ -55,20 +55,24 @@ def dense_sampled(component, shape: Shape) -> int:
     return component.n_parameters - (shape.vocab * shape.hidden if embed else 0)
 
 
-def unit_work(component, chains: int, config, shape: Shape) -> dict:
-    """Counts and FLOPs of one unit (component, `chains` chains)."""
+def unit_work(component, chains: int, config, shape: Shape, probe_contexts: int | None = None) -> dict:
+    """Counts and FLOPs of one unit (component, `chains` chains, `probe_contexts` probe contexts: its shard's,
+    default all). Every probe shard of a chain group repeats the SGLD steps and the sampling-set evaluation."""
     s, d = config.sampler, config.data
+    n_probe = d.n_probe_contexts if probe_contexts is None else probe_contexts
     start = cached_from(component)
     act = shape.fwd(component.layer) if component.layer < shape.layers else 0.0
     steps = s.burnin + s.num_draws * s.steps_between_draws
     step_tokens = chains * s.batch_size * d.seq_len
-    eval_tokens = (d.n_sampling_contexts + d.n_probe_contexts) * d.seq_len
+    eval_tokens = (d.n_sampling_contexts + n_probe) * d.seq_len
     step = step_tokens * (shape.fwd(start) + act + 2 * dense_sampled(component, shape))
     ev = eval_tokens * shape.fwd(start)
-    cache_tokens = (d.n_train_contexts + d.n_sampling_contexts + d.n_probe_contexts) * d.seq_len
+    cache_tokens = (d.n_train_contexts + d.n_sampling_contexts + n_probe) * d.seq_len
     cache = cache_tokens * (shape.fwd(0) - shape.fwd(start)) if start else 0.0
     return {"component": component.name, "chains": chains, "layer": component.layer, "start_layer": start,
             "sampled_entries": sampled_entries(component), "n_parameters": component.n_parameters,
+            "probe_contexts": n_probe,
+            "flops_probe_evals": chains * s.num_draws * n_probe * d.seq_len * shape.fwd(start),
             "steps": steps, "chain_draws": chains * s.num_draws, "evaluations": chains * s.num_draws,
             "flops_per_step": step, "flops_per_eval": ev, "flops_cache": cache,
             "flops_steps": steps * step, "flops_evals": chains * s.num_draws * ev}
@@ -109,7 +113,7 @@ def store_arrays(layout, probe, mode: str | None = None) -> dict:
     for name in ("step_loss", "grad_norm", "noise_norm", "distance"):
         add(name, (C, N, D), "float64", _F8)
     add("diverged_at", (C, N), "int64", _I8)
-    add("progress", (C, N), "int64", _I8)
+    add("progress", (C, N, layout.probe_shards) if layout.probe_shards > 1 else (C, N), "int64", _I8)
     out["component"] = {"shape": [C], "dtype": "str", "bytes": _utf8(layout.components)}
     add("token_context", (T,), "int32", _I4)
     add("token_position", (T,), "int32", _I4)
@@ -140,7 +144,8 @@ def actor_memory(config, shape: Shape, units: list[dict]) -> dict:
     for u in units:
         g, S, start = u["chains"], u["sampled_entries"], u["start_layer"]
         state = 3 * g * S * 4 + (2 * g * S * 4 if s.precondition == "rmsprop" else 0) + S   # + bool masks
-        cache = (d.n_train_contexts + d.n_sampling_contexts + d.n_probe_contexts) * T * H * 4 if start else 0
+        n_probe = u.get("probe_contexts", d.n_probe_contexts)             # a probe shard caches its contexts only
+        cache = (d.n_train_contexts + d.n_sampling_contexts + n_probe) * T * H * 4 if start else 0
         step_act = g * s.batch_size * T * ((shape.layers - start) * per_token_layer + 2 * H * 4) + g * CE_ROWS * V * 4
         rows = max(T, BODY_ROWS // T * T)
         eval_act = rows * per_token_layer + CE_ROWS * V * 4

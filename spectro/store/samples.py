@@ -2,8 +2,9 @@
 
 The store package (this module and `spectro.store.susceptibilities`) is the
 only place that touches Zarr. The store is the source of truth
-for progress and resume: a unit of work (component, chain group) owns exactly
-one chunk column of every per-draw array and writes it in whole chunks.
+for progress and resume: a unit of work (component, chain group, probe shard) owns
+its chunks of every per-draw array (the token chunks of its shard; shard 0 also
+the per-draw scalars: `spectro.store.layout`) and writes them in whole chunks.
 
 Layout (dims in brackets; every array carries `dimension_names`, so
 `xarray.open_zarr(path, consolidated=False)` names them):
@@ -18,7 +19,7 @@ Layout (dims in brackets; every array carries `dimension_names`, so
     step_loss, grad_norm, noise_norm, distance
                    float64 [component, chain, draw]          chunks (1, G, Dc)
     diverged_at    int64   [component, chain]   -1 = healthy chunks (1, G)
-    progress       int64   [component, chain]   draws committed (written last)
+    progress       int64   [component, chain(, shard)]   draws committed (written last; shard axis when S > 1)
     component      str     [component]
     token_context, token_position, token_id   int [token];  token_text, token_source  str [token]
     probe_input_ids int64  [context, position]
@@ -30,7 +31,8 @@ Non-obvious choices:
   writes each chunk once; `LocalStore` writes a chunk by temp file + rename,
   `FsspecStore` (object storage, `zarr_store`) by one PUT, so a killed writer
   leaves the old chunk or the new one, never a torn one.
-- No sharding: writers sharing a shard lose updates (docs/architecture.md).
+- No Zarr sharding: writers sharing a Zarr shard lose updates (docs/architecture.md). Probe shards
+  (`sampler.probe_shards`, `spectro.store.layout`) are units of work, each owning whole token chunks.
 - Arrays are allocated at full shape with fill NaN (or -1 / 0); `progress`
   is written after the data and the unit's checkpoint, so a draw counted in
   `progress` is always on disk.
@@ -60,17 +62,8 @@ Non-obvious choices:
   component names) is refused with what is wrong.
 - Disk full (ENOSPC/EDQUOT/EFBIG) while creating the store removes the partial
   store and raises StoreError saying so.
-- `store.probe=moments` keeps, instead of `probe_loss`, each chain's float64
-  `estimator.ChainMoments` sums over its draws so far (n, sum phi, sum phi^2,
-  and per token sum phi*D, sum D): storage no longer grows with draws. Each
-  unit writes them at every checkpoint into one of two slots, alternating
-  (block j of Dc draws -> slot j % 2, `Layout.moment_slot`), so the slot that
-  `progress` points at is never the one being overwritten: a writer killed
-  mid-write leaves the committed sums whole, and a partial read sees sums of
-  exactly `progress` draws (each slot also carries its own n, checked on
-  read). The mode is part of the layout; a store is never reopened in the
-  other mode. Format 2 still: moments are additive, draws-mode stores are
-  unchanged.
+- `store.probe=moments`: two alternating slots of per-chain sums instead of
+  `probe_loss` (`spectro.store.layout` says why).
 """
 
 from __future__ import annotations
@@ -78,7 +71,7 @@ from __future__ import annotations
 import errno
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Sequence
 
 import numpy as np
@@ -88,16 +81,10 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from spectro.config import flat_diff
 from spectro.errors import DiskFullError, StoreError, UnsafePathError
 from spectro.rundir import Location, PathLike
+from spectro.store.layout import (MOMENT_ARRAYS, MOMENT_TOKEN_ARRAYS, PROBE_ARRAYS, PROBE_CHUNK_BYTES,  # noqa: F401
+                                  PROBE_MODES, STATE_ARRAYS, TRACE_ARRAYS, UNIT_ARRAYS, Layout, ProbeTable)
 
 STORE_FORMAT = 2
-TRACE_ARRAYS = ("step_loss", "grad_norm", "noise_norm", "distance")
-UNIT_ARRAYS = ("sampling_loss", "probe_loss", *TRACE_ARRAYS)          # (component, chain, draw[, token])
-MOMENT_ARRAYS = ("moment_n", "moment_phi", "moment_phi2", "moment_phiD", "moment_D")   # (component, chain, slot[, tok])
-MOMENT_TOKEN_ARRAYS = ("moment_phiD", "moment_D")
-PROBE_MODES = ("draws", "moments")
-STATE_ARRAYS = ("diverged_at", "progress")                            # (component, chain)
-PROBE_ARRAYS = ("token_context", "token_position", "token_id", "token_text", "token_source", "probe_input_ids")
-PROBE_CHUNK_BYTES = 4 << 20
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
@@ -140,52 +127,6 @@ def zarr_store(location: PathLike, read_only: bool = False):
 
 def _compressors():
     return [ZstdCodec(level=3), Crc32cCodec()]
-
-
-@dataclass(frozen=True)
-class Layout:
-    components: tuple[str, ...]
-    n_chains: int
-    n_draws: int
-    n_tokens: int
-    n_contexts: int
-    seq_len: int
-    chain_group: int      # G
-    draw_chunk: int       # Dc
-    token_chunk: int      # Tc
-    probe: str = "draws"  # "draws" | "moments" (module doc); stores made before the option are "draws"
-
-    @staticmethod
-    def plan(components: Sequence[str], n_chains: int, n_draws: int, n_contexts: int, seq_len: int,
-             chain_group: int, checkpoint_every: int, probe: str = "draws") -> "Layout":
-        if probe not in PROBE_MODES:
-            raise StoreError(f"unknown probe store mode {probe!r}; use one of {PROBE_MODES}")
-        g = min(chain_group, n_chains)
-        dc = min(checkpoint_every, n_draws)
-        n_tokens = n_contexts * (seq_len - 1)
-        tc = int(max(1, min(n_tokens, PROBE_CHUNK_BYTES // (4 * g * dc))))
-        return Layout(tuple(components), n_chains, n_draws, n_tokens, n_contexts, seq_len, g, dc, tc, probe)
-
-    def moment_slot(self, committed: int) -> int:
-        """The moments slot holding a unit's sums over its first `committed` (> 0) draws (module doc)."""
-        return ((committed - 1) // self.draw_chunk) % 2
-
-    def units(self) -> list[tuple[str, tuple[int, ...]]]:
-        """All (component, chain ids) units, component-major."""
-        groups = [tuple(range(s, min(s + self.chain_group, self.n_chains)))
-                  for s in range(0, self.n_chains, self.chain_group)]
-        return [(c, g) for c in self.components for g in groups]
-
-
-@dataclass(frozen=True)
-class ProbeTable:
-    """Probe provenance, one row per token, plus the contexts."""
-    input_ids: np.ndarray      # (contexts, seq) int64
-    context: np.ndarray        # (tokens,) int
-    position: np.ndarray       # (tokens,) int
-    token_id: np.ndarray       # (tokens,) int
-    text: Sequence[str]
-    source: Sequence[str]
 
 
 def _still_creating(path: Location) -> bool:
@@ -232,6 +173,12 @@ class SampleStore:
                     f"{path} keeps probe losses as store.probe={store.layout.probe}, but this run asks for "
                     f"store.probe={layout.probe}; rerun with store.probe={store.layout.probe} to resume, pass "
                     f"fresh=true to discard it, or choose another run directory")
+            if store.layout.probe_shards != layout.probe_shards:
+                raise StoreError(
+                    f"{path} was sampled with sampler.probe_shards={store.layout.probe_shards}, but this run asks "
+                    f"for {layout.probe_shards}; its token chunks and progress follow the shards: rerun with "
+                    f"sampler.probe_shards={store.layout.probe_shards} to resume, pass fresh=true to discard it, "
+                    f"or choose another run directory")
             if store.layout != layout:
                 raise StoreError(f"{path} has layout {store.layout}, expected {layout}; pass fresh=true")
             store.verify_probe(probe)      # rewrites probe coordinates that were corrupted
@@ -276,8 +223,11 @@ class SampleStore:
                            dimension_names=comp3, compressors=_compressors())
         g.create_array("diverged_at", shape=(C, N), chunks=(1, G), dtype="int64", fill_value=-1,
                        dimension_names=("component", "chain"), compressors=_compressors())
-        g.create_array("progress", shape=(C, N), chunks=(1, G), dtype="int64", fill_value=0,
-                       dimension_names=("component", "chain"), compressors=_compressors())
+        sharded = L.probe_shards > 1
+        g.create_array("progress", shape=(C, N, L.probe_shards) if sharded else (C, N),
+                       chunks=(1, G, 1) if sharded else (1, G), dtype="int64", fill_value=0,
+                       dimension_names=("component", "chain", "shard") if sharded else ("component", "chain"),
+                       compressors=_compressors())
         comp = g.create_array("component", shape=(C,), dtype=str, dimension_names=("component",))
         comp[:] = np.array(L.components, dtype=object)
         for name, values, dtype in [("token_context", probe.context, "int32"),
@@ -296,7 +246,7 @@ class SampleStore:
             "spectro_creating": False,
             # a draws-mode layout is written as before the option existed, so those stores stay unchanged
             "layout": {k: v for k, v in {**asdict(L), "components": list(L.components)}.items()
-                       if not (k == "probe" and v == "draws")},
+                       if not ((k == "probe" and v == "draws") or (k == "probe_shards" and v == 1))},
             "fingerprint": json.loads(json.dumps(fingerprint)),
             "config": json.loads(json.dumps(config)),
             "model": json.loads(json.dumps(model)),
@@ -341,6 +291,7 @@ class SampleStore:
             raise StoreError(f"{path} has an unknown probe mode {L.probe!r} in its layout; rerun with fresh=true")
         expected = {**{a: (C, N, D) for a in UNIT_ARRAYS}, "probe_loss": (C, N, D, T),
                     **{a: (C, N) for a in STATE_ARRAYS}, "component": (C,),
+                    **({"progress": (C, N, L.probe_shards)} if L.probe_shards > 1 else {}),
                     **{a: (T,) for a in PROBE_ARRAYS}, "probe_input_ids": (L.n_contexts, L.seq_len)}
         if L.probe == "moments":
             del expected["probe_loss"]
@@ -363,8 +314,9 @@ class SampleStore:
 
     def write_block(self, component: str, chains: Sequence[int], draw_start: int, *, sampling_loss: np.ndarray,
                     probe_loss: np.ndarray | None = None, traces: dict[str, np.ndarray], diverged_at: np.ndarray,
-                    moments: dict[str, np.ndarray] | None = None) -> None:
-        """Write draws [draw_start, draw_start + n) of one unit: chunk-aligned.
+                    moments: dict[str, np.ndarray] | None = None, shard: int = 0) -> None:
+        """Write draws [draw_start, draw_start + n) of one unit: chunk-aligned. With probe shards, probe_loss
+        holds the shard's tokens only, and only shard 0 writes the per-draw scalars (spectro.store.layout).
 
         sampling_loss (chains, n), probe_loss (chains, n, tokens), traces[name] (chains, n), diverged_at (chains,);
         in moments mode `moments` instead of probe_loss: the chains' sums over draws [0, draw_start + n),
@@ -381,20 +333,30 @@ class SampleStore:
         if not aligned or (n != self.layout.draw_chunk and draw_start + n != self.layout.n_draws):
             raise StoreError(f"block at draw {draw_start} with {n} draws is not chunk-aligned")
         d = slice(draw_start, draw_start + n)
-        self._array("sampling_loss")[ci, c0:c1, d] = sampling_loss
+        t = slice(*self.layout.shard_tokens(shard))
+        if shard == 0:
+            self._array("sampling_loss")[ci, c0:c1, d] = sampling_loss
         if mode == "draws":
-            self._array("probe_loss")[ci, c0:c1, d, :] = probe_loss
+            self._array("probe_loss")[ci, c0:c1, d, t] = probe_loss
         else:
             slot = self.layout.moment_slot(draw_start + n)
             for name in MOMENT_ARRAYS:
                 self._array(name)[ci, c0:c1, slot] = moments[name.removeprefix("moment_")]
-        for name in TRACE_ARRAYS:
-            self._array(name)[ci, c0:c1, d] = traces[name]
-        self._array("diverged_at")[ci, c0:c1] = diverged_at
+        if shard == 0:
+            for name in TRACE_ARRAYS:
+                self._array(name)[ci, c0:c1, d] = traces[name]
+            self._array("diverged_at")[ci, c0:c1] = diverged_at
 
-    def set_progress(self, component: str, chains: Sequence[int], n_draws: int) -> None:
-        ci = self.component_index(component)
-        self._array("progress")[ci, chains[0]:chains[-1] + 1] = n_draws
+    def _progress_at(self, ci: int, chains: Sequence[int], shard: int) -> tuple:
+        """The `progress` selection of one unit (the shard axis exists only with probe shards)."""
+        return (ci, slice(chains[0], chains[-1] + 1)) + ((shard,) if self.layout.probe_shards > 1 else ())
+
+    def set_progress(self, component: str, chains: Sequence[int], n_draws: int, shard: int = 0) -> None:
+        self._array("progress")[self._progress_at(self.component_index(component), chains, shard)] = n_draws
+
+    def unit_progress(self, component: str, chains: Sequence[int], shard: int = 0) -> np.ndarray:
+        """(chains,) draws one unit has committed."""
+        return self.group["progress"][self._progress_at(self.component_index(component), chains, shard)]
 
     def _handle(self, name: str) -> zarr.Array:
         """An array that writes every chunk, also one holding only the fill value (see module doc). Opened once
@@ -413,26 +375,30 @@ class SampleStore:
         """The chunk's key relative to the store root, e.g. `probe_loss/c/1/0/1/0`."""
         return f"{name}/{self._handle(name).metadata.encode_chunk_key(coords)}"
 
-    def _unit_chunks(self, ci: int, g: int, committed: int, every_slot: bool = False) -> list[tuple[str, tuple]]:
-        """(array, chunk coords) of every chunk unit (component ci, chain group g) has committed; in moments mode
-        the slot holding its sums over `committed` draws (both slots with `every_slot`)."""
+    def _unit_chunks(self, ci: int, g: int, committed: int, every_slot: bool = False,
+                     shard: int = 0) -> list[tuple[str, tuple]]:
+        """(array, chunk coords) of every chunk unit (component ci, chain group g, probe shard) has committed; in
+        moments mode the slot holding its sums over `committed` draws (both slots with `every_slot`). Shard 0
+        owns the per-draw scalars; every shard its own token chunks and progress chunk."""
         L = self.layout
         n_dchunks = -(-committed // L.draw_chunk)
-        n_tchunks = -(-L.n_tokens // L.token_chunk)
-        out = [(a, (ci, g)) for a in STATE_ARRAYS]
+        t0, t1 = L.shard_tokens(shard)
+        tchunks = range(t0 // L.token_chunk, -(-t1 // L.token_chunk))
+        out = [("progress", (ci, g) + ((shard,) if L.probe_shards > 1 else ()))]
+        out += [("diverged_at", (ci, g))] if shard == 0 else []
         for j in range(n_dchunks):
-            out += [(a, (ci, g, j)) for a in UNIT_ARRAYS if a != "probe_loss"]
+            out += [(a, (ci, g, j)) for a in UNIT_ARRAYS if a != "probe_loss" and shard == 0]
             if L.probe == "draws":
-                out += [("probe_loss", (ci, g, j, t)) for t in range(n_tchunks)]
+                out += [("probe_loss", (ci, g, j, t)) for t in tchunks]
         if L.probe == "moments" and committed > 0:
             for slot in ((0, 1) if every_slot else (L.moment_slot(committed),)):
                 out += [(a, (ci, g, slot)) for a in MOMENT_ARRAYS if a not in MOMENT_TOKEN_ARRAYS]
-                out += [(a, (ci, g, slot, t)) for a in MOMENT_TOKEN_ARRAYS for t in range(n_tchunks)]
+                out += [(a, (ci, g, slot, t)) for a in MOMENT_TOKEN_ARRAYS for t in tchunks]
         return out
 
     def verify(self, *, remove_partial: bool = False) -> list[dict]:
         """Read every committed chunk of every unit; return the units with a chunk that is
-        missing, truncated or fails its crc32c checksum, as {"component", "chains", "problem"}.
+        missing, truncated or fails its crc32c checksum, as {"component", "chains", "shard", "problem"}.
 
         `remove_partial` also deletes `*.partial` files (a killed writer's temp chunks); only
         call it with it set when no writer is running.
@@ -442,24 +408,23 @@ class SampleStore:
             for leftover in self.path.rglob("*.partial"):
                 leftover.unlink(missing_ok=True)
         bad = []
-        for ci, component in enumerate(L.components):
-            for g, (_, chains) in enumerate(u for u in L.units() if u[0] == component):
-                c0, c1 = chains[0], chains[-1] + 1
-                problem = None
-                try:
-                    committed = int(self.group["progress"][ci, c0:c1].min())
-                except Exception as exc:  # crc32c mismatch (ValueError), truncated zstd frame, ...
-                    committed, problem = 0, f"progress chunk unreadable ({exc})"
-                if problem is None and committed > 0:
-                    problem = self._check_chunks(self._unit_chunks(ci, g, committed))
-                if problem is not None:
-                    bad.append({"component": component, "chains": list(chains), "problem": problem})
+        for component, chains, shard in L.shard_units():
+            ci, g = self.component_index(component), chains[0] // L.chain_group
+            problem = None
+            try:
+                committed = int(self.unit_progress(component, chains, shard).min())
+            except Exception as exc:  # crc32c mismatch (ValueError), truncated zstd frame, ...
+                committed, problem = 0, f"progress chunk unreadable ({exc})"
+            if problem is None and committed > 0:
+                problem = self._check_chunks(self._unit_chunks(ci, g, committed, shard=shard))
+            if problem is not None:
+                bad.append({"component": component, "chains": list(chains), "shard": shard, "problem": problem})
         return bad
 
-    def check_unit(self, component: str, chains: Sequence[int], committed: int) -> str | None:
+    def check_unit(self, component: str, chains: Sequence[int], committed: int, shard: int = 0) -> str | None:
         """The first problem among one unit's chunks for draws [0, committed), else None."""
         ci = self.component_index(component)
-        chunks = self._unit_chunks(ci, chains[0] // self.layout.chain_group, committed)
+        chunks = self._unit_chunks(ci, chains[0] // self.layout.chain_group, committed, shard=shard)
         return self._check_chunks([c for c in chunks if c[0] != "progress"])   # progress may lag the checkpoint
 
     def _check_chunks(self, chunks: list[tuple[str, tuple[int, ...]]]) -> str | None:
@@ -476,11 +441,11 @@ class SampleStore:
                 return f"{name} chunk {coords} fails its checksum or is truncated ({type(exc).__name__}: {exc})"
         return None
 
-    def reset_unit(self, component: str, chains: Sequence[int]) -> None:
+    def reset_unit(self, component: str, chains: Sequence[int], shard: int = 0) -> None:
         """Delete every chunk of one unit (progress first), so it is sampled again from draw 0."""
         ci = self.component_index(component)
         g = chains[0] // self.layout.chain_group
-        chunks = self._unit_chunks(ci, g, self.layout.n_draws, every_slot=True)
+        chunks = self._unit_chunks(ci, g, self.layout.n_draws, every_slot=True, shard=shard)
         self.path.delete([self._chunk_key(n, c) for n, c in chunks if n == "progress"])     # progress first
         self.path.delete([self._chunk_key(n, c) for n, c in chunks if n != "progress"])
 
@@ -503,12 +468,12 @@ class SampleStore:
     # ---- reading
 
     def progress(self) -> np.ndarray:
-        """(components, chains) draws committed."""
-        return self.group["progress"][:]
+        """(components, chains) draws committed: with probe shards, the draws every shard of the chain has."""
+        p = self.group["progress"][:]
+        return p.min(axis=2) if p.ndim == 3 else p
 
-    def unit_done(self, component: str, chains: Sequence[int]) -> bool:
-        ci = self.component_index(component)
-        return bool(np.all(self.group["progress"][ci, chains[0]:chains[-1] + 1] >= self.layout.n_draws))
+    def unit_done(self, component: str, chains: Sequence[int], shard: int = 0) -> bool:
+        return bool(np.all(self.unit_progress(component, chains, shard) >= self.layout.n_draws))
 
     def complete(self) -> bool:
         return bool(np.all(self.progress() >= self.layout.n_draws))
