@@ -203,7 +203,7 @@ def test_stopped_shard_resumes_and_damaged_shard_is_repaired(runs, tmp_path, ray
     # a damaged probe chunk of shard 2 resets that shard unit only; the service samples it again, identically
     L = store.layout
     t0 = L.shard_tokens(2)[0] // L.token_chunk
-    chunk = store._chunk_file("probe_loss", (2, 1, 1, t0))
+    chunk = path / store._chunk_key("probe_loss", (2, 1, 1, t0))
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     chunk.write_bytes(bytes(raw))

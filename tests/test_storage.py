@@ -131,6 +131,21 @@ def test_samples_and_checkpoints_on_s3_bit_identical_and_repaired(local_referenc
     assert_identical(arrays(ref / "samples.zarr"), arrays(run / "samples.zarr"))
 
 
+@pytest.mark.parametrize("store_probe, shards", [("moments", 1), ("draws", 3)])
+def test_moments_and_probe_shards_on_s3_equal_local_disk(store_probe, shards, s3_bucket, ray_local, tmp_path):
+    """The two other write patterns on object storage: alternating moment slots, and shard units that each own
+    their token chunks, progress chunk and checkpoint (shards also check their trajectories through the store)."""
+    problem, base = tiny_problem(), tiny_config(burnin=2, probe_shards=shards)
+    config = dataclasses.replace(base, store=dataclasses.replace(base.store, probe=store_probe))
+    stores = {}
+    for name, run in [("local", Location(str(tmp_path))), ("s3", Location(f"{s3_bucket}/run"))]:
+        report = sample(problem, make_store(run / "samples.zarr", problem, config), config, run / "checkpoints")
+        assert len(report.units_run) == 6 * shards
+        stores[name] = run / "samples.zarr"
+    assert_identical(arrays(stores["local"]), arrays(stores["s3"]))
+    assert SampleStore.open(stores["s3"]).verify() == []
+
+
 def test_store_left_mid_creation_on_s3_is_made_again(local_reference, s3_bucket):
     """Object storage has no rename: a store whose creation stopped (marked, no format attribute) is
     refused by readers and made again by the next run."""
