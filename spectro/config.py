@@ -340,9 +340,6 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(isinstance(s.probe_shards, int) and 1 <= s.probe_shards <= d.n_probe_contexts, "sampler.probe_shards",
              s.probe_shards, f"must be between 1 and data.n_probe_contexts ({d.n_probe_contexts})",
              "a shard is a contiguous range of probe contexts, e.g. sampler.probe_shards=4")
-    _require(s.probe_shards == 1 or c.store.probe == "draws", "sampler.probe_shards", s.probe_shards,
-             "must be 1 with store.probe=moments (its moment sums are kept per chain group, not per shard)",
-             "use store.probe=draws to shard the probe set, or sampler.probe_shards=1")
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     from spectro.gpus import GPUS
     _require(c.plan.gpu is None or c.plan.gpu in GPUS, "plan.gpu", c.plan.gpu, f"must be one of {', '.join(GPUS)}",

@@ -46,14 +46,13 @@ Non-obvious choices:
   are bit-identical to an uninterrupted run's. A resumed unit first sets the
   progress its checkpoint reached (the kill may have come before that write),
   so the slot it overwrites next is never the one `progress` points at.
-- Probe shards: every shard unit of a chain group replays the same SGLD
-  trajectory and evaluates only its probe contexts (`spectro.store.layout`:
-  shard 0 alone writes the per-draw scalars). Its checkpoint is its own
-  (`...__c<first>-<last>__s<shard>.pt` when S > 1) and also records the
-  sampling losses of every draw it made; the driver compares them with the
-  stored ones at the end (`check_trajectories`, mmap: only that tensor is
-  read) and fails the run if a shard made another trajectory (a
-  nondeterministic kernel): its probe losses would belong to other chains.
+- Probe shards: every shard unit of a chain group replays the same SGLD trajectory and evaluates only its
+  probe contexts (`spectro.store.layout`: shard 0 alone writes the per-draw scalars; with
+  `store.probe=moments` each shard keeps the sums of its tokens and its own copy of the scalar sums). Its
+  checkpoint is its own (`...__c<first>-<last>__s<shard>.pt` when S > 1) and also records the sampling losses
+  of every draw it made; the driver compares them with the stored ones at the end (`check_trajectories`, mmap:
+  only that tensor is read) and fails the run if a shard made another trajectory (a nondeterministic kernel):
+  its probe losses would belong to other chains.
 - Checkpoint file names come from component names; `store.confined` refuses
   one that could write outside `checkpoints/`.
 - Every actor is killed at the end (also on error): on a small node a later
@@ -144,7 +143,8 @@ def _restore(runner: UnitRunner, store: SampleStore, ckpt_file: rundir.Location,
     (chains, n_draws) sampling losses of the draws made so far (NaN where unknown)."""
     history = np.full((len(chains), store.layout.n_draws), np.nan)
     by_moments = store.layout.probe == "moments"
-    n_tokens = store.layout.n_tokens
+    t0, t1 = store.layout.shard_tokens(shard)
+    n_tokens = t1 - t0                                # the unit's sums cover its probe shard's tokens
     if ckpt_file.exists():
         try:
             ckpt = torch.load(io.BytesIO(ckpt_file.read_bytes()), weights_only=True)

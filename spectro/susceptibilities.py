@@ -33,6 +33,15 @@ Non-obvious choices:
   instead of reducing `probe_loss`, and everything after that (chi, chi_se,
   chi_per_chain, chi_half, reliability) is the same code. With partial=true
   the sums cover each chain's committed draws, as the draws path does.
+- With moments and probe shards (`sampler.probe_shards` S > 1) a token's sums
+  are its shard's: the slot that shard's progress points at, with that
+  shard's copy of the scalar sums, for the component and for `full` alike; a
+  block that spans shards is estimated shard by shard. A complete run has
+  every shard at n_draws, so this is the unsharded estimate. With
+  partial=true the shards may have committed different draw counts, so tokens
+  of different shards may rest on different draws: the selection keeps them
+  (`Selection.shard_draws`) and the output's attrs list them
+  (`shard_draws`, [component][chain][shard]) next to `progress`.
 """
 
 from __future__ import annotations
@@ -65,12 +74,15 @@ class Selection:
     draws: np.ndarray        # (components, chains) int: draws used from each chain
     excluded: list           # [{"component", "chain", "diverged_at"}]
     partial: bool
+    shard_draws: Optional[np.ndarray] = None   # moments with probe shards: (components, chains, shards) draws used
 
 
 def select_chains(store: SampleStore, partial: bool = _E.partial) -> Selection:
     L = store.layout
-    progress = store.progress()
-    if not partial and not store.complete():
+    raw = store.read("progress")                                    # with probe shards: (components, chains, shards)
+    progress = raw.min(axis=2) if raw.ndim == 3 else raw            # the draws every shard of a chain has
+    running = bool((progress < L.n_draws).any())
+    if not partial and running:
         done, total = int(progress.sum()), progress.size * L.n_draws
         raise StoreError(f"the run in {store.path.parent} is still in progress ({done}/{total} chain-draws "
                          f"committed); finish sampling (rerun the same command), or ask for an explicit "
@@ -81,7 +93,11 @@ def select_chains(store: SampleStore, partial: bool = _E.partial) -> Selection:
     use = (diverged < 0) & (progress > 0)
     excluded = [{"component": L.components[c], "chain": int(k), "diverged_at": int(diverged[c, k])}
                 for c, k in zip(*np.nonzero(diverged >= 0))]
-    return Selection(use=use, draws=np.where(use, progress, 0), excluded=excluded, partial=not store.complete())
+    shard_draws = None
+    if L.probe == "moments" and L.probe_shards > 1:                 # each shard's sums: its own committed draws
+        shard_draws = np.where(use[:, :, None], raw, 0)
+    return Selection(use=use, draws=np.where(use, progress, 0), excluded=excluded, partial=running,
+                     shard_draws=shard_draws)
 
 
 def require_full(store: SampleStore) -> None:
@@ -127,6 +143,10 @@ def block_estimate(store: SampleStore, sel: Selection, t0: int, t1: int, form: s
     """chi, chi_se (tokens, components), chi_per_chain (chains, tokens, components) and chi_half
     (2, tokens, components) for tokens [t0, t1)."""
     L = store.layout
+    if L.probe == "moments" and L.shard_of(t0) != L.shard_of(t1 - 1):     # each shard's tokens on its own draws
+        cuts = sorted({t0, t1} | {a for a, _ in map(L.shard_tokens, range(L.probe_shards)) if t0 < a < t1})
+        parts = [block_estimate(store, sel, a, b, form) for a, b in zip(cuts, cuts[1:])]
+        return tuple(np.concatenate([p[i] for p in parts], axis=0 if i < 2 else 1) for i in range(4))
     C, N, T = len(L.components), L.n_chains, t1 - t0
     moments = [[ChainMoments(T) for _ in range(N)] for _ in range(C)]
     if L.probe == "moments":
@@ -176,17 +196,20 @@ def _reduce_draws(store: SampleStore, sel: Selection, t0: int, t1: int, moments:
 
 
 def _stored_moments(store: SampleStore, sel: Selection, t0: int, t1: int, moments: list) -> None:
-    """Fill `moments[ci][k]` of every used chain from its committed moments slot, tokens [t0, t1)."""
+    """Fill `moments[ci][k]` of every used chain from its committed moments slot, tokens [t0, t1) (inside one
+    probe shard: that shard's slot and copy of the scalar sums, at its own committed draws)."""
     L = store.layout
+    shard = L.shard_of(t0)
     for ci in range(len(L.components)):
         for g0 in range(0, L.n_chains, L.chain_group):
             g1 = min(g0 + L.chain_group, L.n_chains)
             wanted = [k for k in range(g0, g1) if sel.use[ci, k]]
             if not wanted:
                 continue
-            a = store.read_moments(ci, slice(g0, g1), slice(t0, t1))
+            a = store.read_moments(ci, slice(g0, g1), slice(t0, t1), shard)
             for k in wanted:
-                n, slot = int(sel.draws[ci, k]), L.moment_slot(int(sel.draws[ci, k]))
+                n = int(sel.draws[ci, k] if sel.shard_draws is None else sel.shard_draws[ci, k, shard])
+                slot = L.moment_slot(n)
                 if int(a["n"][k - g0, slot]) != n:
                     raise StoreError(f"{store.path}: the moment sums of {L.components[ci]} chain {k} cover "
                                      f"{int(a['n'][k - g0, slot])} draws, but its progress says {n}; the store "
@@ -286,6 +309,7 @@ def compute(run_dir: rundir.PathLike, *, form: str = _E.form, nbeta: float,
              "antithetic": antithetic(store), "reliability": reliability,
              "init_loss": store.init_loss, "rhat_threshold": rhat_threshold,
              "progress": store.progress().tolist() if sel.partial else None,
+             **({"shard_draws": sel.shard_draws.tolist()} if sel.partial and sel.shard_draws is not None else {}),
              "components_without_chains": empty}
     out.write_diagnostics(diag, attrs)
     out.commit(run_dir / rundir.SUSCEPTIBILITIES)

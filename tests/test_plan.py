@@ -150,3 +150,31 @@ def test_plan_matches_what_a_sharded_run_writes(tmp_path, ray_local):
     assert plan["totals"]["flops_probe_evals"] == pytest.approx(one["totals"]["flops_probe_evals"], rel=1e-12)
     assert len(list((tmp_path / "run" / "checkpoints").glob("*__s[0-2].pt"))) == 18
     assert all(u["predicted_s"] > 0 for u in plan["units"])
+
+
+def test_plan_matches_what_a_sharded_moments_run_writes(tmp_path, ray_local):
+    """store.probe=moments with sampler.probe_shards=3: the scalar sums get a shard axis (one copy per shard unit),
+    the per-token sums do not; bytes as the run writes them, checkpoints with each shard's tokens' sums."""
+    from spectro import pipeline
+    from spectro.plan import make_plan
+
+    config = small_config(stage="sample", store={"probe": "moments"}, sampler={"probe_shards": 3})
+    prepared = pipeline.prepare(config)
+    plan = make_plan(config, prepared, calibrate_draws=0)
+    summary = pipeline.run(config, tmp_path / "run", prepared)
+    assert plan["totals"]["units"] == summary["sample"]["units_run"] == 3 * 2 * 3
+    g = zarr.open_group(str(tmp_path / "run" / "samples.zarr"), mode="r")
+    written = {name: _logical_bytes(g[name]) for name in g.array_keys()}
+    assert plan["store"]["mode"] == "moments" and "probe_loss" not in written
+    assert {name: a["bytes"] for name, a in plan["store"]["arrays"].items()} == written
+    for name, a in plan["store"]["arrays"].items():
+        assert tuple(a["shape"]) == g[name].shape, name
+    C, N, T = 3, 4, 4 * 15
+    assert g["moment_n"].shape == (C, N, 2, 3) and written["moment_phi"] == C * N * 2 * 3 * 8
+    assert written["moment_phiD"] == C * N * 2 * T * 8
+    # each shard unit's checkpoint holds its chains' sums over its own tokens (2, 1 or 1 contexts): planned as saved
+    import torch
+    saved = [torch.load(p, weights_only=True)["moments"] for p in (tmp_path / "run" / "checkpoints").glob("*.pt")]
+    assert len(saved) == 18 and {m["D"].shape[1] for m in saved} == {30, 15}
+    moments = plan["stores"]["moments"]["checkpoint_bytes"] - plan["stores"]["draws"]["checkpoint_bytes"]
+    assert moments == sum(v.numel() * v.element_size() for m in saved for v in m.values())

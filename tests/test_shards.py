@@ -19,7 +19,7 @@ from spectro.observables import BODY_ROWS
 from spectro.sampling import make_problem
 from spectro.service import SamplingFailed, check_trajectories, run_unit, sample, unit_checkpoint
 from spectro.store import Layout, SampleStore, read_susceptibilities, shard_contexts
-from spectro.susceptibilities import compute, online_estimate
+from spectro.susceptibilities import block_estimate, compute, online_estimate, select_chains
 from tests.helpers import COMPONENTS, arrays, assert_identical, kill_actor_mid_run, make_store, tiny_config, tiny_model
 
 SEQ = 64                       # BODY_ROWS // SEQ = 64 contexts per evaluation batch
@@ -171,17 +171,26 @@ class Stopped(Exception):
 
 
 class StoppingStore(SampleStore):
-    """A real store whose writer stops at its `at`-th `set_progress` (after a checkpoint, before progress)."""
+    """A real store whose writer stops the `at`-th time it reaches `point`: "set_progress" (after a checkpoint,
+    before progress) or an array name (in the middle of a block's data, before that array is written)."""
 
-    def __init__(self, path, at: int):
+    def __init__(self, path, at: int, point: str = "set_progress"):
         opened = SampleStore.open(path, mode="r+")
         super().__init__(opened.path, opened.group)
-        self.at, self.seen = at, 0
+        self.at, self.seen, self.point = at, 0, point
+
+    def _reached(self, point: str) -> None:
+        if point == self.point:
+            self.seen += 1
+            if self.seen == self.at:
+                raise Stopped(point)
+
+    def _array(self, name):
+        self._reached(name)
+        return super()._array(name)
 
     def set_progress(self, *args, **kwargs):
-        self.seen += 1
-        if self.seen == self.at:
-            raise Stopped()
+        self._reached("set_progress")
         super().set_progress(*args, **kwargs)
 
 
@@ -244,9 +253,115 @@ def test_store_is_not_reopened_with_another_shard_count(runs, tmp_path):
 
 @pytest.mark.parametrize("over, match", [
     ({"sampler": {"probe_shards": 0}}, "sampler.probe_shards must be between 1 and data.n_probe_contexts"),
-    ({"sampler": {"probe_shards": 65}}, r"sampler.probe_shards must be between 1 and data.n_probe_contexts \(64\)"),
-    ({"sampler": {"probe_shards": 2}, "store": {"probe": "moments"}}, "must be 1 with store.probe=moments")])
+    ({"sampler": {"probe_shards": 65}}, r"sampler.probe_shards must be between 1 and data.n_probe_contexts \(64\)")])
 def test_bad_shard_settings_are_one_clear_error(over, match):
     with pytest.raises(ConfigError, match=match):
         to_config(over)
     assert to_config({}).sampler.probe_shards == 1
+    assert to_config({"sampler": {"probe_shards": 2}, "store": {"probe": "moments"}}).sampler.probe_shards == 2
+
+
+# ---------------------------------------------------------------- store.probe=moments with probe shards
+
+
+def moments_config(shards: int):
+    c = config_for(shards, UNALIGNED)
+    return dataclasses.replace(c, store=dataclasses.replace(c.store, probe="moments"))
+
+
+@pytest.fixture(scope="module")
+def moment_runs(runs, tmp_path_factory, ray_local):
+    """The unaligned probe set in moments mode: S=3 through the service and the covariance job (Ray), S=1 in this
+    process (its per-token sums are the reference)."""
+    problem = runs[UNALIGNED, 1]["problem"]
+    out = {}
+    for shards in (1, 3):
+        run = tmp_path_factory.mktemp(f"moments-s{shards}")
+        config = moments_config(shards)
+        if shards == 3:
+            sample(problem, make_store(run / "samples.zarr", problem, config), config, run / "checkpoints")
+            compute(run, nbeta=config.sampler.nbeta)
+            ds = read_susceptibilities(run / "susceptibilities.zarr")
+            est = {name: ds[name].values for name in RESULTS + ("rhat", "ess_bulk", "llc_mean")}
+        else:
+            est = in_process(problem, config, run)[1]
+        out[shards] = {"run": run, "config": config, "est": est, "store": SampleStore.open(run / "samples.zarr")}
+    return out
+
+
+def losses_exact(runs) -> bool:
+    """Whether the sharded draws-mode run's probe losses are bit-identical to the unsharded run's (this CPU: yes)."""
+    one, three = runs[UNALIGNED, 1]["store"], runs[UNALIGNED, 3]["store"]
+    return np.array_equal(one.read("probe_loss"), three.read("probe_loss"))
+
+
+def test_moments_with_probe_shards_give_the_unsharded_numbers(runs, moment_runs):
+    """Each shard unit keeps its tokens' sums and its own copy of the scalar sums: every copy equals the unsharded
+    moments run's, and chi, chi_se, chi_per_chain, chi_half equal the unsharded draws-mode run's."""
+    store = moment_runs[3]["store"]
+    L, g = store.layout, store.group
+    assert L.probe == "moments" and L.probe_shards == 3 and L.token_chunk == 44 * (SEQ - 1)     # shards 44, 44, 43
+    assert g["moment_n"].shape == (3, 4, 2, 3) and g["moment_n"].chunks == (1, 2, 1, 1)
+    assert g["moment_phi"].metadata.dimension_names == ("component", "chain", "slot", "shard")
+    assert g["moment_phiD"].shape == (3, 4, 2, L.n_tokens) and g["moment_phiD"].chunks == (1, 2, 1, L.token_chunk)
+    a, b = arrays(moment_runs[1]["run"] / "samples.zarr"), arrays(moment_runs[3]["run"] / "samples.zarr")
+    assert (b["progress"] == 7).all() and (b["moment_n"][:, :, L.moment_slot(7)] == 7).all()
+    for name in ("moment_n", "moment_phi", "moment_phi2"):          # the same trajectory: every copy bit-identical
+        for s in range(3):
+            assert_identical({name: a[name]}, {name: np.ascontiguousarray(b[name][..., s])})
+    # per-token sums: bit-identical where the per-token losses are (the draws-mode S=3 run says whether they are)
+    exact = losses_exact(runs)
+    for name in ("moment_phiD", "moment_D"):
+        if exact:
+            assert_identical({name: a[name]}, {name: b[name]})
+        else:
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-6)
+    ref, got = runs[UNALIGNED, 1]["est"], moment_runs[3]["est"]
+    scale, tol = np.abs(ref["chi"]).max(axis=0), 1e-10 if exact else 1e-4
+    for name in RESULTS:
+        assert got[name].shape == ref[name].shape and np.isfinite(got[name]).all(), name
+        assert np.all(np.abs(got[name] - ref[name]) <= tol * scale), name
+    for name in ("rhat", "ess_bulk", "llc_mean"):
+        np.testing.assert_array_equal(got[name], ref[name])
+
+
+def test_stopped_moment_shard_resumes_and_damaged_shard_is_repaired(runs, moment_runs, tmp_path, ray_local):
+    ref, problem = moment_runs[3], runs[UNALIGNED, 1]["problem"]
+    config = ref["config"]
+    path, ckpts = tmp_path / "samples.zarr", tmp_path / "checkpoints"
+    make_store(path, problem, config)
+    ckpts.mkdir()
+    with pytest.raises(Stopped):       # shard 1 of full's first group: stopped inside its second block's sums
+        run_unit(problem, StoppingStore(path, 2, "moment_phiD"), "full", (0, 1), config.sampler, config.sampler.seed,
+                 ckpts, 1)
+    store = SampleStore.open(path, mode="r+")
+    for shard in (0, 2):               # its sibling shards finish: the chains' shards now stand at 7, 3, 7 draws
+        run_unit(problem, store, "full", (0, 1), config.sampler, config.sampler.seed, ckpts, shard)
+    assert store.verify() == [] and store.progress()[0, :2].tolist() == [3, 3]
+    sel = select_chains(store, partial=True)
+    assert sel.shard_draws[0, :2].tolist() == [[7, 3, 7]] * 2 and not sel.use[1:].any()
+    # a partial estimate takes each shard's tokens at that shard's draws: the draws store's estimate at those
+    draws_store, est, tol = runs[UNALIGNED, 1]["store"], online_estimate(store), 1e-10 if losses_exact(runs) else 1e-4
+    for s in range(3):
+        t0, t1 = store.layout.shard_tokens(s)
+        at = dataclasses.replace(sel, draws=sel.shard_draws[:, :, s], shard_draws=None)
+        chi = block_estimate(draws_store, at, t0, t1, "peer")[0][:, 0]
+        assert np.isfinite(chi).all() and np.all(np.abs(est["chi"][t0:t1, 0] - chi) <= tol * np.abs(chi).max())
+    compute(tmp_path, nbeta=config.sampler.nbeta, partial=True)
+    attrs = read_susceptibilities(tmp_path / "susceptibilities.zarr").attrs
+    assert attrs["partial"] and attrs["shard_draws"][0][:2] == [[7, 3, 7]] * 2
+    report = sample(problem, store, config, ckpts)
+    assert [(u["component"], u["shard"], u["resumed_at"]) for u in report.units_run if u["resumed_at"]] == \
+        [("full", 1, 3)]
+    assert_identical(arrays(ref["run"] / "samples.zarr"), arrays(path))
+    # a damaged copy of the scalar sums of shard 2 resets that shard unit only; it is sampled again, identically
+    chunk = path / store._chunk_key("moment_phi", (2, 1, store.layout.moment_slot(7), 2))
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    assert [(u["component"], u["chains"], u["shard"]) for u in store.verify()] == [(COMPONENTS[2], [2, 3], 2)]
+    report = sample(problem, store, config, ckpts)
+    assert [(u["component"], u["chains"], u["shard"]) for u in report.units_repaired] == [(COMPONENTS[2], [2, 3], 2)]
+    assert [(u["component"], u["shard"], u["resumed_at"]) for u in report.units_run] == [(COMPONENTS[2], 2, 0)]
+    assert store.verify() == []
+    assert_identical(arrays(ref["run"] / "samples.zarr"), arrays(path))

@@ -56,7 +56,7 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
     stores = {}
     for mode in ("draws", "moments"):
         arrays = store_arrays(layout, p.probe, mode)
-        extra = sum(checkpoint_moment_bytes(u["chains"], layout.n_tokens) for u in units) if mode == "moments" else 0
+        extra = sum(checkpoint_moment_bytes(u["chains"], u["n_tokens"]) for u in units) if mode == "moments" else 0
         stores[mode] = {"mode": mode, "arrays": arrays, "bytes": sum(a["bytes"] for a in arrays.values()),
                         "checkpoint_bytes": ckpt + extra}
     plan = {

@@ -91,8 +91,9 @@ def store_arrays(layout, probe, mode: str | None = None) -> dict:
     """Logical (uncompressed) bytes of every array `SampleStore._create` makes for probe store `mode` (default
     the layout's, `store.probe`): {name: {shape, dtype, bytes}}. String arrays count their UTF-8 bytes.
     "draws" keeps `probe_loss` per draw and token; "moments" keeps instead `estimator.ChainMoments`'s sums
-    per (component, chain) in two alternating slots: n, sum phi, sum phi^2 and, per token, sum phi*D and
-    sum D. The per-draw scalar traces (R-hat, ESS, divergence) and the probe table are the same in both."""
+    per (component, chain) in two alternating slots: n, sum phi, sum phi^2 (one copy per probe shard) and,
+    per token, sum phi*D and sum D. The per-draw scalar traces (R-hat, ESS, divergence) and the probe table
+    are the same in both."""
     C, N, D, T = len(layout.components), layout.n_chains, layout.n_draws, layout.n_tokens
     mode = mode or layout.probe
     out = {}
@@ -105,11 +106,8 @@ def store_arrays(layout, probe, mode: str | None = None) -> dict:
     if mode == "draws":
         add("probe_loss", (C, N, D, T), "float32", _F4)
     else:
-        add("moment_n", (C, N, 2), "int64", _I8)
-        add("moment_phi", (C, N, 2), "float64", _F8)
-        add("moment_phi2", (C, N, 2), "float64", _F8)
-        add("moment_phiD", (C, N, 2, T), "float64", _F8)
-        add("moment_D", (C, N, 2, T), "float64", _F8)
+        for name in ("moment_n", "moment_phi", "moment_phi2", "moment_phiD", "moment_D"):   # scalars: per shard
+            add(name, layout.moment_array(name)[0], "int64" if name == "moment_n" else "float64", _I8)
     for name in ("step_loss", "grad_norm", "noise_norm", "distance"):
         add(name, (C, N, D), "float64", _F8)
     add("diverged_at", (C, N), "int64", _I8)

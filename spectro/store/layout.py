@@ -22,9 +22,15 @@ Non-obvious choices:
   them. `progress` has a shard axis (S > 1: [component, chain, shard], chunks
   (1, G, 1)); a chain's committed draws are the minimum over its shards
   (`SampleStore.progress`), which is what every reader uses.
-- `store.probe=moments` takes no shards yet (one clear error): its scalar sums
-  would need one copy per shard, since two alternating slots cannot cover
-  shards that commit at different paces.
+- `store.probe=moments` with S > 1: each shard unit keeps its chains' sums
+  of its own tokens (`moment_phiD`, `moment_D`: its token chunks) and its
+  own copy of the scalar sums (`moment_n`, `moment_phi`, `moment_phi2` get a
+  shard axis, chunks (1, G, 1, 1), like `progress`). The scalars are the same
+  for every shard of a chain (same trajectory), but the shards commit at
+  different paces, and two alternating slots cannot serve them all with one
+  copy. A reader takes a token's sums from its shard's slot at that shard's
+  committed draws, so with partial=true tokens of different shards may rest
+  on different draw counts (spectro.susceptibilities).
 - `store.probe=moments` keeps, instead of `probe_loss`, each chain's float64
   `estimator.ChainMoments` sums over its draws so far (n, sum phi, sum phi^2,
   and per token sum phi*D, sum D): storage no longer grows with draws. Each
@@ -76,8 +82,8 @@ def shard_contexts(n_contexts: int, shards: int) -> list[tuple[int, int]]:
     if not 1 <= shards <= n_contexts:
         raise StoreError(f"probe shards must be between 1 and the number of probe contexts ({n_contexts}), "
                          f"got {shards}")
-    parts = np.array_split(np.arange(n_contexts), shards)
-    return [(int(p[0]), int(p[-1]) + 1) for p in parts]
+    q, r = divmod(n_contexts, shards)                       # np.array_split's ranges, without the index arrays
+    return [(i * q + min(i, r), (i + 1) * q + min(i + 1, r)) for i in range(shards)]
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,6 @@ class Layout:
              chain_group: int, checkpoint_every: int, probe: str = "draws", probe_shards: int = 1) -> "Layout":
         if probe not in PROBE_MODES:
             raise StoreError(f"unknown probe store mode {probe!r}; use one of {PROBE_MODES}")
-        if probe == "moments" and probe_shards > 1:
-            raise StoreError("store.probe=moments keeps one set of moment sums per chain group; it does not take "
-                             f"probe shards (got {probe_shards}): use store.probe=draws or sampler.probe_shards=1")
         g = min(chain_group, n_chains)
         dc = min(checkpoint_every, n_draws)
         per_ctx = seq_len - 1
@@ -122,6 +125,23 @@ class Layout:
         """The moments slot holding a unit's sums over its first `committed` (> 0) draws (store module doc)."""
         return ((committed - 1) // self.draw_chunk) % 2
 
+    def moment_array(self, name: str) -> tuple[tuple, tuple, tuple]:
+        """(shape, chunks, dimension names) of moments array `name` (module doc): the per-token sums
+        [component, chain, slot, token]; the scalar sums [component, chain, slot(, shard)], shard axis when S > 1."""
+        C, N, G, dims = len(self.components), self.n_chains, self.chain_group, ("component", "chain", "slot")
+        if name in MOMENT_TOKEN_ARRAYS:
+            return (C, N, 2, self.n_tokens), (1, G, 1, self.token_chunk), dims + ("token",)
+        if self.probe_shards > 1:
+            return (C, N, 2, self.probe_shards), (1, G, 1, 1), dims + ("shard",)
+        return (C, N, 2), (1, G, 1), dims
+
+    def moment_at(self, name: str, ci: int, chains: slice, slot, shard: int, tokens: slice | None = None) -> tuple:
+        """The selection of one shard unit's `name` sums in `slot` (an int or a slice): `tokens` (default all the
+        shard's), or its copy of the scalars (the shard index only when S > 1)."""
+        if name in MOMENT_TOKEN_ARRAYS:
+            return ci, chains, slot, tokens if tokens is not None else slice(*self.shard_tokens(shard))
+        return (ci, chains, slot) + ((shard,) if self.probe_shards > 1 else ())
+
     def units(self) -> list[tuple[str, tuple[int, ...]]]:
         """All (component, chain ids) chain groups, component-major."""
         groups = [tuple(range(s, min(s + self.chain_group, self.n_chains)))
@@ -140,3 +160,7 @@ class Layout:
         """Probe tokens [t0, t1) of one shard: its contexts' tokens, a whole number of token chunks."""
         c0, c1 = self.shard_contexts(shard)
         return c0 * (self.seq_len - 1), c1 * (self.seq_len - 1)
+
+    def shard_of(self, token: int) -> int:
+        """The probe shard holding token `token`."""
+        return next(s for s in range(self.probe_shards) if token < self.shard_tokens(s)[1])

@@ -11,9 +11,9 @@ Layout (dims in brackets; every array carries `dimension_names`, so
 
     sampling_loss  float64 [component, chain, draw]          chunks (1, G, Dc)
     probe_loss     float32 [component, chain, draw, token]   chunks (1, G, Dc, Tc)   (store.probe=draws)
-    moment_n       int64   [component, chain, slot]          chunks (1, G, 1)        (store.probe=moments)
+    moment_n       int64   [component, chain, slot(, shard)] chunks (1, G, 1(, 1))   (store.probe=moments)
     moment_phi, moment_phi2
-                   float64 [component, chain, slot]          chunks (1, G, 1)
+                   float64 [component, chain, slot(, shard)] chunks (1, G, 1(, 1))   (shard axis when S > 1)
     moment_phiD, moment_D
                    float64 [component, chain, slot, token]   chunks (1, G, 1, Tc)
     step_loss, grad_norm, noise_norm, distance
@@ -210,14 +210,11 @@ class SampleStore:
             g.create_array("probe_loss", shape=(C, N, D, T), chunks=(1, G, Dc, Tc), dtype="float32",
                            fill_value=np.nan, dimension_names=comp3 + ("token",), compressors=_compressors())
         else:
-            slot3 = ("component", "chain", "slot")
             for name in MOMENT_ARRAYS:
-                per_token = name in MOMENT_TOKEN_ARRAYS
-                g.create_array(name, shape=(C, N, 2, T) if per_token else (C, N, 2),
-                               chunks=(1, G, 1, Tc) if per_token else (1, G, 1),
-                               dtype="int64" if name == "moment_n" else "float64",
-                               fill_value=0 if name == "moment_n" else np.nan,
-                               dimension_names=slot3 + (("token",) if per_token else ()), compressors=_compressors())
+                shape, chunks, dims = L.moment_array(name)
+                g.create_array(name, shape=shape, chunks=chunks, dtype="int64" if name == "moment_n" else "float64",
+                               fill_value=0 if name == "moment_n" else np.nan, dimension_names=dims,
+                               compressors=_compressors())
         for name in TRACE_ARRAYS:
             g.create_array(name, shape=(C, N, D), chunks=(1, G, Dc), dtype="float64", fill_value=np.nan,
                            dimension_names=comp3, compressors=_compressors())
@@ -295,7 +292,7 @@ class SampleStore:
                     **{a: (T,) for a in PROBE_ARRAYS}, "probe_input_ids": (L.n_contexts, L.seq_len)}
         if L.probe == "moments":
             del expected["probe_loss"]
-            expected.update({a: (C, N, 2, T) if a in MOMENT_TOKEN_ARRAYS else (C, N, 2) for a in MOMENT_ARRAYS})
+            expected.update({a: L.moment_array(a)[0] for a in MOMENT_ARRAYS})
         present = set(g.array_keys())
         missing = [a for a in expected if a not in present]
         if missing:
@@ -320,7 +317,8 @@ class SampleStore:
 
         sampling_loss (chains, n), probe_loss (chains, n, tokens), traces[name] (chains, n), diverged_at (chains,);
         in moments mode `moments` instead of probe_loss: the chains' sums over draws [0, draw_start + n),
-        {"n", "phi", "phi2"} (chains,) and {"phiD", "D"} (chains, tokens), into slot `moment_slot`.
+        {"n", "phi", "phi2"} (chains,) and {"phiD", "D"} (chains, shard's tokens), into slot `moment_slot` (with
+        probe shards the unit's own copy of the scalars).
         """
         mode = self.layout.probe
         if (probe_loss is None) != (mode == "moments") or (moments is None) != (mode == "draws"):
@@ -341,7 +339,8 @@ class SampleStore:
         else:
             slot = self.layout.moment_slot(draw_start + n)
             for name in MOMENT_ARRAYS:
-                self._array(name)[ci, c0:c1, slot] = moments[name.removeprefix("moment_")]
+                self._array(name)[self.layout.moment_at(name, ci, slice(c0, c1), slot, shard)] = \
+                    moments[name.removeprefix("moment_")]
         if shard == 0:
             for name in TRACE_ARRAYS:
                 self._array(name)[ci, c0:c1, d] = traces[name]
@@ -379,7 +378,7 @@ class SampleStore:
                      shard: int = 0) -> list[tuple[str, tuple]]:
         """(array, chunk coords) of every chunk unit (component ci, chain group g, probe shard) has committed; in
         moments mode the slot holding its sums over `committed` draws (both slots with `every_slot`). Shard 0
-        owns the per-draw scalars; every shard its own token chunks and progress chunk."""
+        owns the per-draw scalars; every shard its own token chunks, progress chunk and copy of the scalar sums."""
         L = self.layout
         n_dchunks = -(-committed // L.draw_chunk)
         t0, t1 = L.shard_tokens(shard)
@@ -392,7 +391,8 @@ class SampleStore:
                 out += [("probe_loss", (ci, g, j, t)) for t in tchunks]
         if L.probe == "moments" and committed > 0:
             for slot in ((0, 1) if every_slot else (L.moment_slot(committed),)):
-                out += [(a, (ci, g, slot)) for a in MOMENT_ARRAYS if a not in MOMENT_TOKEN_ARRAYS]
+                out += [(a, (ci, g, slot) + ((shard,) if L.probe_shards > 1 else ()))
+                        for a in MOMENT_ARRAYS if a not in MOMENT_TOKEN_ARRAYS]
                 out += [(a, (ci, g, slot, t)) for a in MOMENT_TOKEN_ARRAYS for t in tchunks]
         return out
 
@@ -488,11 +488,11 @@ class SampleStore:
                              f"(fresh=true) for those")
         return self.group[name][selection]
 
-    def read_moments(self, ci: int, chains: slice, tokens: slice) -> dict[str, np.ndarray]:
-        """Both moment slots of chains `chains` of component index `ci`, tokens `tokens`: {"n", "phi", "phi2"}
-        (chains, 2) and {"phiD", "D"} (chains, 2, tokens). Pick a chain's slot with `layout.moment_slot`."""
-        return {name.removeprefix("moment_"): self.group[name][(ci, chains, slice(None))
-                                                               + ((tokens,) if name in MOMENT_TOKEN_ARRAYS else ())]
+    def read_moments(self, ci: int, chains: slice, tokens: slice, shard: int = 0) -> dict[str, np.ndarray]:
+        """Both moment slots of component index `ci`'s chains, tokens `tokens` of probe shard `shard` (and its copy of
+        the scalars): {"n", "phi", "phi2"} (chains, 2), {"phiD", "D"} (chains, 2, tokens); slot: `moment_slot`."""
+        return {name.removeprefix("moment_"): self.group[name][self.layout.moment_at(name, ci, chains, slice(None),
+                                                                                     shard, tokens)]
                 for name in MOMENT_ARRAYS}
 
     @property
