@@ -131,7 +131,7 @@ def test_samples_and_checkpoints_on_s3_bit_identical_and_repaired(local_referenc
     assert_identical(arrays(ref / "samples.zarr"), arrays(run / "samples.zarr"))
 
 
-@pytest.mark.parametrize("store_probe, shards", [("moments", 1), ("draws", 3)])
+@pytest.mark.parametrize("store_probe, shards", [("moments", 1), ("draws", 3), ("moments", 3)])
 def test_moments_and_probe_shards_on_s3_equal_local_disk(store_probe, shards, s3_bucket, ray_local, tmp_path):
     """The two other write patterns on object storage: alternating moment slots, and shard units that each own
     their token chunks, progress chunk and checkpoint (shards also check their trajectories through the store)."""
