@@ -107,7 +107,7 @@ def arrays(path):
 
 
 def kill_actor_mid_run(store_path, killed: list, min_done: int, timeout_s: float = 120.0) -> None:
-    """Once the store at `store_path` has at least `min_done` chain-draws committed but is not complete, SIGKILL
+    """Once the store at `store_path` has at least `min_done` chain-draws committed and a unit is part-way, SIGKILL
     one sampler actor (a descendant of this process: this test's local Ray, never another's) and append its pid
     to `killed`. Run it in a thread beside `service.sample`."""
     import os
@@ -122,7 +122,8 @@ def kill_actor_mid_run(store_path, killed: list, min_done: int, timeout_s: float
     while time.time() < deadline and not killed:
         st = SampleStore.open(store_path)
         prog = st.progress()
-        if prog.sum() >= min_done and prog.sum() < prog.size * st.layout.n_draws:
+        part_way = ((prog > 0) & (prog < st.layout.n_draws)).any()     # a unit with a checkpoint and draws left
+        if prog.sum() >= min_done and part_way:
             for proc in psutil.Process().children(recursive=True):     # Ray titles it "ray::SamplerActor..."
                 try:
                     cmdline = proc.cmdline()
