@@ -18,7 +18,8 @@ the schema's defaults, clusters.json, modes.json, split-half reliability, stabil
 clustered again) and `spectro.pipeline.run_report` (its map a seeded subsample of
 `spectro.report.MAP_MAX_POINTS` tokens). The product's functions are wrapped, not changed, to
 time each step: wall and CPU seconds and the peak resident memory of the process while the step
-ran (sampled every 20 ms; the process's baseline, which holds the planted chi, included), and
+ran (sampled every 20 ms; the process's baseline included; the planted chi is freed before the
+stages, which read the run directory only), and
 ru_maxrss at the end. It prints one table row per step, the size of report.html and of
 clusters.json, the number of clusters, and whether the chain after writing the run directory
 fits 30 minutes and 8 GB.
@@ -221,6 +222,7 @@ def main() -> None:
             chi, groups = hard_planted(n, args.seed, n_components=args.components, n_groups=groups_n)
         with step("write run directory"):
             write_run(run_dir, chi, groups, args.seed, config)
+        del chi, groups                  # the stages read the run directory only
         instrument()
         chain = []
         with step("clusters stage (pipeline.run_clusters)") as row:
