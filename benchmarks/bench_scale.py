@@ -40,15 +40,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_clusters import PeakRSS  # noqa: E402  (peak RSS sampled every 20 ms)
 from tests.synthetic import hard_planted  # noqa: E402
 
 PER_CONTEXT = 100            # probe tokens per context (seq_len 101: position 0 is no probe token)
@@ -56,27 +55,6 @@ N_CHAINS = 4
 NOISE = 0.05                 # per-chain noise, in units of the column's standard deviation
 BLOCK = 100_000              # tokens per write to susceptibilities.zarr
 BUDGET_S, BUDGET_GB = 30 * 60, 8.0
-
-
-class PeakRSS:
-    """Peak resident memory (bytes) of this process while inside the block, sampled every 20 ms."""
-
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.peak = self.proc.memory_info().rss
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def _poll(self):
-        while not self.done.wait(0.02):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 ROWS: list[dict] = []

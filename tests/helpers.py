@@ -263,3 +263,43 @@ def s3_env(endpoint: str) -> dict:
     `endpoint` with throwaway credentials."""
     return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+# --------------------------------------------------------------------------- #
+# a unit stopped between two of its writes
+# --------------------------------------------------------------------------- #
+
+
+class Stopped(Exception):
+    """Stands for the process being killed at this point."""
+
+
+def stopping_store(path, point: str, at: int):
+    """A real SampleStore at `path` whose writer stops the `at`-th time it reaches `point`: "write_block" (after
+    the block's data, before the checkpoint), "set_progress" (after the checkpoint, before progress) or an array
+    name (in the middle of a block's data, before that array is written)."""
+    from spectro.store import SampleStore
+
+    class StoppingStore(SampleStore):
+        seen = 0
+
+        def _reached(self, where: str) -> None:
+            if where == point:
+                self.seen += 1
+                if self.seen == at:
+                    raise Stopped(where)
+
+        def _array(self, name):
+            self._reached(name)
+            return super()._array(name)
+
+        def write_block(self, *args, **kwargs):
+            super().write_block(*args, **kwargs)
+            self._reached("write_block")
+
+        def set_progress(self, *args, **kwargs):
+            self._reached("set_progress")
+            super().set_progress(*args, **kwargs)
+
+    opened = SampleStore.open(path, mode="r+")
+    return StoppingStore(opened.path, opened.group)

@@ -18,7 +18,8 @@ from spectro.estimator import ChainMoments
 from spectro.service import run_unit, sample
 from spectro.store import MOMENT_ARRAYS, SampleStore, read_susceptibilities
 from spectro.susceptibilities import compute, online_estimate, select_chains
-from tests.helpers import arrays, assert_identical, kill_actor_mid_run, make_store, tiny_config, tiny_problem
+from tests.helpers import (Stopped, arrays, assert_identical, kill_actor_mid_run, make_store, stopping_store, tiny_config,
+                           tiny_problem)
 
 N_DRAWS = 7            # checkpoint_every=3: blocks of 3, 3 and 1 draws; 4 chains in 2 groups, antithetic pairs
 RESULTS = ("chi", "chi_se", "chi_per_chain", "chi_half")
@@ -140,39 +141,6 @@ def test_moments_store_layout_and_integrity(runs, tmp_path):
 # ---------------------------------------------------------------- a unit stopped between two of its writes
 
 
-class Stopped(Exception):
-    """Stands for the process being killed at this point."""
-
-
-class StoppingStore(SampleStore):
-    """A real store that stops its writer at the `at`-th time it reaches `point`: "write_block" (after the
-    block's data, before the checkpoint), "set_progress" (after the checkpoint, before progress) or an array
-    name (in the middle of a block's data, before that array is written)."""
-
-    def __init__(self, path, point: str, at: int):
-        opened = SampleStore.open(path, mode="r+")
-        super().__init__(opened.path, opened.group)
-        self.point, self.at, self.seen = point, at, 0
-
-    def _reached(self, point: str) -> None:
-        if point == self.point:
-            self.seen += 1
-            if self.seen == self.at:
-                raise Stopped(point)
-
-    def _array(self, name):
-        self._reached(name)
-        return super()._array(name)
-
-    def write_block(self, *args, **kwargs):
-        super().write_block(*args, **kwargs)
-        self._reached("write_block")
-
-    def set_progress(self, *args, **kwargs):
-        self._reached("set_progress")
-        super().set_progress(*args, **kwargs)
-
-
 UNIT = ("full", (0, 1))
 
 
@@ -203,7 +171,7 @@ def test_unit_stopped_between_writes_resumes_to_identical_moments(unit_refs, tmp
     path = tmp_path / "samples.zarr"
     make_store(path, problem, config)
     with pytest.raises(Stopped):
-        run_one_unit(problem, StoppingStore(path, point, at), config, tmp_path / "checkpoints")
+        run_one_unit(problem, stopping_store(path, point, at), config, tmp_path / "checkpoints")
     # what a reader sees now is whole: the slot `progress` points at holds the sums of exactly those draws
     store = SampleStore.open(path)
     draws_store = SampleStore.open(refs["draws"] / "samples.zarr")
@@ -232,10 +200,10 @@ def test_resumed_unit_never_overwrites_the_committed_slot(unit_refs, tmp_path):
     path = tmp_path / "samples.zarr"
     make_store(path, problem, config)
     with pytest.raises(Stopped):
-        run_one_unit(problem, StoppingStore(path, "set_progress", 2), config, tmp_path / "checkpoints")
+        run_one_unit(problem, stopping_store(path, "set_progress", 2), config, tmp_path / "checkpoints")
     assert int(SampleStore.open(path).progress()[0, 0]) == 3
     with pytest.raises(Stopped):
-        run_one_unit(problem, StoppingStore(path, "moment_phiD", 1), config, tmp_path / "checkpoints")
+        run_one_unit(problem, stopping_store(path, "moment_phiD", 1), config, tmp_path / "checkpoints")
     store = SampleStore.open(path)
     assert int(store.progress()[0, 0]) == 6
     ref = draws_moments(SampleStore.open(refs["draws"] / "samples.zarr"), 0, 1, 6)

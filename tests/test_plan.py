@@ -34,22 +34,26 @@ def _logical_bytes(a: zarr.Array) -> int:
     return int(math.prod(a.shape) * a.dtype.itemsize)
 
 
-def test_plan_matches_what_a_run_writes(tmp_path, ray_local):
+def _plan_and_run(config, run_dir, calibrate_draws: int):
+    """The plan of `config`, then the run itself: (plan, summary, the written samples.zarr group, logical bytes per
+    array). Asserts the plan's per-array bytes and shapes equal what the run wrote."""
     from spectro import pipeline
     from spectro.plan import make_plan
 
-    config = small_config(stage="sample")
     prepared = pipeline.prepare(config)
-    plan = make_plan(config, prepared, calibrate_draws=1)
-    summary = pipeline.run(config, tmp_path / "run", prepared)
-
-    assert plan["totals"]["units"] == summary["sample"]["units_run"] == 3 * 2       # (full + 2) x 2 chain groups
-    g = zarr.open_group(str(tmp_path / "run" / "samples.zarr"), mode="r")
+    plan = make_plan(config, prepared, calibrate_draws=calibrate_draws)
+    summary = pipeline.run(config, run_dir, prepared)
+    g = zarr.open_group(str(run_dir / "samples.zarr"), mode="r")
     written = {name: _logical_bytes(g[name]) for name in g.array_keys()}
-    planned = {name: a["bytes"] for name, a in plan["store"]["arrays"].items()}
-    assert planned == written
+    assert {name: a["bytes"] for name, a in plan["store"]["arrays"].items()} == written
     for name, a in plan["store"]["arrays"].items():
         assert tuple(a["shape"]) == g[name].shape, name
+    return plan, summary, g, written
+
+
+def test_plan_matches_what_a_run_writes(tmp_path, ray_local):
+    plan, summary, g, written = _plan_and_run(small_config(stage="sample"), tmp_path / "run", calibrate_draws=1)
+    assert plan["totals"]["units"] == summary["sample"]["units_run"] == 3 * 2       # (full + 2) x 2 chain groups
     assert plan["totals"]["chain_draws"] == int(np.asarray(g["progress"][...]).sum())
     # steps: burn-in + draws x steps between draws, per unit
     assert plan["totals"]["sgld_steps"] == 6 * (2 + 4 * 2)
@@ -60,19 +64,9 @@ def test_plan_matches_what_a_run_writes(tmp_path, ray_local):
 
 def test_plan_matches_what_a_moments_run_writes(tmp_path, ray_local):
     """store.probe=moments: no probe_loss; per chain, in two slots, two float64 sums per token and three scalars."""
-    from spectro import pipeline
-    from spectro.plan import make_plan
-
     config = small_config(stage="sample", store={"probe": "moments"})
-    prepared = pipeline.prepare(config)
-    plan = make_plan(config, prepared, calibrate_draws=0)
-    pipeline.run(config, tmp_path / "run", prepared)
-    g = zarr.open_group(str(tmp_path / "run" / "samples.zarr"), mode="r")
-    written = {name: _logical_bytes(g[name]) for name in g.array_keys()}
+    plan, _, g, written = _plan_and_run(config, tmp_path / "run", calibrate_draws=0)
     assert plan["store"]["mode"] == "moments" and "probe_loss" not in written
-    assert {name: a["bytes"] for name, a in plan["store"]["arrays"].items()} == written
-    for name, a in plan["store"]["arrays"].items():
-        assert tuple(a["shape"]) == g[name].shape, name
     C, N, T = 3, 4, 4 * 15
     assert written["moment_phiD"] == written["moment_D"] == C * N * 2 * T * 8
     assert plan["stores"]["moments"]["bytes"] == sum(written.values())
@@ -131,21 +125,13 @@ def test_plan_matches_what_a_sharded_run_writes(tmp_path, ray_local):
     from spectro.store import SampleStore
 
     config = small_config(stage="sample", sampler={"probe_shards": 3})
-    prepared = pipeline.prepare(config)
-    plan = make_plan(config, prepared, calibrate_draws=1)
-    summary = pipeline.run(config, tmp_path / "run", prepared)
+    plan, summary, g, _ = _plan_and_run(config, tmp_path / "run", calibrate_draws=1)
     assert plan["totals"]["units"] == summary["sample"]["units_run"] == 3 * 2 * 3
-    g = zarr.open_group(str(tmp_path / "run" / "samples.zarr"), mode="r")
-    written = {name: _logical_bytes(g[name]) for name in g.array_keys()}
-    assert {name: a["bytes"] for name, a in plan["store"]["arrays"].items()} == written
-    for name, a in plan["store"]["arrays"].items():
-        assert tuple(a["shape"]) == g[name].shape, name
     assert g["progress"].shape == (3, 4, 3) and g["probe_loss"].chunks[-1] == 15     # one context per chunk
     assert plan["totals"]["chain_draws"] == int(SampleStore.open(tmp_path / "run" / "samples.zarr").progress().sum())
     # every shard repeats its chain group's SGLD steps; the probe evaluations are split, not repeated
     assert plan["totals"]["sgld_steps"] == 18 * (2 + 4 * 2)
-    import dataclasses
-    one = make_plan(small_config(), dataclasses.replace(prepared, config=small_config()), calibrate_draws=0)
+    one = make_plan(small_config(), pipeline.prepare(small_config()), calibrate_draws=0)
     assert plan["totals"]["flops_steps"] == 3 * one["totals"]["flops_steps"]
     assert plan["totals"]["flops_probe_evals"] == pytest.approx(one["totals"]["flops_probe_evals"], rel=1e-12)
     assert len(list((tmp_path / "run" / "checkpoints").glob("*__s[0-2].pt"))) == 18
@@ -155,20 +141,10 @@ def test_plan_matches_what_a_sharded_run_writes(tmp_path, ray_local):
 def test_plan_matches_what_a_sharded_moments_run_writes(tmp_path, ray_local):
     """store.probe=moments with sampler.probe_shards=3: the scalar sums get a shard axis (one copy per shard unit),
     the per-token sums do not; bytes as the run writes them, checkpoints with each shard's tokens' sums."""
-    from spectro import pipeline
-    from spectro.plan import make_plan
-
     config = small_config(stage="sample", store={"probe": "moments"}, sampler={"probe_shards": 3})
-    prepared = pipeline.prepare(config)
-    plan = make_plan(config, prepared, calibrate_draws=0)
-    summary = pipeline.run(config, tmp_path / "run", prepared)
+    plan, summary, g, written = _plan_and_run(config, tmp_path / "run", calibrate_draws=0)
     assert plan["totals"]["units"] == summary["sample"]["units_run"] == 3 * 2 * 3
-    g = zarr.open_group(str(tmp_path / "run" / "samples.zarr"), mode="r")
-    written = {name: _logical_bytes(g[name]) for name in g.array_keys()}
     assert plan["store"]["mode"] == "moments" and "probe_loss" not in written
-    assert {name: a["bytes"] for name, a in plan["store"]["arrays"].items()} == written
-    for name, a in plan["store"]["arrays"].items():
-        assert tuple(a["shape"]) == g[name].shape, name
     C, N, T = 3, 4, 4 * 15
     assert g["moment_n"].shape == (C, N, 2, 3) and written["moment_phi"] == C * N * 2 * 3 * 8
     assert written["moment_phiD"] == C * N * 2 * T * 8

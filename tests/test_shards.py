@@ -20,7 +20,8 @@ from spectro.sampling import make_problem
 from spectro.service import SamplingFailed, check_trajectories, run_unit, sample, unit_checkpoint
 from spectro.store import Layout, SampleStore, read_susceptibilities, shard_contexts
 from spectro.susceptibilities import block_estimate, compute, online_estimate, select_chains
-from tests.helpers import COMPONENTS, arrays, assert_identical, kill_actor_mid_run, make_store, tiny_config, tiny_model
+from tests.helpers import (COMPONENTS, Stopped, arrays, assert_identical, kill_actor_mid_run, make_store, stopping_store,
+                           tiny_config, tiny_model)
 
 SEQ = 64                       # BODY_ROWS // SEQ = 64 contexts per evaluation batch
 ALIGNED = 191                  # shards of 64, 64, 63 contexts: boundaries on evaluation batch boundaries
@@ -166,34 +167,6 @@ def test_a_shard_with_another_trajectory_fails_the_run(runs, tmp_path):
         check_trajectories(store, run / "checkpoints")
 
 
-class Stopped(Exception):
-    """Stands for the process being killed at this point."""
-
-
-class StoppingStore(SampleStore):
-    """A real store whose writer stops the `at`-th time it reaches `point`: "set_progress" (after a checkpoint,
-    before progress) or an array name (in the middle of a block's data, before that array is written)."""
-
-    def __init__(self, path, at: int, point: str = "set_progress"):
-        opened = SampleStore.open(path, mode="r+")
-        super().__init__(opened.path, opened.group)
-        self.at, self.seen, self.point = at, 0, point
-
-    def _reached(self, point: str) -> None:
-        if point == self.point:
-            self.seen += 1
-            if self.seen == self.at:
-                raise Stopped(point)
-
-    def _array(self, name):
-        self._reached(name)
-        return super()._array(name)
-
-    def set_progress(self, *args, **kwargs):
-        self._reached("set_progress")
-        super().set_progress(*args, **kwargs)
-
-
 def test_stopped_shard_resumes_and_damaged_shard_is_repaired(runs, tmp_path, ray_local):
     ref = runs[UNALIGNED, 3]
     problem, config = ref["problem"], ref["config"]
@@ -201,7 +174,7 @@ def test_stopped_shard_resumes_and_damaged_shard_is_repaired(runs, tmp_path, ray
     make_store(path, problem, config)
     ckpts.mkdir()
     with pytest.raises(Stopped):       # shard 1 of full's first chain group: killed before its second progress
-        run_unit(problem, StoppingStore(path, 2), "full", (0, 1), config.sampler, config.sampler.seed, ckpts, 1)
+        run_unit(problem, stopping_store(path, "set_progress", 2), "full", (0, 1), config.sampler, config.sampler.seed, ckpts, 1)
     store = SampleStore.open(path, mode="r+")
     assert store.unit_progress("full", (0, 1), 1).tolist() == [3, 3]
     assert store.unit_progress("full", (0, 1), 0).tolist() == [0, 0] and store.progress()[0, 0] == 0
@@ -332,7 +305,7 @@ def test_stopped_moment_shard_resumes_and_damaged_shard_is_repaired(runs, moment
     make_store(path, problem, config)
     ckpts.mkdir()
     with pytest.raises(Stopped):       # shard 1 of full's first group: stopped inside its second block's sums
-        run_unit(problem, StoppingStore(path, 2, "moment_phiD"), "full", (0, 1), config.sampler, config.sampler.seed,
+        run_unit(problem, stopping_store(path, "moment_phiD", 2), "full", (0, 1), config.sampler, config.sampler.seed,
                  ckpts, 1)
     store = SampleStore.open(path, mode="r+")
     for shard in (0, 2):               # its sibling shards finish: the chains' shards now stand at 7, 3, 7 draws
