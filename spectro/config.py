@@ -6,6 +6,13 @@ schema below (OmegaConf rejects wrong types and unknown keys there) and then
 `ConfigError` naming the key, the bad value and a fix.
 
 Non-obvious choices:
+- The dataclasses below hold every default, and nowhere else does: they are
+  stored in Hydra's ConfigStore as `spectro_defaults`, which `conf/config.yaml`
+  lists first, so every key exists on the command line and the YAML files hold
+  only overrides (`tests/test_config.py` refuses a YAML value equal to the
+  default). The defaults go in as a plain, untyped node: type and range errors
+  are then all found by `to_config` and reported as one ConfigError, not by
+  Hydra's composition.
 - `sampler.nbeta: null` means the common default `B / ln B` for batch size B
   (devinterp's `default_nbeta`); it is resolved here so the stored config says
   the number that was used. nβ = 0 (no loss term, only the localisation) is
@@ -204,6 +211,19 @@ class SpectroConfig:
 RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae", "plan",
                        "store", "storage", "sampler.probe_shards")
 STAGES = ("all", "sample", "susceptibilities", "clusters", "sae", "report", "plan")
+
+
+DEFAULTS_NAME = "spectro_defaults"      # the ConfigStore entry conf/config.yaml starts from
+
+
+def register_defaults() -> None:
+    """Store the schema's defaults in Hydra's ConfigStore (idempotent; done when this module is imported)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=DEFAULTS_NAME, node=OmegaConf.create(dataclasses.asdict(SpectroConfig())))
+
+
+register_defaults()
 
 
 def to_config(cfg: DictConfig | dict | SpectroConfig | None = None) -> SpectroConfig:

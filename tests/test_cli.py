@@ -105,6 +105,18 @@ def test_bad_input_from_the_command_line_is_one_line_and_exit_code_2(entry, tmp_
     assert not run_dir.exists(), "a failed start must not leave a run directory behind"
 
 
+def test_every_schema_key_is_accepted_on_the_command_line(tmp_path):
+    """Keys that have a default only in the schema are settable as a user types them (Hydra checks the command
+    line against the composed config; the schema's defaults are part of it)."""
+    run_dir = tmp_path / "plan"
+    proc = run_entry("jobs/run.py", "experiment=smoke", "sampler.probe_shards=4", "sampler.control=true",
+                     "stage=plan", "plan.calibration_draws=0", f"hydra.run.dir={run_dir}", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert len(plan["units"]) == 5 * 4                                 # 5 components x 4 probe shards
+    assert sorted({u["shard"] for u in plan["units"]}) == [0, 1, 2, 3]
+
+
 # --------------------------------------------------------------------------- #
 # a small run from the command line
 # --------------------------------------------------------------------------- #

@@ -12,7 +12,7 @@ def group_options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["model", "data", "sampler", "clustering", "experiment"])
+@pytest.mark.parametrize("group", ["model", "data", "sampler", "clustering", "sae", "experiment"])
 def test_every_group_option_composes_and_validates(group):
     for option in group_options(group):
         overrides = [f"{group}={option}"]
@@ -69,3 +69,53 @@ def test_yaml_defaults_equal_dataclass_defaults():
     composed = as_dict(to_config(compose_cfg()))
     plain = as_dict(to_config({}))
     assert composed == plain
+
+
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every leaf of a nested dict; dict-typed settings (data.corpus) count as one leaf."""
+    for k, v in node.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and path != "data.corpus":
+            yield from _leaves(v, path + ".")
+        else:
+            yield path, v
+
+
+def test_every_schema_key_can_be_set_from_the_command_line():
+    """Every key of the schema exists in the composed config, so `key=value` works on the command line (a key
+    with a schema default but no YAML entry used to be refused by Hydra: sampler.probe_shards, sampler.control)."""
+    from omegaconf import OmegaConf
+
+    from spectro.config import as_dict
+
+    defaults = dict(_leaves(as_dict(SpectroConfig())))
+    composed = dict(_leaves(OmegaConf.to_container(compose_cfg(), resolve=False)))
+    assert set(defaults) <= set(composed), sorted(set(defaults) - set(composed))
+    cfg = to_config(compose_cfg(["sampler.probe_shards=4", "sampler.control=true", "sampler.antithetic=false",
+                                 "store.probe=moments", "storage.uri=/tmp/x", "plan.gpu=h100"]))
+    assert cfg.sampler.probe_shards == 4 and cfg.sampler.control and not cfg.sampler.antithetic
+    assert cfg.store.probe == "moments" and cfg.plan.gpu == "h100"
+
+
+def test_yaml_files_hold_only_overrides():
+    """One source for every default: the schema (spectro/config.py). A YAML value equal to the schema's default
+    is a second copy that can drift, and is refused here."""
+    from omegaconf import OmegaConf
+
+    from spectro.config import as_dict
+
+    defaults = dict(_leaves(as_dict(SpectroConfig())))
+    restated = []
+    files = sorted(CONF.rglob("*.yaml"))
+    assert len(files) >= 10
+    for path in files:
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        node.pop("defaults", None)
+        node.pop("hydra", None)
+        group = path.parent.relative_to(CONF).as_posix()
+        is_global = group == "." or "@package _global_" in path.read_text()
+        prefix = "" if is_global else group.replace("/", ".") + "."
+        for key, value in _leaves(node, prefix):
+            if key in defaults and value == defaults[key]:
+                restated.append(f"{path.relative_to(CONF)}: {key}={value!r}")
+    assert not restated, "values that restate the schema's default:\n" + "\n".join(restated)
