@@ -1,6 +1,6 @@
 """Train spectro's embedded default model: a tiny GPT-NeoX on the embedded stdlib corpus.
 
-    python jobs/train_default_model.py --steps 3000 --out spectro/assets/default_model --threads 1
+    python jobs/train_default_model.py --out spectro/assets/default_model
 
 Writes, in the Hugging Face hub layout: config.json, model.safetensors (fp16
 weights; load with dtype=torch.float32), tokenizer.json, and training.json
@@ -49,6 +49,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 # Run as a script from a checkout: make the repository's `spectro` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spectro import mechanisms
 from spectro.data import Corpus, embedded_corpus, make_contexts
 
 VOCAB_SIZE = 4096
@@ -60,13 +61,17 @@ CHECK_SEED = 0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=6000, help="optimizer steps")
     p.add_argument("--out", type=Path, default=Path("spectro/assets/default_model"))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=250, help="steps between held-out and induction checks")
+    p.add_argument("--repeat-share", type=float, default=0.3, help="share of rows holding a repeated span")
+    p.add_argument("--random-share", type=float, default=0.3, help="share of repeated spans made of random tokens")
+    p.add_argument("--span", type=int, nargs=2, default=(8, 48), metavar=("MIN", "MAX"), help="repeated span length")
     return p.parse_args(argv)
 
 
@@ -119,6 +124,30 @@ def build_config() -> GPTNeoXConfig:
     )
 
 
+def training_rows(stream: torch.Tensor, batch: int, gen: torch.Generator, repeat_share: float,
+                  random_share: float, span: tuple[int, int], vocab: int) -> torch.Tensor:
+    """A batch of SEQ_LEN-token rows: natural windows, a share of them carrying a repeated span.
+
+    In a repeat row a span A of L tokens (natural, or uniformly random ids for a
+    share of rows) sits at s and a copy overwrites the window at t >= s + L,
+    so the tokens of the copy are predictable only by looking back at A.
+    """
+    offsets = torch.arange(SEQ_LEN)  # (seq_len,)
+    starts = torch.randint(0, stream.numel() - SEQ_LEN, (batch,), generator=gen)  # (batch,)
+    rows = stream[starts[:, None] + offsets[None, :]].clone()  # (batch, seq_len)
+    draws = torch.rand(batch, 2, generator=gen)  # (batch, 2): repeat?, random?
+    for r in range(batch):
+        if draws[r, 0] >= repeat_share:
+            continue
+        L = int(torch.randint(span[0], span[1] + 1, (1,), generator=gen))
+        s = int(torch.randint(0, SEQ_LEN - 2 * L + 1, (1,), generator=gen))
+        t = int(torch.randint(s + L, SEQ_LEN - L + 1, (1,), generator=gen))
+        if draws[r, 1] < random_share:
+            rows[r, s : s + L] = torch.randint(1, vocab, (L,), generator=gen)
+        rows[r, t : t + L] = rows[r, s : s + L]
+    return rows
+
+
 def lr_at(step: int, steps: int, peak: float) -> float:
     """Linear warmup over 5% of steps, then cosine decay to 10% of peak."""
     warmup = max(1, steps // 20)
@@ -140,6 +169,25 @@ def per_token_nll(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, batch: int
         )  # (b, seq_len-1)
         out.append(nll)
     return torch.cat(out)  # (n, seq_len-1)
+
+
+INDUCTION_PASSAGES = {"n": 200, "length": 40, "natural_seed": 1, "random_seed": 2}
+
+
+def measure_mechanisms(model: GPTNeoXForCausalLM, tok: Tokenizer, heldout_corpus: Corpus,
+                       heldout_ids: torch.Tensor) -> dict:
+    """Induction figures, per-head attention scores and the ablation table (spectro.mechanisms)."""
+    p = INDUCTION_PASSAGES
+    natural = make_contexts(heldout_corpus, tok, p["length"], p["n"], seed=p["natural_seed"]).input_ids
+    rand = mechanisms.random_passages(p["n"], p["length"], VOCAB_SIZE, seed=p["random_seed"])
+    table = mechanisms.head_ablation_table(model, natural, rand, heldout_ids[:256])
+    return {
+        "passages": dict(p, natural="held-out split, make_contexts(balanced)", random="uniform ids in [1, vocab)"),
+        "induction_natural": mechanisms.induction_figure(model, natural),
+        "induction_random": mechanisms.induction_figure(model, rand),
+        **mechanisms.named_heads(table),
+        "ablation": table,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,13 +216,25 @@ def main(argv: list[str] | None = None) -> None:
         betas=(0.9, 0.95),
     )
     data_gen = torch.Generator().manual_seed(args.seed + 1)
-    offsets = torch.arange(SEQ_LEN)  # (seq_len,)
+    # a small fixed check, logged during training: held-out loss and the two induction figures
+    watch_held = make_contexts(heldout_corpus, tok, SEQ_LEN, 64, seed=5, max_len=config.max_position_embeddings,
+                               balance_sources=False).input_ids
+    watch_nat = make_contexts(heldout_corpus, tok, 40, 64, seed=6).input_ids
+    watch_rand = mechanisms.random_passages(64, 40, VOCAB_SIZE, seed=7)
+    history = []
+
+    def watch(step: int) -> None:
+        row = {"step": step, "heldout_loss": round(float(mechanisms.token_nll(model, watch_held).mean()), 4),
+               "induction_natural": round(mechanisms.induction_figure(model, watch_nat)["drop"], 4),
+               "induction_random": round(mechanisms.induction_figure(model, watch_rand)["drop"], 4)}
+        history.append(row)
+        print("check", json.dumps(row), flush=True)
 
     model.train()
     t_train = time.time()
     for step in range(args.steps):
-        starts = torch.randint(0, stream.numel() - SEQ_LEN, (args.batch,), generator=data_gen)  # (batch,)
-        batch = stream[starts[:, None] + offsets[None, :]]  # (batch, seq_len)
+        batch = training_rows(stream, args.batch, data_gen, args.repeat_share, args.random_share, tuple(args.span),
+                              VOCAB_SIZE)  # (batch, seq_len)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
         loss = model(input_ids=batch, labels=batch).loss
@@ -186,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
             elapsed = time.time() - t_train
             rate = (step + 1) * args.batch * SEQ_LEN / elapsed
             print(f"step {step:5d}  loss {loss.item():.4f}  lr {group['lr']:.2e}  {rate:,.0f} tok/s  {elapsed:.0f}s", flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            watch(step + 1)
     train_seconds = time.time() - t_train
 
     # Write the asset, then evaluate the weights exactly as stored.
@@ -225,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     check_loss = float(per_token_nll(stored, check.input_ids).mean())
 
+    mech = measure_mechanisms(stored, stored_tok, heldout_corpus, heldout.input_ids)
+
     record = {
         "seed": args.seed,
         "steps": args.steps,
@@ -248,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
         "unigram_entropy": float(unigram_nll.mean()),
         "heldout_by_source": by_source,
         "check": {"n_contexts": CHECK_CONTEXTS, "seed": CHECK_SEED, "balance_sources": True, "loss": check_loss},
+        "mechanisms": mech,
+        "history": history,
         "train_wall_seconds": round(train_seconds, 1),
         "total_wall_seconds": round(time.time() - t_start, 1),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -255,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir())
     print(json.dumps({k: record[k] for k in ("heldout_loss", "unigram_entropy", "heldout_by_source", "check")}, indent=2))
+    print(json.dumps({k: v for k, v in mech.items() if k != "ablation"}, indent=2))
     print(f"wrote {out} ({size / 1e6:.2f} MB) in {record['total_wall_seconds']:.0f}s", flush=True)
 
 

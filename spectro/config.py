@@ -48,12 +48,22 @@ class ModelConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """What is probed besides natural windows of the corpus (spectro.probes): labelled suites and a labelled file."""
+    corpus: Optional[dict[str, Any]] = None   # the natural probe contexts' corpus; null: data.corpus
+    suites: list[str] = field(default_factory=list)   # built-in labelled suites (data=embedded names all four)
+    suite_contexts: int = 16            # contexts per built-in suite (held-out embedded text)
+    file: Optional[str] = None          # JSON Lines of labelled contexts: {"text", "spans", "tokens"}
+
+
+@dataclass
 class DataConfig:
-    corpus: dict[str, Any] = field(default_factory=lambda: {"kind": "embedded"})
+    corpus: dict[str, Any] = field(default_factory=lambda: {"kind": "embedded"})   # SGLD pool and sampling set
     seq_len: int = 64                   # tokens per context (probe, sampling and SGLD data)
     n_train_contexts: int = 512         # pool that SGLD minibatches are drawn from
     n_sampling_contexts: int = 32       # fixed set for sampling_loss at every draw
-    n_probe_contexts: int = 64          # probe tokens = n_probe_contexts * (seq_len - 1)
+    n_probe_contexts: int = 64          # natural probe contexts (from data.probe.corpus); each gives seq_len - 1 tokens
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     seed: int = 0
 
 
@@ -174,6 +184,7 @@ class StoreConfig:
 
 
 STORE_PROBE_MODES = ("draws", "moments")
+PROBE_SUITES = ("induction", "brackets", "line_start", "digits")     # built in: spectro.probes
 
 
 @dataclass
@@ -289,9 +300,24 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(finite(s.divergence_bound) and s.divergence_bound > 0, "sampler.divergence_bound",
              s.divergence_bound, "must be positive", "e.g. sampler.divergence_bound=10 (nats above init loss)")
     _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2", "a probe token needs a context")
-    for key in ("n_train_contexts", "n_sampling_contexts", "n_probe_contexts"):
+    for key in ("n_train_contexts", "n_sampling_contexts"):
         v = getattr(d, key)
         _require(v >= 1, f"data.{key}", v, "must be >= 1", f"set data.{key} to a positive integer")
+    pr = d.probe
+    _require(d.n_probe_contexts >= 0, "data.n_probe_contexts", d.n_probe_contexts, "must be >= 0",
+             "0 probes only the suites and the file")
+    _require(pr.suite_contexts >= 0, "data.probe.suite_contexts", pr.suite_contexts, "must be >= 0",
+             "e.g. data.probe.suite_contexts=16")
+    bad = [x for x in pr.suites if x not in PROBE_SUITES]
+    _require(not bad, "data.probe.suites", list(pr.suites), f"names unknown suites {bad}",
+             f"pick from {', '.join(PROBE_SUITES)}, or data.probe.suites=[] for none")
+    _require(pr.corpus is None or "kind" in pr.corpus, "data.probe.corpus", pr.corpus, "needs a 'kind'",
+             "e.g. data.probe.corpus={kind: jsonl, path: probes.jsonl}, or null for data.corpus")
+    _require(pr.file is None or Path(pr.file).is_file(), "data.probe.file", pr.file,
+             "must be an existing JSON Lines file or null", "see docs/method.md for its format")
+    _require(d.n_probe_contexts + (len(pr.suites) * pr.suite_contexts) + (1 if pr.file else 0) >= 1,
+             "data.n_probe_contexts", d.n_probe_contexts, "leaves nothing to probe (no suites, no file)",
+             "raise data.n_probe_contexts or name data.probe.suites")
     _require(d.n_train_contexts >= s.batch_size, "data.n_train_contexts", d.n_train_contexts,
              f"must be >= sampler.batch_size ({s.batch_size})", "raise data.n_train_contexts")
     _require("kind" in d.corpus, "data.corpus", dict(d.corpus), "needs a 'kind'",
@@ -357,8 +383,9 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     if c.storage.uri:
         from spectro.rundir import check_uri
         check_uri(str(c.storage.uri))           # the scheme only; reachability is checked before sampling
-    _require(isinstance(s.probe_shards, int) and 1 <= s.probe_shards <= d.n_probe_contexts, "sampler.probe_shards",
-             s.probe_shards, f"must be between 1 and data.n_probe_contexts ({d.n_probe_contexts})",
+    n_probe = d.n_probe_contexts + len(pr.suites) * pr.suite_contexts + (1 if pr.file else 0)   # at least
+    _require(isinstance(s.probe_shards, int) and 1 <= s.probe_shards <= n_probe, "sampler.probe_shards",
+             s.probe_shards, f"must be between 1 and the number of probe contexts ({n_probe})",
              "a shard is a contiguous range of probe contexts, e.g. sampler.probe_shards=4")
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     from spectro.gpus import GPUS

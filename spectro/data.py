@@ -171,6 +171,10 @@ class ProbeSet:
     token_source: tuple[str, ...]
     # Kept only to decode display snippets in context_text; not part of equality.
     tokenizer: Any = field(default=None, repr=False, compare=False)
+    # what is known about each token (spectro.probes): (n_tokens, n_labels) bool, the labels' names and rules
+    labels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    label_names: tuple[str, ...] = ()
+    label_rules: tuple[str, ...] = ()
 
     @property
     def n_tokens(self) -> int:
@@ -190,11 +194,19 @@ class ProbeSet:
         return left, self.token_text[token], right
 
 
-def make_probe_set(contexts: ContextSet, tokenizer: "tokenizers.Tokenizer") -> ProbeSet:
-    """Every position >= 1 of every context as a probe token, context-major."""
+def make_probe_set(contexts: ContextSet, tokenizer: "tokenizers.Tokenizer", *, labels: np.ndarray | None = None,
+                   label_names: tuple[str, ...] = (), label_rules: tuple[str, ...] = ()) -> ProbeSet:
+    """Every position >= 1 of every context as a probe token, context-major; `labels` (tokens, len(label_names))
+    bool says what is known about each token (spectro.probes builds them)."""
     n_ctx, seq_len = contexts.input_ids.shape
     if n_ctx == 0 or seq_len < 2:
         raise DataError(f"a probe set needs >= 1 context of >= 2 tokens; got {n_ctx} of {seq_len}")
+    n_tokens = n_ctx * (seq_len - 1)
+    if labels is None:
+        labels = np.zeros((n_tokens, 0), dtype=bool)
+    if labels.shape != (n_tokens, len(label_names)) or len(label_rules) != len(label_names):
+        raise DataError(f"labels of shape {labels.shape} with {len(label_names)} names and {len(label_rules)} rules "
+                        f"do not fit {n_tokens} probe tokens")
     token_context = np.repeat(np.arange(n_ctx, dtype=np.int32), seq_len - 1)  # (n_tokens,)
     token_position = np.tile(np.arange(1, seq_len, dtype=np.int32), n_ctx)  # (n_tokens,)
     token_id = contexts.input_ids[:, 1:].reshape(-1).numpy().astype(np.int64)  # (n_tokens,)
@@ -209,4 +221,7 @@ def make_probe_set(contexts: ContextSet, tokenizer: "tokenizers.Tokenizer") -> P
         token_text=tuple(text_of[i] for i in token_id.tolist()),
         token_source=tuple(contexts.sources[c] for c in token_context.tolist()),
         tokenizer=tokenizer,
+        labels=labels.astype(bool),
+        label_names=tuple(label_names),
+        label_rules=tuple(label_rules),
     )

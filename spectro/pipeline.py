@@ -16,8 +16,10 @@ Hydra's own files (.hydra/, spectro.log) and wandb's offline files stay in
 the local run directory.
 
 Non-obvious choices:
-- The SGLD pool, the sampling set and the probe contexts are disjoint windows
-  of the same corpus, drawn with seeds derived from `data.seed`.
+- The SGLD pool, the sampling set and the natural probe contexts are disjoint
+  windows of the same corpus (unless `data.probe.corpus` names another),
+  drawn with seeds derived from `data.seed`; the labelled suites and file
+  come after them (spectro.probes).
 - `full` (every parameter) is always sampled, first, because the default
   estimator centres on it.
 """
@@ -37,7 +39,8 @@ import torch
 from spectro import __version__, rundir
 from spectro.components import Component, resolve_components
 from spectro.config import RESUME_NEUTRAL_KEYS, SAEConfig, SpectroConfig, as_dict
-from spectro.data import ContextSet, ProbeSet, load_corpus, make_contexts, make_probe_set
+from spectro.data import ContextSet, ProbeSet, load_corpus, make_contexts
+from spectro.probes import build_probe_set, suite_contexts
 from spectro.device import resolve_device
 from spectro.errors import ConfigError, SAEError, StoreError
 from spectro.model import LoadedModel, load_model
@@ -81,9 +84,13 @@ def prepare(config: SpectroConfig) -> Prepared:
     train = make_contexts(corpus, tok, d.seq_len, d.n_train_contexts, d.seed, **kw)
     sampling = make_contexts(corpus, tok, d.seq_len, d.n_sampling_contexts, d.seed + 1, exclude=train, **kw)
     both = _union(train, sampling)
-    probe_ctx = make_contexts(corpus, tok, d.seq_len, d.n_probe_contexts, d.seed + 2, exclude=both, **kw)
-    probe = make_probe_set(probe_ctx, tok)
-    problem = make_problem(loaded.model, train.input_ids, sampling.input_ids, probe_ctx.input_ids,
+    probe_corpus = corpus if d.probe.corpus is None else load_corpus(dict(d.probe.corpus))
+    natural = make_contexts(probe_corpus, tok, d.seq_len, d.n_probe_contexts, d.seed + 2, exclude=both, **kw) \
+        if d.n_probe_contexts else None
+    suites = suite_contexts(d.probe.suites, d.probe.suite_contexts, tok, d.seq_len, d.seed,
+                            exclude=_union(both, natural) if natural is not None else both, **kw)
+    probe = build_probe_set(natural, suites, d.probe.file, tok, d.seq_len)
+    problem = make_problem(loaded.model, train.input_ids, sampling.input_ids, probe.contexts.input_ids,
                            device=driver_device(config.device))
     if not np.isfinite(problem.init_loss):
         raise ConfigError(f"the model's loss at its own weights is {problem.init_loss}; check the model files")
@@ -105,7 +112,7 @@ def _union(a: ContextSet, b: ContextSet) -> ContextSet:
 
 def layout_for(p: Prepared) -> Layout:
     s, d = p.config.sampler, p.config.data
-    return Layout.plan([c.name for c in p.components], s.num_chains, s.num_draws, d.n_probe_contexts,
+    return Layout.plan([c.name for c in p.components], s.num_chains, s.num_draws, p.probe.contexts.n_contexts,
                        d.seq_len, s.chain_group, s.checkpoint_every, p.config.store.probe, s.probe_shards)
 
 
@@ -124,7 +131,8 @@ def open_store(p: Prepared, run_dir: rundir.PathLike, prov: dict) -> SampleStore
     probe = p.probe
     table = ProbeTable(input_ids=probe.contexts.input_ids.numpy(), context=probe.token_context,
                        position=probe.token_position, token_id=probe.token_id, text=probe.token_text,
-                       source=probe.token_source)
+                       source=probe.token_source, labels=probe.labels, label_names=probe.label_names,
+                       label_rules=probe.label_rules)
     return SampleStore.create_or_open(rundir.location(run_dir) / rundir.SAMPLES, layout_for(p),
                                       fingerprint=fingerprint(p.config),
                                       config=as_dict(p.config), model=prov["model"], data=prov["data"],
@@ -219,15 +227,45 @@ def run_clusters(config: SpectroConfig, run_dir: rundir.PathLike) -> dict:
     v = verdict(rel, stab, not_mixed)
     path = run_dir / rundir.CLUSTERS
     doc = rundir.read_json(path)
-    doc.update({"reliability": rel, "stability": stab, "verdict": v})
+    answers = _known_answers(run_dir, ds, names, out["components"], np.asarray(doc["labels"]), params)
+    doc.update({"reliability": rel, "stability": stab, "verdict": v, "known_answers": answers})
     rundir.write_json(path, doc, indent=None)
     out.update({"reliability": None if rel is None else {k: rel[k] for k in ("features_median", "features_min",
                                                                                "least_reliable")},
                 "stability": None if stab is None else {k: stab[k] for k in ("ari", "ari_all_tokens",
                                                                              "n_clusters_halves")},
-                "verdict": v})
+                "verdict": v, "known_answers": _answers_summary(answers)})
     log.info("verdict: %s (%s)", v["text"], "; ".join(v["reasons"]))
     return out
+
+
+def _known_answers(run_dir: rundir.Location, ds, names: list[str], clustered: list[str], member: np.ndarray,
+                   params) -> Optional[dict]:
+    """spectro.known_answers on the run's labelled probe tokens; None when the probe set has no labels."""
+    from spectro.features import feature_matrix
+    from spectro.known_answers import known_answers
+
+    if "token_labels" not in ds:
+        return None
+    keep = [names.index(c) for c in clustered]
+    chi = np.asarray(ds["chi"].values, dtype=np.float64)[:, keep]                      # (tokens, clustered)
+    label_names = [str(x) for x in ds["label"].values]
+    rules = ds.attrs.get("label_rules", {})
+    prov = rundir.read_json(run_dir / rundir.PROVENANCE) if (run_dir / rundir.PROVENANCE).exists() else {}
+    mech = ((prov.get("model") or {}).get("training") or {}).get("mechanisms") or {}
+    named = {k: mech[k] for k in ("induction_heads", "previous_token_heads") if k in mech}
+    return known_answers(np.asarray(ds["token_labels"].values, dtype=bool), label_names,
+                         [rules.get(n, "") for n in label_names], member, chi, feature_matrix(chi, params.features),
+                         clustered, np.asarray(ds["token_context"].values), named, seed=params.seed)
+
+
+def _answers_summary(answers: Optional[dict]) -> Optional[dict]:
+    """Per label, the figures a summary line needs (spectro.known_answers.headline)."""
+    from spectro.known_answers import headline
+
+    if not answers:
+        return None
+    return {e["label"]: headline(answers, e["label"]) for e in answers["labels"] if "best_cluster" in e}
 
 
 def run_sae(config: SpectroConfig, run_dir: rundir.PathLike, prepared: Optional[Prepared] = None) -> dict:

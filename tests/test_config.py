@@ -59,15 +59,17 @@ def test_unknown_key_is_rejected():
         to_config({"sampler": {"bogus": 1}})
 
 
-def test_yaml_defaults_equal_dataclass_defaults():
-    """conf/ and the schema must not drift apart: a run without Hydra (the
-    library API) uses the same settings as `python jobs/run.py`."""
-    from omegaconf import OmegaConf
-
-    from spectro.config import as_dict
+def test_the_main_job_is_the_schema_plus_the_embedded_data_suites():
+    """`python jobs/run.py` composes the schema's defaults plus what the default groups set, and the only such
+    setting is data=embedded's labelled probe suites (a run without Hydra, the library API, probes natural
+    windows only)."""
+    from spectro.config import PROBE_SUITES, as_dict
 
     composed = as_dict(to_config(compose_cfg()))
     plain = as_dict(to_config({}))
+    assert plain["data"]["probe"]["suites"] == []
+    assert composed["data"]["probe"]["suites"] == list(PROBE_SUITES)
+    composed["data"]["probe"]["suites"] = []
     assert composed == plain
 
 

@@ -28,7 +28,7 @@ LAYERS = {
     "spectro.config": 1, "spectro.rundir": 1, "spectro.features": 1, "spectro.device": 1, "spectro.gpus": 1,
     # 2: model and data
     "spectro.model": 2, "spectro.neox": 2, "spectro.components": 2, "spectro.observables": 2,
-    "spectro.corpus": 2, "spectro.data": 2,
+    "spectro.corpus": 2, "spectro.data": 2, "spectro.probes": 2, "spectro.mechanisms": 2,
     # 3: the sampler
     "spectro.sgld": 3, "spectro.sampling": 3,
     # 4: the store
@@ -40,6 +40,7 @@ LAYERS = {
     "spectro.clusters": 6, "spectro.clusters.params": 6, "spectro.clusters.graph": 6, "spectro.clusters.push": 6,
     "spectro.clusters.local": 6, "spectro.clusters.baselines": 6, "spectro.clusters.clustering": 6,
     "spectro.clusters.files": 6, "spectro.modes": 6, "spectro.roles": 6, "spectro.stability": 6,
+    "spectro.known_answers": 6,
     # 7: the SAE check of the clusters
     "spectro.sae": 7, "spectro.sae.model": 7, "spectro.sae.activations": 7, "spectro.sae.training": 7,
     "spectro.sae.matching": 7,

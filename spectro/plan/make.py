@@ -17,6 +17,7 @@ from spectro.plan.timing import (BW_EFFICIENCY, EFFICIENCY, LAUNCH_S, CpuLoad, _
                                  load_stretch, schedule, unit_seconds_cpu, unit_seconds_gpu)
 from spectro.plan.work import (ACTOR_START_S, GENERATOR_STATE_BYTES, RUNTIME_BYTES, Shape, actor_memory,
                                checkpoint_moment_bytes, store_arrays, unit_work)
+from spectro.probes import probe_context_count
 
 # ---------------------------------------------------------------- the plan
 
@@ -64,7 +65,7 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
                    "num_chains": s.num_chains, "chain_group": layout.chain_group, "antithetic": s.antithetic,
                    "num_draws": s.num_draws, "burnin": s.burnin, "steps_between_draws": s.steps_between_draws,
                    "batch_size": s.batch_size, "seq_len": d.seq_len, "n_sampling_contexts": d.n_sampling_contexts,
-                   "n_probe_contexts": d.n_probe_contexts, "num_actors": config.ray.num_actors,
+                   "n_probe_contexts": probe_context_count(d), "num_actors": config.ray.num_actors,
                    "threads_per_actor": _threads(config), "probe_dtype": s.probe_dtype, "tf32": s.tf32},
         "model": dataclasses.asdict(shape),
         "totals": totals,

@@ -14,6 +14,7 @@ import numpy as np
 
 from spectro.gpus import GPU
 from spectro.plan.work import BODY_ROWS, CE_ROWS, Shape
+from spectro.probes import probe_context_count
 
 EFFICIENCY = 0.35              # share of the dense datasheet rate our matmuls reach (docs/performance.md, "Cost plan")
 BW_EFFICIENCY = 0.7            # share of the datasheet bandwidth an elementwise update streams at
@@ -194,7 +195,7 @@ def unit_seconds_cpu(w: dict, rates: dict, calib: dict, config) -> dict:
     """Predicted seconds of one unit on one actor of this machine."""
     s = config.sampler
     m = calib.get(w["component"])
-    if m is not None and m["chains"] == w["chains"] and w["probe_contexts"] == config.data.n_probe_contexts:
+    if m is not None and m["chains"] == w["chains"] and w["probe_contexts"] == probe_context_count(config.data):
         step, ev, setup = m["step_s"], m["eval_s"], m["setup_s"]
     else:
         step = w["flops_per_step"] / rates["step_flops_per_s"] + rates["update_s_per_entry"] * w["chains"] * \
@@ -267,9 +268,9 @@ def unit_seconds_gpu(w: dict, gpu: GPU, config, shape: Shape, ops=None) -> float
         head_blocks = math.ceil(s.batch_size * d.seq_len / CE_ROWS)
         ops_step = layers * (OPS_PER_LAYER_FWD + OPS_PER_LAYER_BWD) + head_blocks * OPS_PER_HEAD_BLOCK + \
             n_tensors * (OPS_PER_TENSOR_UPDATE + g)
-        eval_tokens = (d.n_sampling_contexts + d.n_probe_contexts) * d.seq_len
+        eval_tokens = (d.n_sampling_contexts + probe_context_count(d)) * d.seq_len
         chunks = math.ceil(d.n_sampling_contexts / max(1, BODY_ROWS // d.seq_len)) + \
-            math.ceil(d.n_probe_contexts / max(1, BODY_ROWS // d.seq_len))
+            math.ceil(probe_context_count(d) / max(1, BODY_ROWS // d.seq_len))
         ops_eval = chunks * layers * OPS_PER_LAYER_FWD + math.ceil(eval_tokens / CE_ROWS) * OPS_PER_HEAD_BLOCK
     update_bytes = 10 * g * w["sampled_entries"] * 4           # read w, w*, grad, noise; write noise, w', norms
     step = (w["flops_per_step"] / step_rate + update_bytes / (gpu.bandwidth * 1e12 * BW_EFFICIENCY)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spectro.probes import probe_context_count
+
 CE_ROWS = 128                  # token rows per chain per head block (spectro.observables.CE_ROWS)
 BODY_ROWS = 4096               # token rows per evaluation chunk (spectro.observables.BODY_ROWS)
 RUNTIME_BYTES = 400 << 20      # resident set of a process that imported torch, transformers, ray, zarr (measured)
@@ -59,7 +61,7 @@ def unit_work(component, chains: int, config, shape: Shape, probe_contexts: int 
     """Counts and FLOPs of one unit (component, `chains` chains, `probe_contexts` probe contexts: its shard's,
     default all). Every probe shard of a chain group repeats the SGLD steps and the sampling-set evaluation."""
     s, d = config.sampler, config.data
-    n_probe = d.n_probe_contexts if probe_contexts is None else probe_contexts
+    n_probe = probe_context_count(d) if probe_contexts is None else probe_contexts
     start = cached_from(component)
     act = shape.fwd(component.layer) if component.layer < shape.layers else 0.0
     steps = s.burnin + s.num_draws * s.steps_between_draws
@@ -119,6 +121,9 @@ def store_arrays(layout, probe, mode: str | None = None) -> dict:
     out["token_text"] = {"shape": [T], "dtype": "str", "bytes": _utf8(probe.token_text)}
     out["token_source"] = {"shape": [T], "dtype": "str", "bytes": _utf8(probe.token_source)}
     add("probe_input_ids", (layout.n_contexts, layout.seq_len), "int64", _I8)
+    if len(probe.label_names):
+        out["label"] = {"shape": [len(probe.label_names)], "dtype": "str", "bytes": _utf8(probe.label_names)}
+        add("token_labels", (T, len(probe.label_names)), "bool", 1)
     return out
 
 
@@ -136,13 +141,13 @@ def actor_memory(config, shape: Shape, units: list[dict]) -> dict:
     s, d = config.sampler, config.data
     H, I, V, T = shape.hidden, shape.intermediate, shape.vocab, shape.seq
     model = shape.n_parameters * 4
-    data = (d.n_train_contexts + d.n_sampling_contexts + d.n_probe_contexts) * T * 8
+    data = (d.n_train_contexts + d.n_sampling_contexts + probe_context_count(d)) * T * 8
     per_token_layer = 4 * (11 * H + 2 * I + 2 * shape.heads * T)
     best = None
     for u in units:
         g, S, start = u["chains"], u["sampled_entries"], u["start_layer"]
         state = 3 * g * S * 4 + (2 * g * S * 4 if s.precondition == "rmsprop" else 0) + S   # + bool masks
-        n_probe = u.get("probe_contexts", d.n_probe_contexts)             # a probe shard caches its contexts only
+        n_probe = u.get("probe_contexts", probe_context_count(d))    # a probe shard caches its contexts only
         cache = (d.n_train_contexts + d.n_sampling_contexts + n_probe) * T * H * 4 if start else 0
         step_act = g * s.batch_size * T * ((shape.layers - start) * per_token_layer + 2 * H * 4) + g * CE_ROWS * V * 4
         rows = max(T, BODY_ROWS // T * T)

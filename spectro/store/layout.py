@@ -60,6 +60,7 @@ MOMENT_ARRAYS = ("moment_n", "moment_phi", "moment_phi2", "moment_phiD", "moment
 MOMENT_TOKEN_ARRAYS = ("moment_phiD", "moment_D")
 STATE_ARRAYS = ("diverged_at", "progress")                            # (component, chain)
 PROBE_ARRAYS = ("token_context", "token_position", "token_id", "token_text", "token_source", "probe_input_ids")
+LABEL_ARRAYS = ("label", "token_labels")                              # only when the probe set has labels
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,24 @@ class ProbeTable:
     token_id: np.ndarray       # (tokens,) int
     text: Sequence[str]
     source: Sequence[str]
+    labels: np.ndarray | None = None      # (tokens, labels) bool: what is known about each token (spectro.probes)
+    label_names: Sequence[str] = ()
+    label_rules: Sequence[str] = ()       # how each label was decided
+
+
+def probe_arrays(probe: ProbeTable) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    """The probe table as stored: name -> (values, dimension names); strings as object arrays, labels only when
+    the probe set has them."""
+    text = lambda v: np.array(list(v), dtype=object)  # noqa: E731
+    out = {"token_context": (np.asarray(probe.context, dtype="int32"), ("token",)),
+           "token_position": (np.asarray(probe.position, dtype="int32"), ("token",)),
+           "token_id": (np.asarray(probe.token_id, dtype="int64"), ("token",)),
+           "token_text": (text(probe.text), ("token",)), "token_source": (text(probe.source), ("token",)),
+           "probe_input_ids": (np.asarray(probe.input_ids, dtype="int64"), ("context", "position"))}
+    if len(probe.label_names):
+        out["label"] = (text(probe.label_names), ("label",))
+        out["token_labels"] = (np.asarray(probe.labels, dtype=bool), ("token", "label"))
+    return out
 
 
 PROBE_CHUNK_BYTES = 4 << 20

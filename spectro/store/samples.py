@@ -23,7 +23,8 @@ Layout (dims in brackets; every array carries `dimension_names`, so
     component      str     [component]
     token_context, token_position, token_id   int [token];  token_text, token_source  str [token]
     probe_input_ids int64  [context, position]
-    attrs: spectro_store (format version), config, fingerprint, model, data, layout, init_loss
+    label str [label];  token_labels bool [token, label]      (probe sets with labels: spectro.probes)
+    attrs: spectro_store (format version), config, fingerprint, model, data, layout, init_loss, label_rules
 
 Non-obvious choices:
 - G = chains per unit, Dc = draws per checkpoint, Tc = tokens per chunk (sized
@@ -82,7 +83,8 @@ from spectro.config import flat_diff
 from spectro.errors import DiskFullError, StoreError, UnsafePathError
 from spectro.rundir import Location, PathLike
 from spectro.store.layout import (MOMENT_ARRAYS, MOMENT_TOKEN_ARRAYS, PROBE_ARRAYS, PROBE_CHUNK_BYTES,  # noqa: F401
-                                  PROBE_MODES, STATE_ARRAYS, TRACE_ARRAYS, UNIT_ARRAYS, Layout, ProbeTable)
+                                  PROBE_MODES, STATE_ARRAYS, TRACE_ARRAYS, UNIT_ARRAYS, Layout, ProbeTable,
+                                  probe_arrays)
 
 STORE_FORMAT = 2
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -227,18 +229,13 @@ class SampleStore:
                        compressors=_compressors())
         comp = g.create_array("component", shape=(C,), dtype=str, dimension_names=("component",))
         comp[:] = np.array(L.components, dtype=object)
-        for name, values, dtype in [("token_context", probe.context, "int32"),
-                                    ("token_position", probe.position, "int32"),
-                                    ("token_id", probe.token_id, "int64")]:
-            a = g.create_array(name, shape=(T,), dtype=dtype, dimension_names=("token",), compressors=_compressors())
-            a[:] = np.asarray(values, dtype=dtype)
-        for name, values in [("token_text", probe.text), ("token_source", probe.source)]:
-            a = g.create_array(name, shape=(T,), dtype=str, dimension_names=("token",))
-            a[:] = np.array(list(values), dtype=object)
-        ids = g.create_array("probe_input_ids", shape=probe.input_ids.shape, dtype="int64",
-                             dimension_names=("context", "position"), compressors=_compressors())
-        ids[:] = probe.input_ids
+        for name, (values, dims) in probe_arrays(probe).items():
+            text = values.dtype == object
+            arr = g.create_array(name, shape=values.shape, dtype=str if text else values.dtype, dimension_names=dims,
+                                 compressors="auto" if text else _compressors())
+            arr[...] = values
         g.attrs.update({                  # last: one write of the group's metadata commits the store
+            "label_rules": dict(zip(probe.label_names, probe.label_rules)),
             "spectro_store": STORE_FORMAT,
             "spectro_creating": False,
             # a draws-mode layout is written as before the option existed, so those stores stay unchanged
@@ -451,9 +448,7 @@ class SampleStore:
 
     def verify_probe(self, probe: ProbeTable) -> list[str]:
         """Rewrite probe coordinate arrays that are unreadable or differ from `probe`; returns their names."""
-        want = {"token_context": probe.context, "token_position": probe.position, "token_id": probe.token_id,
-                "token_text": np.array(list(probe.text), dtype=object),
-                "token_source": np.array(list(probe.source), dtype=object), "probe_input_ids": probe.input_ids}
+        want = {name: values for name, (values, _) in probe_arrays(probe).items()}
         fixed = []
         for name, values in want.items():
             try:

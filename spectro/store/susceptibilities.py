@@ -71,6 +71,14 @@ class SusceptibilityStore:
             dst = g.create_array(name, shape=(T,), dtype=src.dtype if src.dtype != object else str,
                                  dimension_names=("token",))
             dst[:] = src[:]
+        if "token_labels" in samples.group:                 # the probe set's labels (spectro.probes)
+            lab = samples.group["label"]
+            dst = g.create_array("label", shape=lab.shape, dtype=str, dimension_names=("label",))
+            dst[:] = lab[:]
+            dst = g.create_array("token_labels", shape=(T, lab.shape[0]), dtype="bool",
+                                 dimension_names=("token", "label"), compressors=_compressors())
+            dst[:] = samples.group["token_labels"][:]
+            g.attrs["label_rules"] = dict(samples.group.attrs.get("label_rules", {}))
         return cls(tmp, g)
 
     def write_block(self, t0: int, t1: int, chi: np.ndarray, chi_se: np.ndarray, chi_per_chain: np.ndarray,
