@@ -1,21 +1,30 @@
 """Corpora: ordered tuples of documents, each with a provenance label
-(``source``) and a stable id (``name``), read from the embedded standard
-library, text files, JSONL, Parquet or a Hugging Face dataset
-(``load_corpus`` dispatches on the config's ``data.corpus.kind``).
-``spectro.data`` cuts them into token contexts.
+(``source``) and a stable id (``name``), read from the embedded corpus asset,
+the running interpreter's standard library, text files, JSONL, Parquet or a
+Hugging Face dataset (``load_corpus`` dispatches on the config's
+``data.corpus.kind``). ``spectro.data`` cuts them into token contexts.
 
 Non-obvious choices:
 
 - Content hash: sha256 over every document in order, each of its three fields
   (source, name, text) fed as an 8-byte little-endian length followed by the
   UTF-8 bytes, so that no two different corpora share a byte stream.
-- Embedded corpus: built at run time from the running interpreter's standard
-  library, so it changes with the Python version (the description says which).
-  Code files are chosen by the sha256 of their relative path (a stable
-  pseudo-random subset that does not favour any package); ``encodings/`` is
-  skipped because its codec tables are long, repetitive number tables rather
-  than code anyone writes. Prose is ``pydoc_data.topics`` (the language
-  reference sections that ``help()`` shows).
+- Embedded corpus (kind ``embedded``, the default): read from a data asset
+  shipped in ``spectro/assets/corpus/`` (xz-compressed JSON Lines, one object
+  per document, made once by ``jobs/build_corpus_asset.py`` from CPython
+  3.11.7's standard library), so its documents, content hash and therefore the
+  default run's contexts are the same on every Python. The asset's sha256 is
+  checked against its manifest on every read and recorded on the corpus
+  (``Corpus.asset``) for the run's provenance.
+- Live standard library (kind ``stdlib``): the same selection built at run
+  time from the running interpreter, so it changes with the Python version
+  (the description says which); on 3.11.7 it equals the asset. Code files are
+  chosen by the sha256 of their relative path (a stable pseudo-random subset
+  that does not favour any package); ``encodings/`` is skipped because its
+  codec tables are long, repetitive number tables rather than code anyone
+  writes. Prose is ``pydoc_data.topics`` (the language reference sections
+  that ``help()`` shows). The embedded corpus selects from the asset by the
+  same keys, so ``max_code_files``/``max_prose_topics`` mean the same in both.
 - Splits are decided per document by the sha256 of ``source + "\\0" + name``
   (about 1 in 10 is held out), so a document's split does not depend on which
   other documents were selected.
@@ -26,10 +35,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import lzma
 import sys
 import sysconfig
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +63,8 @@ class Corpus:
     documents: tuple[Document, ...]
     content_hash: str  # sha256 hex over (source, name, text) of every doc, in order
     description: str
+    # the shipped asset the documents come from (file, sha256, python), for provenance; None for other corpora
+    asset: dict[str, str] | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -85,8 +97,13 @@ def _digest(text: str) -> int:
 
 
 # --------------------------------------------------------------------------- #
-# The embedded corpus (Python standard library)
+# The embedded corpus (Python standard library, shipped as a data asset)
 # --------------------------------------------------------------------------- #
+
+# The shipped asset: manifest.json (file name, sha256, content hashes), the
+# xz-compressed JSON Lines file it names, and the licence of its texts.
+CORPUS_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "corpus"
+_MANIFEST = "manifest.json"
 
 # Directories (any path component) whose files are not taken as code documents.
 _SKIP_DIRS = frozenset(
@@ -107,11 +124,35 @@ _SKIP_DIRS = frozenset(
 _MAX_CODE_BYTES = 200_000
 _HELDOUT_ONE_IN = 10
 _SPLITS = ("all", "train", "heldout")
+_DEFAULT_CODE_FILES = 400
 
 
 def is_heldout(source: str, name: str) -> bool:
     """Whether a document goes to the held-out split (about 1 in 10)."""
     return _digest(f"{source}\0{name}") % _HELDOUT_ONE_IN == 0
+
+
+def _check_selection(max_code_files: int, max_prose_topics: int | None, split: str) -> None:
+    if split not in _SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {', '.join(_SPLITS)}")
+    if max_code_files < 0 or (max_prose_topics is not None and max_prose_topics < 0):
+        raise DataError("max_code_files and max_prose_topics must be >= 0")
+
+
+def _first_by_digest(names: Iterable[str], n: int | None) -> set[str]:
+    """The ``n`` names with the smallest sha256 key (all of them for None): a stable pseudo-random subset."""
+    ranked = sorted(names, key=_digest)
+    return set(ranked if n is None else ranked[:n])
+
+
+def _split(docs: list[Document], split: str, origin: str) -> Corpus:
+    """The documents of ``split`` (in their order) as a corpus described by ``origin``."""
+    if split != "all":
+        want_heldout = split == "heldout"
+        docs = [d for d in docs if is_heldout(d.source, d.name) == want_heldout]
+    n_code = sum(d.source == "code" for d in docs)
+    description = f"{origin}: {n_code} code files, {len(docs) - n_code} prose topics, split={split}"
+    return _corpus(docs, description)
 
 
 def _stdlib_code_paths() -> list[tuple[str, Path]]:
@@ -129,26 +170,23 @@ def _stdlib_code_paths() -> list[tuple[str, Path]]:
     return found
 
 
-def embedded_corpus(
-    max_code_files: int = 400, max_prose_topics: int | None = None, split: str = "all"
+def stdlib_corpus(
+    max_code_files: int = _DEFAULT_CODE_FILES, max_prose_topics: int | None = None, split: str = "all"
 ) -> Corpus:
-    """Python standard-library source (label "code") plus pydoc topics (label "prose").
+    """The embedded corpus built live from the running interpreter's standard library.
 
-    Deterministic for a given Python installation. ``split`` picks "all",
-    "train" or "heldout" documents (about 10% held out, decided per document).
+    Python source (label "code") plus pydoc topics (label "prose"); deterministic
+    for a given Python installation, different between Python versions. On the
+    Python the shipped asset was built from it equals ``embedded_corpus``.
     """
-    if split not in _SPLITS:
-        raise DataError(f"unknown split {split!r}; use one of {', '.join(_SPLITS)}")
-    if max_code_files < 0 or (max_prose_topics is not None and max_prose_topics < 0):
-        raise DataError("max_code_files and max_prose_topics must be >= 0")
-
+    _check_selection(max_code_files, max_prose_topics, split)
     # Code: a stable pseudo-random subset (by hash of the relative path), kept in path order.
-    candidates = _stdlib_code_paths()
-    chosen = sorted(sorted(candidates, key=lambda rp: _digest(rp[0]))[:max_code_files])
+    candidates = dict(_stdlib_code_paths())
+    chosen = sorted(_first_by_digest(candidates, max_code_files))
     code = []
-    for rel, path in chosen:
+    for rel in chosen:
         try:
-            text = path.read_bytes().decode("utf-8")
+            text = candidates[rel].read_bytes().decode("utf-8")
         except UnicodeDecodeError:  # a stdlib file with a legacy encoding: leave it out
             continue
         code.append(Document("code", rel, text))
@@ -156,22 +194,69 @@ def embedded_corpus(
     # Prose: the language-reference topics shown by help(), in name order.
     from pydoc_data.topics import topics
 
-    names = sorted(topics)
-    if max_prose_topics is not None:
-        names = sorted(sorted(names, key=_digest)[:max_prose_topics])
+    names = sorted(_first_by_digest(topics, max_prose_topics))
     prose = [Document("prose", f"topic:{n}", topics[n]) for n in names]
-
-    docs = code + prose
-    if split != "all":
-        want_heldout = split == "heldout"
-        docs = [d for d in docs if is_heldout(d.source, d.name) == want_heldout]
-    n_code = sum(d.source == "code" for d in docs)
     version = ".".join(str(v) for v in sys.version_info[:3])
-    description = (
-        f"embedded stdlib corpus (python {version}): {n_code} code files, "
-        f"{len(docs) - n_code} prose topics, split={split}"
-    )
-    return _corpus(docs, description)
+    return _split(code + prose, split, f"stdlib corpus read from the running python {version}")
+
+
+def read_corpus_asset(directory: str | Path = CORPUS_ASSET_DIR) -> tuple[dict[str, Any], list[Document]]:
+    """(manifest, documents) of a corpus asset directory, after checking the file's sha256."""
+    directory = Path(directory)
+    fix = "reinstall spectro, or rebuild the asset with `python jobs/build_corpus_asset.py` on its Python version"
+    try:
+        manifest = json.loads((directory / _MANIFEST).read_text(encoding="utf-8"))
+        lacking = [k for k in ("file", "sha256", "python") if k not in manifest]
+        if lacking:
+            raise ValueError(f"{_MANIFEST} has no {lacking}")
+        data = (directory / manifest["file"]).read_bytes()
+    except (OSError, ValueError, TypeError) as err:
+        raise DataError(f"the corpus asset in {directory} cannot be read ({err}); {fix}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest["sha256"]:
+        raise DataError(
+            f"the corpus asset {directory / manifest['file']} is damaged: its sha256 is {digest[:12]}..., "
+            f"its manifest records {str(manifest['sha256'])[:12]}...; {fix}"
+        )
+    try:
+        lines = lzma.decompress(data).decode("utf-8").split("\n")  # "\n" only: JSON strings may hold U+2028
+        docs = [Document(r["source"], r["name"], r["text"]) for r in map(json.loads, filter(None, lines))]
+    except (lzma.LZMAError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"the corpus asset {directory / manifest['file']} is malformed ({err}); {fix}") from None
+    return manifest, docs
+
+
+def embedded_corpus(
+    max_code_files: int = _DEFAULT_CODE_FILES,
+    max_prose_topics: int | None = None,
+    split: str = "all",
+    asset_dir: str | Path | None = None,
+) -> Corpus:
+    """The default corpus: Python standard-library source (label "code") plus pydoc
+    topics (label "prose"), read from the shipped asset, so the same on every Python.
+
+    ``max_code_files`` and ``max_prose_topics`` choose the same documents as
+    ``stdlib_corpus`` does on the asset's Python; the asset holds the 400 code
+    files of the default. ``split`` picks "all", "train" or "heldout"
+    documents (about 10% held out, decided per document). ``asset_dir`` reads
+    another asset directory (default: the shipped one).
+    """
+    _check_selection(max_code_files, max_prose_topics, split)
+    directory = Path(asset_dir) if asset_dir is not None else CORPUS_ASSET_DIR
+    manifest, docs = read_corpus_asset(directory)
+    n_shipped = sum(d.source == "code" for d in docs)
+    if max_code_files > n_shipped:
+        raise DataError(
+            f"the shipped corpus holds {n_shipped} code files, fewer than max_code_files={max_code_files}; "
+            "for more, build the corpus from this Python's standard library with data.corpus.kind=stdlib"
+        )
+    code = _first_by_digest((d.name for d in docs if d.source == "code"), max_code_files)
+    topics = _first_by_digest((d.name.removeprefix("topic:") for d in docs if d.source == "prose"), max_prose_topics)
+    chosen = [d for d in docs if (d.name in code if d.source == "code" else d.name.removeprefix("topic:") in topics)]
+    corpus = _split(chosen, split, f"embedded corpus (shipped asset, built from the python {manifest['python']} "
+                                   "standard library)")
+    asset = {"file": manifest["file"], "sha256": manifest["sha256"], "python": manifest["python"]}
+    return Corpus(corpus.documents, corpus.content_hash, corpus.description, asset=asset)
 
 
 # --------------------------------------------------------------------------- #
@@ -326,6 +411,7 @@ def read_hf_dataset(
 
 _KINDS = {
     "embedded": embedded_corpus,
+    "stdlib": stdlib_corpus,
     "text": read_text_files,
     "jsonl": read_jsonl,
     "parquet": read_parquet,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from spectro.corpus import (Corpus, Document, content_hash, embedded_corpus, is_heldout, load_corpus,
-                            read_hf_dataset, read_jsonl, read_parquet, read_text_files)
+                            read_hf_dataset, read_jsonl, read_parquet, read_text_files, stdlib_corpus)
 from spectro.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ContextSet", "Corpus", "Document", "ProbeSet", "content_hash", "embedded_corpus", "is_heldout",
            "load_corpus", "make_contexts", "make_probe_set", "read_hf_dataset", "read_jsonl", "read_parquet",
-           "read_text_files"]
+           "read_text_files", "stdlib_corpus"]
 
 
 # --------------------------------------------------------------------------- #

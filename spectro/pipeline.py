@@ -96,6 +96,8 @@ def prepare(config: SpectroConfig) -> Prepared:
         raise ConfigError(f"the model's loss at its own weights is {problem.init_loss}; check the model files")
     corpus_info = {"description": corpus.description, "content_hash": corpus.content_hash,
                    "n_documents": len(corpus.documents), "sources": sorted({x.source for x in corpus.documents})}
+    if corpus.asset is not None:                        # the shipped corpus file: name, sha256, Python it came from
+        corpus_info["asset"] = corpus.asset
     return Prepared(config, loaded, components, probe, problem, corpus_info)
 
 

@@ -88,7 +88,8 @@ def with_base(*overrides):
     (with_base("data.corpus.paths=[LATIN1]"), r"latin1\.txt is not valid UTF-8 \(bad byte 0xe9 at byte offset 7\)"),
     (with_base("data.corpus.kind=jsonl", "~data.corpus.paths", "+data.corpus.path=BADJSON"),
      r"bad\.jsonl line 2 is not valid JSON"),
-    (with_base("data.corpus.kind=csv"), r"unknown corpus kind 'csv'; valid kinds: embedded, hf, jsonl, parquet, text"),
+    (with_base("data.corpus.kind=csv"),
+     r"unknown corpus kind 'csv'; valid kinds: embedded, hf, jsonl, parquet, stdlib, text"),
     (with_base("data.seq_len=65"), r"context length 65 exceeds the model's limit of 64 positions"),
     # malformed values
     (with_base("sampler.num_chains=many"), r"invalid config at 'sampler\.num_chains': Value 'many' of type 'str' "
