@@ -47,6 +47,7 @@ LAYERS = {
     # 8: the report, and the summary of a sweep of runs
     "spectro.report": 8, "spectro.report.loading": 8, "spectro.report.analysis": 8, "spectro.report.html": 8,
     "spectro.report.sections_run": 8, "spectro.report.sections_clusters": 8, "spectro.report.page": 8,
+    "spectro.report.sections_answers": 8,
     "spectro.sweep": 8,
     # 9: orchestration
     "spectro.pipeline": 9, "spectro.service": 9, "spectro.cli": 9, "spectro.__main__": 9,
