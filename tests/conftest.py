@@ -14,8 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-# benchmarks/ imports these from here; tests import them from tests.helpers
-from tests.helpers import s3_env, start_s3_server, tiny_config, tiny_model, tiny_problem  # noqa: F401
+from tests.helpers import s3_env, start_s3_server
 
 
 @pytest.fixture(scope="module")

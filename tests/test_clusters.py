@@ -15,7 +15,8 @@ from spectro.clusters import (ClusterParams, Clustering, _pick_cut, adjusted_ran
                               conductance, conductance_clusters, feature_matrix, features, knn_graph, knn_lists,
                               relative_density, write_clusters)
 from spectro.errors import ConfigError, DataError, StoreError
-from tests.synthetic import hard_planted, planted_partition
+from spectro.clusters.planted import hard_planted
+from tests.synthetic import planted_partition
 
 # The defaults before they were chosen on hard_planted (docs/clustering.md): z-scored features,
 # 15 neighbours, local clusters capped at 400 tokens, outlier ratio 0.8.
@@ -194,7 +195,7 @@ def recovered(groups: np.ndarray, labels: np.ndarray) -> int:
 @pytest.fixture(scope="module")
 def hard():
     """6,000 tokens, 30 Zipf groups (42 to 1,200 tokens), 15% background, a uniform mode with 97%
-    of the z-scored variance, component scales over 30x (tests/synthetic.py)."""
+    of the z-scored variance, component scales over 30x (spectro/clusters/planted.py)."""
     return hard_planted(6000, 0, n_groups=30)
 
 
