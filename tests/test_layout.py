@@ -10,6 +10,8 @@ small, and the code cites only what lives in the repository.
 - No module over 500 lines, no source line over 120 characters.
 - No citation of documents outside the repository or of work periods and
   tracker items.
+- Benchmarks import spectro and their own helper modules, never the tests or
+  another benchmark script; tests never import a benchmark.
 """
 
 import ast
@@ -167,3 +169,17 @@ def test_the_readme_is_short():
     """The README is for users (what it is, the two commands, common tasks); measurements live in docs/."""
     lines = (PACKAGE.parent / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail into docs/"
+
+
+def test_benchmarks_and_tests_do_not_import_each_other():
+    """Benchmarks import spectro and their helper modules (benchmarks/common.py), never the tests, and no
+    benchmark script imports another script; tests never import a benchmark."""
+    root = PACKAGE.parent
+    benchmarks = sorted((root / "benchmarks").glob("*.py"))
+    scripts = {p.stem for p in benchmarks if 'if __name__ == "__main__":' in p.read_text(encoding="utf-8")}
+    assert {"bench_w1", "bench_w2", "fault_injection", "gpu_check"} <= scripts, scripts
+    wrong = [f"{p.relative_to(root)} imports {sorted(bad)}" for p in benchmarks
+             if (bad := _imports(p)[1] & ({"tests"} | scripts))]
+    wrong += [f"{p.relative_to(root)} imports {sorted(bad)}" for p in sorted((root / "tests").rglob("*.py"))
+              if (bad := _imports(p)[1] & ({"benchmarks"} | {b.stem for b in benchmarks}))]
+    assert not wrong, wrong
