@@ -5,6 +5,7 @@ the previous features and defaults fail), the easy family recovered by all
 three methods, determinism, clear errors for bad input, and the clusters.json /
 cluster_run outputs."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -387,8 +388,11 @@ def test_cluster_run_reads_the_store_drops_full_and_empty_components(tmp_path, p
 
 def test_clustering_is_a_frozen_record(planted):
     chi, _ = planted
-    result = cluster(chi[:400], ClusterParams())
-    assert isinstance(result, Clustering)
-    with pytest.raises(Exception):
+    params = ClusterParams()
+    result = cluster(chi[:400], params)
+    assert type(result) is Clustering and [f.name for f in dataclasses.fields(result)] == [
+        "labels", "clusters", "params", "graph_stats"]
+    assert result.params == params and result.labels.shape == (400,)
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'labels'"):
         result.labels = None
     assert {"n_edges", "knn_seconds", "cluster_seconds", "knn"} <= set(result.graph_stats)

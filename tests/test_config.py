@@ -2,8 +2,9 @@
 ConfigError naming the key."""
 
 import pytest
+from omegaconf import OmegaConf
 
-from spectro.config import SpectroConfig, to_config
+from spectro.config import SpectroConfig, as_dict, to_config
 from spectro.errors import ConfigError
 from tests.helpers import CONF, compose_cfg
 
@@ -20,8 +21,13 @@ def test_every_group_option_composes_and_validates(group):
             overrides.append("model.source=/some/dir")
         if group == "data" and option == "files":
             overrides.append("data.corpus.paths=[a.txt]")
-        cfg = to_config(compose_cfg(overrides))
-        assert isinstance(cfg, SpectroConfig)
+        composed = compose_cfg(overrides)
+        cfg = to_config(composed)
+        # validation keeps every composed value; only sampler.nbeta=null resolves to a number (checked below)
+        want = dict(_leaves(OmegaConf.to_container(composed, resolve=True)))
+        got = dict(_leaves(as_dict(cfg)))
+        assert {k: got.get(k, "missing") for k in want if k != "sampler.nbeta"} == \
+            {k: v for k, v in want.items() if k != "sampler.nbeta"}, f"{group}={option}"
         if group == "experiment" and option == "control":
             assert cfg.sampler.control and cfg.sampler.nbeta == 0       # the control: no loss term anywhere
         else:
