@@ -125,3 +125,16 @@ def test_yaml_files_hold_only_overrides():
             if key in defaults and value == defaults[key]:
                 restated.append(f"{path.relative_to(CONF)}: {key}={value!r}")
     assert not restated, "values that restate the schema's default:\n" + "\n".join(restated)
+
+
+def test_the_readme_lists_the_keys_a_resume_may_change():
+    """README.md's resume paragraph names exactly the keys the run's fingerprint leaves out."""
+    import re
+
+    from spectro.config import RESUME_NEUTRAL_KEYS
+
+    readme = (CONF.parent / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"These keys are left out\s+of that comparison and may change between attempts \(([^)]*)\)", readme)
+    assert found, "README.md no longer has the sentence listing the keys a resume may change"
+    named = re.findall(r"`([^`]+)`", found.group(1))
+    assert sorted(named) == sorted(RESUME_NEUTRAL_KEYS), (named, RESUME_NEUTRAL_KEYS)
