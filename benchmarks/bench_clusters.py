@@ -1,4 +1,4 @@
-"""Clustering benchmark on the hard planted family (`tests.synthetic.hard_planted`).
+"""Clustering benchmark on the hard planted family (`spectro.clusters.planted.hard_planted`).
 
 For each size and seed it draws a family (32 components; 60 Zipf groups at 20,000
 tokens, 60 * sqrt(N / 20,000) groups at N tokens; 15% background tokens; a uniform
@@ -40,18 +40,18 @@ import argparse
 import dataclasses
 import itertools
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spectro.clusters import (ClusterParams, _graph, adjusted_rand_index, cluster_graph, features,  # noqa: E402
                               knn_lists, relative_density)
-from tests.synthetic import hard_planted  # noqa: E402
+from spectro.clusters.planted import hard_planted  # noqa: E402
+
+from common import PeakRSS, planted_groups  # noqa: E402
 
 # The defaults before they were chosen on this family.
 OLD = dict(features="zscore", k=15, alpha=0.15, epsilon=1e-4, max_conductance=0.4, min_size=5, max_size=400,
@@ -69,32 +69,6 @@ CONFIGS = {
     "published": dict(PUBLISHED, method="conductance"),
 }
 GRAPH_KEYS = ("features", "k", "exact_knn_below", "seed", "outlier_ratio")
-
-
-class PeakRSS:
-    """Peak resident memory (MB) while inside the block, sampled every 20 ms."""
-
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.peak = self.proc.memory_info().rss
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def _poll(self):
-        while not self.done.wait(0.02):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-        self.mb = self.peak / 2 ** 20
-
-
-def n_groups_for(n: int) -> int:
-    return int(round(60 * np.sqrt(n / 20000)))
 
 
 def recovered(groups: np.ndarray, labels: np.ndarray) -> int:
@@ -152,7 +126,7 @@ def knn_recall(X: np.ndarray, nbr: np.ndarray, rng: np.random.Generator, n_query
 
 
 def run_seed(n: int, seed: int, configs: dict, recall: bool) -> list[dict]:
-    chi, groups = hard_planted(n, seed, n_groups=n_groups_for(n))
+    chi, groups = hard_planted(n, seed, n_groups=planted_groups(n))
     graphs, rows = {}, []
     for name, cfg in configs.items():
         p = ClusterParams(**cfg)
@@ -212,7 +186,7 @@ def summary(rows: list[dict], title: str) -> None:
             else:
                 cells.append(f"{med[k]:.3f}")
         seeds = ",".join(str(r["seed"]) for r in rs)
-        print(f"| {name} | {n:,} | {seeds} | {n_groups_for(n)} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {n:,} | {seeds} | {planted_groups(n)} | " + " | ".join(cells) + " |")
 
 
 def real(configs: dict) -> None:
@@ -250,7 +224,7 @@ def knn_compare(n: int, seed: int) -> None:
 
     from spectro.clusters import graph as C          # the kNN settings live there
 
-    chi, _ = hard_planted(n, seed, n_groups=n_groups_for(n))
+    chi, _ = hard_planted(n, seed, n_groups=planted_groups(n))
     X = features(chi)
     Xf = np.ascontiguousarray(X, dtype=np.float32)
     k = ClusterParams().k

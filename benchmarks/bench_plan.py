@@ -9,9 +9,9 @@ of `full` and one other component) against the sampling stage's measured wall ti
 1. the embedded default (`python jobs/run.py`, 22 components + full, 4 chains x 40 draws, 2 actors): the
    measured times are read from finished runs of that config (`--default-runs`, their config.json must match
    the current default's sampler, data, components and actors, else the run is skipped and says why);
-2. a reduced run in the Pythia-14M shape (random weights under the hub's key names, the real GPT-NeoX-20B
-   tokenizer, `--tokenizer`): 3 components + full, 2 chains x 8 draws, run `--repeats` times through the real
-   service here.
+2. a reduced run in the Pythia-14M shape (W2's model, `common.write_pythia14m_checkpoint`: random weights
+   under the hub's key names, the real GPT-NeoX-20B tokenizer, `--tokenizer`): 3 components + full, 2 chains
+   x 8 draws, run `--repeats` times through the real service here.
 
 It also predicts run 2 from the rates fitted on config 1 (no timing of the Pythia shape at all): how far the
 FLOP model carries a calibration across models. Prints medians and predicted / measured ratios.
@@ -35,7 +35,8 @@ from spectro.config import as_dict, to_config  # noqa: E402
 from spectro.plan import (ACTOR_START_S, CpuLoad, load_stretch, make_plan, other_demand, schedule,  # noqa: E402
                           unit_seconds_cpu)
 
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt-neox-20b.json"
+from common import TOKENIZER, write_pythia14m_checkpoint  # noqa: E402
+
 SAME = ("sampler", "data", "components", "model")
 
 
@@ -164,13 +165,9 @@ def main() -> int:
                      plan_d["cpu"]["predicted_wall_s"], measured_default(args.default_runs, default)))
 
     if not args.skip_pythia:
-        from tests import pythia_fixture
-        from tests.pythia_fixture import make_pythia14m_checkpoint
-
-        pythia_fixture.SHARED_TOKENIZER = Path(args.tokenizer)
         print("2. the Pythia-14M shape, reduced")
         with tempfile.TemporaryDirectory(prefix="plan-") as work:
-            model_dir = make_pythia14m_checkpoint(Path(work) / "pythia14m")
+            model_dir = write_pythia14m_checkpoint(Path(work) / "pythia14m", Path(args.tokenizer))
             config = pythia_config(model_dir)
             prepared = pipeline.prepare(config)
             plan_p = make_plan(config, prepared)

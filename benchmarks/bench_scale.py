@@ -1,6 +1,6 @@
 """The post-sampling chain at scale, end to end, through the product's own stage code.
 
-It draws a hard planted chi (`tests.synthetic.hard_planted`, as benchmarks/bench_clusters.py:
+It draws a hard planted chi (`spectro.clusters.planted.hard_planted`, as benchmarks/bench_clusters.py:
 60 * sqrt(N / 20,000) Zipf groups, 15% background tokens, a dominant uniform mode) of N tokens
 x C components, and writes it as a real run directory the later stages accept:
 
@@ -47,8 +47,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_clusters import PeakRSS  # noqa: E402  (peak RSS sampled every 20 ms)
-from tests.synthetic import hard_planted  # noqa: E402
+from spectro.clusters.planted import hard_planted  # noqa: E402
+
+from common import PeakRSS, planted_groups  # noqa: E402  (peak RSS sampled every 20 ms)
 
 PER_CONTEXT = 100            # probe tokens per context (seq_len 101: position 0 is no probe token)
 N_CHAINS = 4
@@ -195,8 +196,8 @@ def main() -> None:
           f"clustering {config.clustering}, report map {config.report.map} of at most {MAP_MAX_POINTS:,} tokens",
           flush=True)
     try:
-        with step("planted chi (tests.synthetic)"):
-            groups_n = int(round(60 * np.sqrt(n / 20000)))
+        with step("planted chi (spectro.clusters.planted)"):
+            groups_n = planted_groups(n)
             chi, groups = hard_planted(n, args.seed, n_components=args.components, n_groups=groups_n)
         with step("write run directory"):
             write_run(run_dir, chi, groups, args.seed, config)

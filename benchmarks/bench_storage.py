@@ -1,6 +1,6 @@
 """The sample stage on local disk and on object storage (`storage.uri`), side by side.
 
-Runs the tiny test problem (tests/helpers.py: 3 components x 2 chain groups, 6 draws in chunks of 3, 2 actors)
+Runs the tiny problem (benchmarks/common.py: 3 components x 2 chain groups, 6 draws in chunks of 3, 2 actors)
 into a local directory and into an S3 prefix served by moto's standalone server on loopback (a subprocess
 speaking HTTP S3; a real bucket adds network latency per request), `--repeats` times each, and prints per
 location the median seconds of the sample stage, of `SampleStore.verify()` (the resume check) and of a full
@@ -24,6 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import (arrays, assert_identical, make_store, s3_env, start_s3_server, tiny_config,  # noqa: E402
+                    tiny_problem)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,7 +34,6 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=6)
     args = ap.parse_args()
 
-    from tests.helpers import s3_env, start_s3_server
     proc, endpoint = start_s3_server()
     os.environ.update(s3_env(endpoint))              # before Ray starts: its workers inherit it
     try:
@@ -47,7 +49,6 @@ def run(args) -> None:
     from spectro.rundir import Location
     from spectro.service import sample
     from spectro.store import SampleStore
-    from tests.helpers import arrays, assert_identical, make_store, tiny_config, tiny_problem
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     bucket = f"bench-{uuid.uuid4().hex[:8]}"

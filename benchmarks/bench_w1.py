@@ -27,7 +27,7 @@ actors best; a unit's cost per chain-draw does not depend on its chain group
 on this CPU (measured 1, 2, 4).
 
 Arithmetic floor: the FLOPs each tool's work needs (counted from the shapes as
-in bench_w2.py; spectro with its lower-layer cache, devinterp without) over
+in bench_w2.py: `common.unit_flops`; spectro with its lower-layer cache, devinterp without) over
 2 cores x the dense matmul rate measured in this run (fp32; bf16 for
 spectro's bfloat16 evaluations). No implementation of the same arithmetic can
 beat it on this machine.
@@ -62,54 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED = ROOT / "spectro" / "assets" / "default_model"
-COMPONENTS = ["l0h0", "l1h1", "l2.mlp", "l3h3"]
-GAMMA = 100.0
-
-
-def write_w1_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """The embedded model's config and tokenizer with fresh random weights (seed 0)."""
-    import json
-
-    import safetensors.torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(EMBEDDED / "tokenizer.json", directory / "tokenizer.json")
-    cfg = json.loads((EMBEDDED / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
-    with torch.random.fork_rng(devices=[]):
-        model = GPTNeoXForCausalLM(GPTNeoXConfig.from_dict(cfg))
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, p in model.state_dict().items():
-        if "layernorm" in name or "layer_norm" in name:
-            state[name] = torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)
-        elif name.endswith("bias"):
-            state[name] = torch.zeros_like(p, dtype=torch.float32)
-        else:
-            state[name] = 0.02 * torch.randn(p.shape, generator=gen)
-    safetensors.torch.save_file({k: v.float().contiguous() for k, v in state.items()},
-                                directory / "model.safetensors", metadata={"format": "pt"})
-    return directory
-
-
-def w1_config(model_dir: Path, chain_group: int, actors: int, draws: int = 50, threads: int = 0,
-              probe_dtype: str = "float32", components: tuple = tuple(COMPONENTS), seed: int = 0):
-    from spectro.config import to_config
-
-    return to_config({
-        "model": {"source": str(model_dir)},
-        "components": list(components),
-        "stage": "sample",
-        "data": {"seq_len": 64, "n_train_contexts": 512, "n_sampling_contexts": 32, "n_probe_contexts": 64},
-        "sampler": {"step_size": 1e-4, "nbeta": 30.0, "gamma": GAMMA, "batch_size": 16, "num_chains": 4,
-                    "num_draws": draws, "burnin": 0, "steps_between_draws": 1, "chain_group": chain_group,
-                    "checkpoint_every": draws, "seed": seed, "probe_dtype": probe_dtype,
-                    "antithetic": False},     # devinterp draws independent chains: the same work
-        "ray": {"num_actors": actors, "num_cpus_per_actor": 1, "torch_threads": threads},
-    })
+from common import (W1_COMPONENTS, W1_GAMMA, dense_sampled, matmul_rate, unit_flops, w1_config,  # noqa: E402
+                    write_w1_checkpoint)
 
 
 def run_spectro(prepared, run_dir: Path) -> tuple[float, np.ndarray, np.ndarray, list[str]]:
@@ -157,8 +111,8 @@ def run_peer(prepared, out_dir: Path, independent_batches: bool = False) -> tupl
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tree = susceptibilities(model, pool, observables, masks, sampling_task="pretrain", lr=1e-4, n_beta=30.0,
-                                localization=GAMMA, num_chains=4, num_draws=prepared.config.sampler.num_draws, batch_size=16,
-                                num_burnin_steps=0, num_steps_bw_draws=1, device="cpu",
+                                localization=W1_GAMMA, num_chains=4, num_draws=prepared.config.sampler.num_draws,
+                                batch_size=16, num_burnin_steps=0, num_steps_bw_draws=1, device="cpu",
                                 output_path=out_dir / "samples.zarr",
                                 match_sampling_input_ids_across_chains=not independent_batches)
     wall = time.perf_counter() - t0
@@ -225,8 +179,6 @@ def report_agreement(last: dict) -> None:
 
 def arithmetic_floor(prepared, draws: int) -> None:
     """FLOPs of W1 for each tool and the time they need at 2 cores x the measured matmul rate."""
-    from bench_w2 import dense_sampled, matmul_rate, unit_flops
-
     problem, cfg = prepared.problem, prepared.config.sampler
     seq = problem.probe_ids.shape[1]
     eval_tokens = problem.probe_ids.numel() + problem.sampling_ids.numel()
@@ -264,7 +216,7 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--variants", default="float32,bfloat16",
                     help="spectro's sampler.probe_dtype values to time, comma-separated")
-    ap.add_argument("--components", default=",".join(COMPONENTS),
+    ap.add_argument("--components", default=",".join(W1_COMPONENTS),
                     help="restrictions besides full (default: W1's four), comma-separated")
     ap.add_argument("--seed-baseline", action="store_true",
                     help="also run spectro (first variant) with run seed 1 and print seed 0 vs seed 1 agreement: "

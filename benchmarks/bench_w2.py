@@ -3,9 +3,10 @@
     python benchmarks/bench_w2.py [--draws 20] [--components all] [--actors 2] [--skip-service]
                                   [--skip-hot-paths] [--tokenizer /path/to/gpt-neox-20b/tokenizer.json]
 
-W2: the Pythia-14M architecture (random fp16 weights under the hub's key names,
+W2: the Pythia-14M architecture (random fp16 weights under the hub's key names:
+normal(0, 0.02) matrices and embeddings, zero biases, unit LayerNorm gains;
 the real GPT-NeoX-20B tokenizer given by --tokenizer, which is not part of the
-repository; written to a temp dir by tests/pythia_fixture.py's logic),
+repository; written to a temp dir by `common.write_pythia14m_checkpoint`),
 all 32 components + full, 2 chains x 20 draws (chain group 2), SGLD minibatch
 16, no burn-in, 1 step between draws, step 1e-4, nβ 30, γ 100; 32 sampling
 contexts and 32 probe contexts of 65 tokens = 2,048 probe tokens; the data are
@@ -20,7 +21,7 @@ and bf16, (4096 x 128) @ (128 x 4096)-sized products, the unembedding's shape)
 and, in-process on one thread, the two hot paths of a unit for a few
 components of each workload's model: one SGLD step (4 chains vmapped, 16
 contexts each) and one probe-set evaluation (one chain). FLOPs are counted from
-the shapes (2 per multiply-add): per token and layer 2*(4H^2 + 2HI) for the
+the shapes (2 per multiply-add; `common.unit_flops`): per token and layer 2*(4H^2 + 2HI) for the
 projections plus 4*S*H for attention scores and values (full S x S, as the
 eager kernel computes it), 2*H*V for the head; backward = activation gradients
 (same as the forward of the component's layer and those above it, head
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -49,57 +49,15 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 
-# Hot paths and the matmul rate run on one torch thread and are timed in CPU seconds of this process:
-# on a shared machine wall time measures the other tenants, CPU time measures the work.
-CLOCK = time.process_time
+# Hot paths and the matmul rate run on one torch thread and are timed in CPU seconds of this process
+# (common.CLOCK): on a shared machine wall time measures the other tenants, CPU time measures the work.
+from common import (CLOCK, TOKENIZER, dense_sampled, matmul_rate, unit_flops, w1_config,  # noqa: E402
+                    write_pythia14m_checkpoint, write_w1_checkpoint)
 
 
-# ---------------------------------------------------------------- FLOPs and the machine's rate
-
-def matmul_rate(dtype: torch.dtype, seconds: float = 3.0, shape=(4096, 128, 4096)) -> float:
-    """Dense matmul FLOP/s of one thread, per CPU-second: the best of 6 trials (the limit, not a typical run;
-    short trials and a median under-read it when another process briefly takes the core's cache)."""
-    m, k, n = shape
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=g).to(dtype)
-    b = torch.randn(k, n, generator=g).to(dtype)
-    out = torch.empty(m, n, dtype=dtype)
-    rates = []
-    for _ in range(6):
-        torch.matmul(a, b, out=out)
-        t0, reps = CLOCK(), 0
-        while CLOCK() - t0 < seconds / 6:
-            torch.matmul(a, b, out=out)
-            reps += 1
-        rates.append(2 * m * k * n * reps / (CLOCK() - t0))
-    return max(rates)
-
-
-def forward_flops_per_token(config, seq: int, start_layer: int = 0) -> float:
-    H, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    n_layers = config.num_hidden_layers - start_layer
-    return n_layers * (2 * (4 * H * H + 2 * H * I) + 4 * seq * H) + 2 * H * V
-
-
-def dense_sampled(comp, config) -> int:
-    """Sampled parameters whose gradient is a matmul: all but the token embedding (whose gradient is a
-    scatter-add of d numbers per token, not 2 x vocab x d FLOPs)."""
-    embed = "gpt_neox.embed_in.weight" in comp.masks
-    return comp.n_parameters - (config.vocab_size * config.hidden_size if embed else 0)
-
-
-def unit_flops(config, seq: int, start_layer: int, grad_layer: int, n_sampled: int, step_tokens: int,
-               eval_tokens: int) -> dict:
-    """FLOPs of one unit's SGLD step and evaluation. The forward runs from `start_layer` (0, or the cached
-    layer); activation gradients are needed only from the head down to the component's layer `grad_layer`
-    (nothing below it depends on the sampled weights), and not at all when only the head is sampled."""
-    fwd = forward_flops_per_token(config, seq, start_layer)
-    act = forward_flops_per_token(config, seq, grad_layer) if grad_layer < config.num_hidden_layers else 0.0
-    return {"step": step_tokens * (fwd + act + 2 * n_sampled), "eval": eval_tokens * fwd}
-
+# ---------------------------------------------------------------- the hot paths
 
 def hot_paths(prepared, names: list[str], label: str, rates: dict, repeats: int = 3) -> list[str]:
     """One-thread timings of an SGLD step (4 chains) and a probe evaluation (1 chain), vs the matmul rate."""
@@ -202,21 +160,13 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--skip-service", action="store_true", help="FLOP accounting and hot paths only")
     ap.add_argument("--skip-hot-paths", action="store_true")
-    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
-                                               / "gpt-neox-20b.json"), help="the GPT-NeoX-20B tokenizer.json")
+    ap.add_argument("--tokenizer", default=str(TOKENIZER), help="the GPT-NeoX-20B tokenizer.json")
     args = ap.parse_args()
 
     from spectro import pipeline
-    from tests import pythia_fixture
-    from tests.pythia_fixture import make_pythia14m_checkpoint
-
-    pythia_fixture.SHARED_TOKENIZER = Path(args.tokenizer)
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_w1
 
     work = Path(tempfile.mkdtemp(prefix="w2-"))
-    model_dir = make_pythia14m_checkpoint(work / "pythia14m")
+    model_dir = write_pythia14m_checkpoint(work / "pythia14m", Path(args.tokenizer))
     prepared = pipeline.prepare(w2_config(model_dir, args.components.split(","), args.draws, args.actors))
     problem = prepared.problem
     n_units = len(prepared.components)
@@ -229,7 +179,7 @@ def main() -> None:
         print("\n| model | component | path | SGLD step (4 chains x 16 ctx) | GFLOP/s | of fp32 rate | "
               "probe eval fp32 | probe eval bf16 |")
         print("|---|---|---|---|---|---|---|---|")
-        w1_prep = pipeline.prepare(bench_w1.w1_config(bench_w1.write_w1_checkpoint(work / "w1"), 4, 2, 50))
+        w1_prep = pipeline.prepare(w1_config(write_w1_checkpoint(work / "w1"), 4, 2, 50))
         hot_paths(w1_prep, ["full", "l1h1", "l3h3"], "W1", rates)
         hot_paths(prepared, ["full", "l2h1", "l5.mlp", "unembed"], "W2", rates)
     torch.set_num_threads(os.cpu_count() or 1)

@@ -30,8 +30,8 @@ Real processes, real Ray, real Zarr, nothing mocked. Faults:
 
 For each: faults injected, runs completed after the fault, data lost (draws
 or chi values that differ from the uninterrupted run, must be 0) and whether
-every array is bit-identical. Library-level faults use the tests' tiny
-GPT-NeoX; the driver and covariance faults run the real CLI on a tiny
+every array is bit-identical. Library-level faults use the tiny GPT-NeoX of
+benchmarks/common.py; the driver and covariance faults run the real CLI on a tiny
 random GPT-NeoX saved as a local snapshot, with the embedded tokenizer and a
 small text corpus.
 """
@@ -57,18 +57,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from common import EMBEDDED, arrays, make_store, tiny_config, tiny_problem, write_random_checkpoint  # noqa: E402
+from midwrite import fault_midwrite  # noqa: E402
+
 UNIT_AND_STATE = ("sampling_loss", "probe_loss", "step_loss", "grad_norm", "noise_norm", "distance", "diverged_at",
                   "progress")
-ARRAYS = ("sampling_loss", "probe_loss", "diverged_at", "progress", "step_loss", "grad_norm", "noise_norm", "distance")
 
 
 # ---------------------------------------------------------------- comparing results
-
-def store_arrays(path: Path) -> dict:
-    from spectro.store import SampleStore
-    st = SampleStore.open(path)
-    return {n: st.read(n) for n in ARRAYS}
-
 
 def lost(ref: dict, got: dict) -> tuple[int, bool]:
     """(draw rows that differ from the reference, every array bitwise identical)."""
@@ -148,8 +144,6 @@ def at_progress(store_path: Path, target: int, action, deadline_s: float = 300):
 
 def fault_actor(rng, rounds, work, ref, tally):
     from spectro.service import sample
-    from tests.conftest import tiny_config, tiny_problem
-    from tests.test_service import make_store
 
     problem, config = tiny_problem(), tiny_config(burnin=2)
     total = 3 * 4 * 6
@@ -169,7 +163,7 @@ def fault_actor(rng, rounds, work, ref, tally):
         t, fired = at_progress(store.path, target, kill)
         report = sample(problem, store, config, run / "checkpoints", poll_s=0.1)
         t.join()
-        n, same = lost(ref, store_arrays(store.path))
+        n, same = lost(ref, arrays(store.path))
         tally.add("kill -9 an actor", int(any(fired)), store.complete(), n, same,
                   f"at {target}+{delay:.2f}s, {report.actor_failures} actor lost")
         shutil.rmtree(run)
@@ -178,7 +172,6 @@ def fault_actor(rng, rounds, work, ref, tally):
 def fault_corrupt(rng, rounds, work, ref_dir, ref, tally):
     from spectro.service import sample
     from spectro.store import SampleStore
-    from tests.conftest import tiny_config, tiny_problem
 
     problem, config = tiny_problem(), tiny_config(burnin=2)
     for r in range(rounds):
@@ -203,7 +196,7 @@ def fault_corrupt(rng, rounds, work, ref_dir, ref, tally):
                 victim.unlink()
         store = SampleStore.open(run / "samples.zarr", mode="r+")
         report = sample(problem, store, config, run / "checkpoints")
-        n, same = lost(ref, store_arrays(store.path))
+        n, same = lost(ref, arrays(store.path))
         tally.add("corrupt/truncate/delete a chunk or checkpoint", 1, store.complete() and store.verify() == [],
                   n, same, f"{kind} {victim.relative_to(run)}: {len(report.units_repaired)} unit(s) repaired, "
                             f"{len(report.units_run)} run")
@@ -213,8 +206,6 @@ def fault_corrupt(rng, rounds, work, ref_dir, ref, tally):
 def fault_disk(rng, rounds, work, ref, tally):
     from spectro.errors import DiskFullError
     from spectro.service import sample
-    from tests.conftest import tiny_config, tiny_problem
-    from tests.test_service import make_store
 
     problem, config = tiny_problem(), tiny_config(burnin=2)
     for r in range(rounds):
@@ -236,7 +227,7 @@ def fault_disk(rng, rounds, work, ref, tally):
             kept = int(store.progress().sum())
             subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
             sample(problem, store, config, disk / "checkpoints")
-            n, same = lost(ref, store_arrays(store.path))
+            n, same = lost(ref, arrays(store.path))
             tally.add("disk full (tmpfs)", int(hit), store.complete(), n, same and not leftovers,
                       f"{size_kb} KB: {kept} chain-draws kept at the error, {len(leftovers)} half-written files")
         finally:
@@ -248,8 +239,6 @@ def fault_node(rng, rounds, work, ref, tally):
     from ray.cluster_utils import Cluster
 
     from spectro.service import sample
-    from tests.conftest import tiny_config, tiny_problem
-    from tests.test_service import make_store
 
     problem, config = tiny_problem(), tiny_config(burnin=2)
     total = 3 * 4 * 6
@@ -265,7 +254,7 @@ def fault_node(rng, rounds, work, ref, tally):
             t, fired = at_progress(store.path, target, lambda: cluster.remove_node(worker) or True)
             report = sample(problem, store, config, run / "checkpoints", poll_s=0.1)
             t.join()
-            n, same = lost(ref, store_arrays(store.path))
+            n, same = lost(ref, arrays(store.path))
             tally.add("remove a worker node", int(any(fired)), store.complete(), n, same,
                       f"at {target} chain-draws, {report.actor_failures} actor(s) lost")
             shutil.rmtree(run)
@@ -276,28 +265,11 @@ def fault_node(rng, rounds, work, ref, tally):
 
 # ---------------------------------------------------------------- the main job as a subprocess
 
-def tiny_snapshot(directory: Path) -> Path:
-    """A random 2-layer GPT-NeoX (seeded generator) with the embedded model's tokenizer."""
-    import safetensors.torch
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from spectro.model import EMBEDDED_MODEL_DIR
-
-    directory.mkdir(parents=True, exist_ok=True)
-    cfg = GPTNeoXConfig(vocab_size=4096, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, rotary_pct=0.25, max_position_embeddings=64,
-                        use_parallel_residual=True, tie_word_embeddings=False)
-    cfg.architectures = ["GPTNeoXForCausalLM"]
-    with torch.random.fork_rng(devices=[]):
-        model = GPTNeoXForCausalLM(cfg)
-    g = torch.Generator().manual_seed(0)
-    state = {k: (torch.randn(v.shape, generator=g) * 0.05 if v.ndim > 1 else v).contiguous()
-             for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(state, str(directory / "model.safetensors"))
-    cfg.to_json_file(str(directory / "config.json"))
-    shutil.copy(EMBEDDED_MODEL_DIR / "tokenizer.json", directory / "tokenizer.json")
-    return directory
+# A random 2-layer GPT-NeoX with the embedded model's tokenizer (4096 tokens), for the CLI's faults.
+TINY_SNAPSHOT = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": 4096,
+                 "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+                 "rotary_pct": 0.25, "max_position_embeddings": 64, "use_parallel_residual": True,
+                 "tie_word_embeddings": False}
 
 
 def cli_args(model_dir: Path, corpus: Path) -> list[str]:
@@ -365,66 +337,11 @@ def fault_driver(rng, rounds, work, args, ref_cli, tally):
         proc.communicate()
         finish(job(run, args, "sample"), "resume")
         summary = json.loads((run / "summary.json").read_text())["sample"]
-        n, same = lost(ref_cli, store_arrays(store))
+        n, same = lost(ref_cli, arrays(store))
         tally.add("SIGKILL the driver (jobs/run.py)", int(hit), summary["complete"], n, same,
                   note + f"; the rerun ran {summary['units_run']} unit(s), repaired "
                          f"{len(summary.get('units_repaired', []))}")
         shutil.rmtree(run)
-
-
-def expected_round(layout, rnd: int) -> dict:
-    """What the test's WRITER puts in every chunk in round `rnd` (same generator, same order)."""
-    noise = np.random.default_rng(rnd)
-    out = {}
-    for comp, chains in layout.units():
-        for d0 in range(0, layout.n_draws, layout.draw_chunk):
-            g, n = len(chains), min(layout.draw_chunk, layout.n_draws - d0)
-            out[(comp, chains[0], d0)] = (rnd + 0.5 * noise.random((g, n, layout.n_tokens))).astype(np.float32)
-    return out
-
-
-def fault_midwrite(rng, rounds, work, tally):
-    """The store's real write path (SampleStore.write_block, what actors run) in its own process,
-    frozen at random moments until caught with a chunk half on disk, then SIGKILLed there."""
-    from types import SimpleNamespace
-
-    from spectro.store import SampleStore
-    from tests.conftest import tiny_config, tiny_problem
-    from tests.test_faults import WRITER, kill_mid_write
-    from tests.test_service import make_store
-
-    problem = tiny_problem()
-    big = SimpleNamespace(probe_ids=problem.probe_ids.repeat(400, 1), init_loss=problem.init_loss)
-    store = make_store(work / "midwrite" / "samples.zarr", big, tiny_config(num_draws=4, checkpoint_every=4))
-    L = store.layout
-    for r in range(rounds):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(store.path)], cwd=ROOT, stdout=subprocess.PIPE,
-                                text=True)
-        proc.stdout.readline()
-        proc.stdout.readline()
-        hit = kill_mid_write(proc, store.path, rng)
-        proc.wait(timeout=30)
-        torn = len(list(store.path.rglob("*.partial")))
-        store = SampleStore.open(store.path, mode="r+")
-        problems = store.verify(remove_partial=True)
-        probe = store.read("probe_loss")
-        rounds_seen, bad = set(), 0
-        cache: dict = {}
-        for comp, chains in L.units():
-            ci = L.components.index(comp)
-            got = probe[ci, chains[0]:chains[-1] + 1]
-            k = int(np.floor(got.min()))
-            for cand in (k, k - 1):
-                exp = cache.setdefault(cand, expected_round(L, cand))[(comp, chains[0], 0)]
-                if exp.tobytes() == got.tobytes():
-                    rounds_seen.add(cand)
-                    break
-            else:
-                bad += 1
-        left = len(list(store.path.rglob("*.partial")))
-        tally.add("SIGKILL mid-chunk-write (store write path)", int(hit), problems == [] and left == 0, bad,
-                  bad == 0, f"{torn} half-written chunk file(s) at the kill, removed by verify; every chunk "
-                            f"bit-identical to a whole write of round(s) {sorted(rounds_seen)}")
 
 
 def fault_covariance(rng, rounds, work, args, ref_dir, ref_chi, tally):
@@ -473,14 +390,12 @@ def main() -> None:
         import ray
 
         from spectro.service import sample
-        from tests.conftest import tiny_config, tiny_problem
-        from tests.test_service import make_store
 
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         problem, config = tiny_problem(), tiny_config(burnin=2)
         ref_dir = work / "reference"
         sample(problem, make_store(ref_dir / "samples.zarr", problem, config), config, ref_dir / "checkpoints")
-        ref = store_arrays(ref_dir / "samples.zarr")
+        ref = arrays(ref_dir / "samples.zarr")
         print(f"reference (library, tiny GPT-NeoX): {ref['probe_loss'].shape} probe losses", flush=True)
         if "actor" in only:
             fault_actor(rng, a.rounds, work, ref, tally)
@@ -495,7 +410,7 @@ def main() -> None:
         fault_midwrite(rng, a.rounds, work, tally)
 
     if only & {"driver", "covariance"}:
-        model_dir = tiny_snapshot(work / "model")
+        model_dir = write_random_checkpoint(work / "model", TINY_SNAPSHOT, EMBEDDED / "tokenizer.json", std=0.05)
         corpus = work / "corpus.txt"
         import sysconfig
         corpus.write_text((Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text()
@@ -504,7 +419,7 @@ def main() -> None:
         ref_cli_dir = work / "reference-cli"
         finish(job(ref_cli_dir, args, "sample"), "reference sample")
         finish(job(ref_cli_dir, args, "susceptibilities"), "reference susceptibilities")
-        ref_cli = store_arrays(ref_cli_dir / "samples.zarr")
+        ref_cli = arrays(ref_cli_dir / "samples.zarr")
         ref_chi = chi_arrays(ref_cli_dir)
         print(f"reference (CLI, tiny snapshot): {ref_cli['probe_loss'].shape} probe losses, "
               f"chi {ref_chi['chi'].shape}", flush=True)

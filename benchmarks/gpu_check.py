@@ -188,8 +188,8 @@ def run_chains(prepared, comp, sampler, device: str) -> dict:
 
 
 def draw_flops(prepared, comp, sampler, cached_from: int) -> dict:
-    """bench_w2's FLOP model for one draw of `num_chains` chains: the steps and the evaluation."""
-    from bench_w2 import dense_sampled, unit_flops
+    """bench_w2's FLOP model (common.unit_flops) for one draw of `num_chains` chains: the steps and the evaluation."""
+    from common import dense_sampled, unit_flops
 
     problem = prepared.problem
     config, seq = problem.model.config, problem.probe_ids.shape[1]
@@ -439,7 +439,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-service", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in this process (default: 1 on cpu, "
                                                                 "torch's own on cuda; a shared CPU times steadier)")
-    ap.add_argument("--tokenizer", default=None, help="gpt-neox-20b.json (default: tests/pythia_fixture's location)")
+    ap.add_argument("--tokenizer", default=None, help="gpt-neox-20b.json (default: $SPECTRO_TOKENIZER_DIR, "
+                                                      "else shared/tokenizers beside the repository)")
     args = ap.parse_args(argv)
     try:
         device = check_device(args.device)
@@ -462,15 +463,14 @@ def main(argv=None) -> int:
     if args.quick:
         model_source = "embedded"
     else:
-        from tests import pythia_fixture
+        from common import TOKENIZER, write_pythia14m_checkpoint
 
-        if args.tokenizer:
-            pythia_fixture.SHARED_TOKENIZER = Path(args.tokenizer)
-        if not pythia_fixture.SHARED_TOKENIZER.is_file():
-            print(f"gpu_check: the GPT-NeoX-20B tokenizer is not at {pythia_fixture.SHARED_TOKENIZER}; pass "
+        tokenizer = Path(args.tokenizer) if args.tokenizer else TOKENIZER
+        if not tokenizer.is_file():
+            print(f"gpu_check: the GPT-NeoX-20B tokenizer is not at {tokenizer}; pass "
                   f"--tokenizer or set SPECTRO_TOKENIZER_DIR (or use --quick for the embedded model)", file=sys.stderr)
             return 2
-        model_source = str(pythia_fixture.make_pythia14m_checkpoint(work / "pythia14m"))
+        model_source = str(write_pythia14m_checkpoint(work / "pythia14m", tokenizer))
     config = workload_config(model_source, components, chains, draws, device, args.quick)
     prepared = pipeline.prepare(config)
     p = prepared.problem

@@ -4,6 +4,7 @@ loopback owned by one fixture (init once, shutdown at the end); an S3 server
 storage; offline wandb and Hugging Face. Plain helpers live in tests/helpers.py."""
 
 import os
+import sys
 import uuid
 
 # Keep Ray on 127.0.0.1; must be set before Ray starts.
@@ -14,8 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-# benchmarks/ imports these from here; tests import them from tests.helpers
-from tests.helpers import s3_env, start_s3_server, tiny_config, tiny_model, tiny_problem  # noqa: F401
+from tests.helpers import s3_env, start_s3_server
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,28 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 # --------------------------------------------------------------------------- #
-# a clean end: Ray shut down, then no interpreter finalization
+# a clean end: Ray shut down, then, where Ray ran, no interpreter finalization
 # --------------------------------------------------------------------------- #
+
+RAY_NODE_PROCESSES = ("gcs_server", "raylet")
+_ray_ran = False      # whether a Ray driver ran in this test process
+
+
+def _note_ray_node_processes(event: str, args: tuple) -> None:
+    """Audit hook: note that this process started Ray's node processes (`ray.init(address="local")` and
+    `ray.cluster_utils.Cluster` do; the driver then runs here). Seen even when the test that started Ray
+    also shut it down, as an in-process pipeline run does."""
+    global _ray_ran
+    if event != "subprocess.Popen" or _ray_ran:
+        return
+    executable, argv = args[0], args[1]
+    program = executable or (argv[0] if isinstance(argv, (list, tuple)) and argv else argv)
+    if os.path.basename(os.fsdecode(program or "")) in RAY_NODE_PROCESSES:
+        _ray_ran = True
+
+
+def pytest_configure(config):
+    sys.addaudithook(_note_ray_node_processes)
 
 
 def pytest_sessionstart(session):
@@ -101,30 +121,31 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Shut down a Ray instance a test left running (an in-process pipeline run starts one and keeps it)."""
-    import sys
-
+    """Shut down a Ray instance a test left running, noting that a driver ran here."""
+    global _ray_ran
     if "ray" in sys.modules:
         import ray
 
         if ray.is_initialized():
+            _ray_ran = True
             ray.shutdown()
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """Leave with pytest's exit status once every result is reported, without finalizing the interpreter.
+    """Where a Ray driver ran in this process, leave with pytest's exit status once every result is reported,
+    without finalizing the interpreter; elsewhere, end normally.
 
-    This process has hosted Ray's core worker and Ray Data's executor threads next to the thread pools
-    of torch, faiss (OpenMP) and numba. Tearing those down while the interpreter frees its modules crashed
-    once after a complete, passing run (SIGSEGV, exit 139, no test affected). Every file a test writes is
-    closed by then; only the interpreter's own teardown is skipped. The exit status is pytest's (5 when no
-    test was collected)."""
+    Such a process has hosted Ray's core worker (whose gRPC threads outlive `ray.shutdown()`) and Ray Data's
+    executor threads next to the thread pools of torch, faiss (OpenMP) and numba. Tearing those down while
+    the interpreter frees its modules crashed once after a complete, passing run (SIGSEGV, exit 139, no test
+    affected). `os._exit` skips that teardown: every file a test writes is closed by then; only the
+    interpreter's own teardown is skipped. The exit status is pytest's: 0 when every test passed, 1 when one
+    failed, 5 when none was collected."""
     import logging
-    import sys
 
     session = getattr(config, "_spectro_session", None)
-    if session is None or not hasattr(session, "exitstatus"):
+    if not _ray_ran or session is None or not hasattr(session, "exitstatus"):
         return
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -5,7 +5,7 @@ closed forms that SGLD and the estimator are checked against.
 
 Bigger fixture builders have their own modules: pythia_fixture.py (hub-layout
 checkpoints), regression.py (linear regression as a spectro Problem),
-synthetic.py (planted cluster families), wandb_reader.py (offline wandb runs).
+synthetic.py (the easy planted family, a Gaussian closed form), wandb_reader.py (offline wandb runs).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ the previous features and defaults fail), the easy family recovered by all
 three methods, determinism, clear errors for bad input, and the clusters.json /
 cluster_run outputs."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,7 +16,8 @@ from spectro.clusters import (ClusterParams, Clustering, _pick_cut, adjusted_ran
                               conductance, conductance_clusters, feature_matrix, features, knn_graph, knn_lists,
                               relative_density, write_clusters)
 from spectro.errors import ConfigError, DataError, StoreError
-from tests.synthetic import hard_planted, planted_partition
+from spectro.clusters.planted import hard_planted
+from tests.synthetic import planted_partition
 
 # The defaults before they were chosen on hard_planted (docs/clustering.md): z-scored features,
 # 15 neighbours, local clusters capped at 400 tokens, outlier ratio 0.8.
@@ -194,7 +196,7 @@ def recovered(groups: np.ndarray, labels: np.ndarray) -> int:
 @pytest.fixture(scope="module")
 def hard():
     """6,000 tokens, 30 Zipf groups (42 to 1,200 tokens), 15% background, a uniform mode with 97%
-    of the z-scored variance, component scales over 30x (tests/synthetic.py)."""
+    of the z-scored variance, component scales over 30x (spectro/clusters/planted.py)."""
     return hard_planted(6000, 0, n_groups=30)
 
 
@@ -386,8 +388,11 @@ def test_cluster_run_reads_the_store_drops_full_and_empty_components(tmp_path, p
 
 def test_clustering_is_a_frozen_record(planted):
     chi, _ = planted
-    result = cluster(chi[:400], ClusterParams())
-    assert isinstance(result, Clustering)
-    with pytest.raises(Exception):
+    params = ClusterParams()
+    result = cluster(chi[:400], params)
+    assert type(result) is Clustering and [f.name for f in dataclasses.fields(result)] == [
+        "labels", "clusters", "params", "graph_stats"]
+    assert result.params == params and result.labels.shape == (400,)
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'labels'"):
         result.labels = None
     assert {"n_edges", "knn_seconds", "cluster_seconds", "knn"} <= set(result.graph_stats)

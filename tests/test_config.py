@@ -2,8 +2,9 @@
 ConfigError naming the key."""
 
 import pytest
+from omegaconf import OmegaConf
 
-from spectro.config import SpectroConfig, to_config
+from spectro.config import SpectroConfig, as_dict, to_config
 from spectro.errors import ConfigError
 from tests.helpers import CONF, compose_cfg
 
@@ -20,8 +21,13 @@ def test_every_group_option_composes_and_validates(group):
             overrides.append("model.source=/some/dir")
         if group == "data" and option == "files":
             overrides.append("data.corpus.paths=[a.txt]")
-        cfg = to_config(compose_cfg(overrides))
-        assert isinstance(cfg, SpectroConfig)
+        composed = compose_cfg(overrides)
+        cfg = to_config(composed)
+        # validation keeps every composed value; only sampler.nbeta=null resolves to a number (checked below)
+        want = dict(_leaves(OmegaConf.to_container(composed, resolve=True)))
+        got = dict(_leaves(as_dict(cfg)))
+        assert {k: got.get(k, "missing") for k in want if k != "sampler.nbeta"} == \
+            {k: v for k, v in want.items() if k != "sampler.nbeta"}, f"{group}={option}"
         if group == "experiment" and option == "control":
             assert cfg.sampler.control and cfg.sampler.nbeta == 0       # the control: no loss term anywhere
         else:
@@ -121,3 +127,16 @@ def test_yaml_files_hold_only_overrides():
             if key in defaults and value == defaults[key]:
                 restated.append(f"{path.relative_to(CONF)}: {key}={value!r}")
     assert not restated, "values that restate the schema's default:\n" + "\n".join(restated)
+
+
+def test_the_readme_lists_the_keys_a_resume_may_change():
+    """README.md's resume paragraph names exactly the keys the run's fingerprint leaves out."""
+    import re
+
+    from spectro.config import RESUME_NEUTRAL_KEYS
+
+    readme = (CONF.parent / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"These keys are left out\s+of that comparison and may change between attempts \(([^)]*)\)", readme)
+    assert found, "README.md no longer has the sentence listing the keys a resume may change"
+    named = re.findall(r"`([^`]+)`", found.group(1))
+    assert sorted(named) == sorted(RESUME_NEUTRAL_KEYS), (named, RESUME_NEUTRAL_KEYS)

@@ -160,10 +160,13 @@ def test_exclude_makes_sets_disjoint(small, tok):
     assert used.isdisjoint(zip(sampling.sources, sampling.doc_names, sampling.offsets))
     # with a different window length, excluded token ranges still never overlap
     longer = make_contexts(small, tok, 48, 20, seed=0, exclude=probe)
+    same_document = 0
     for src, name, off in zip(longer.sources, longer.doc_names, longer.offsets):
         for s2, n2, o2 in used:
             if (s2, n2) == (src, name):
+                same_document += 1
                 assert off + 48 <= o2 or o2 + 32 <= off
+    assert same_document > 0, "no window shares a document with a probe window: nothing was compared"
 
 
 def test_exclude_can_exhaust_the_corpus(tok):

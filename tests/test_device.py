@@ -123,7 +123,8 @@ def test_actors_take_declared_gpus_and_refuse_cuda_without_it(ray_with_declared_
     assert all(s["threads"] == 1 for s in seen)
     if not torch.cuda.is_available():
         bad = SamplerActor.options(num_cpus=0.5, num_gpus=1).remote(payload, 1, "cuda", 0.0)
-        with pytest.raises(Exception) as info:
+        with pytest.raises(ray.exceptions.RayActorError,
+                           match="ConfigError: device=cuda but torch sees no CUDA device") as info:
             ray.get(bad.describe.remote(), timeout=120)
         reason = _creation_error(info.value)
         assert reason and reason.startswith("ConfigError: device=cuda but torch sees no CUDA device"), reason

@@ -10,6 +10,8 @@ small, and the code cites only what lives in the repository.
 - No module over 500 lines, no source line over 120 characters.
 - No citation of documents outside the repository or of work periods and
   tracker items.
+- Benchmarks import spectro and their own helper modules, never the tests or
+  another benchmark script; tests never import a benchmark.
 """
 
 import ast
@@ -39,8 +41,8 @@ LAYERS = {
     # 6: clusters
     "spectro.clusters": 6, "spectro.clusters.params": 6, "spectro.clusters.graph": 6, "spectro.clusters.push": 6,
     "spectro.clusters.local": 6, "spectro.clusters.baselines": 6, "spectro.clusters.clustering": 6,
-    "spectro.clusters.files": 6, "spectro.modes": 6, "spectro.roles": 6, "spectro.stability": 6,
-    "spectro.known_answers": 6,
+    "spectro.clusters.files": 6, "spectro.clusters.planted": 6, "spectro.modes": 6, "spectro.roles": 6,
+    "spectro.stability": 6, "spectro.known_answers": 6,
     # 7: the SAE check of the clusters
     "spectro.sae": 7, "spectro.sae.model": 7, "spectro.sae.activations": 7, "spectro.sae.training": 7,
     "spectro.sae.matching": 7,
@@ -168,3 +170,17 @@ def test_the_readme_is_short():
     """The README is for users (what it is, the two commands, common tasks); measurements live in docs/."""
     lines = (PACKAGE.parent / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail into docs/"
+
+
+def test_benchmarks_and_tests_do_not_import_each_other():
+    """Benchmarks import spectro and their helper modules (benchmarks/common.py), never the tests, and no
+    benchmark script imports another script; tests never import a benchmark."""
+    root = PACKAGE.parent
+    benchmarks = sorted((root / "benchmarks").glob("*.py"))
+    scripts = {p.stem for p in benchmarks if 'if __name__ == "__main__":' in p.read_text(encoding="utf-8")}
+    assert {"bench_w1", "bench_w2", "fault_injection", "gpu_check"} <= scripts, scripts
+    wrong = [f"{p.relative_to(root)} imports {sorted(bad)}" for p in benchmarks
+             if (bad := _imports(p)[1] & ({"tests"} | scripts))]
+    wrong += [f"{p.relative_to(root)} imports {sorted(bad)}" for p in sorted((root / "tests").rglob("*.py"))
+              if (bad := _imports(p)[1] & ({"benchmarks"} | {b.stem for b in benchmarks}))]
+    assert not wrong, wrong

@@ -341,8 +341,6 @@ def test_hub_ids_use_the_cache_and_fail_clearly_when_the_hub_is_unreachable(tmp_
 
 
 def test_embedded_model_loads():
-    if not EMBEDDED_MODEL_DIR.is_dir():
-        pytest.skip(f"no embedded model yet at {EMBEDDED_MODEL_DIR}")
     loaded = load_model("embedded")
     prov = loaded.provenance
     assert (prov["source"], prov["id"], prov["revision"]) == ("embedded", "embedded", None)

@@ -78,6 +78,7 @@ def test_only_the_component_moves():
     state, _ = draws(runner, runner.start(), 2)
     params = dict(problem.model.named_parameters())
     assert set(state.sgld.params) == set(comp.masks)           # only the component's tensors are sampled
+    assert any(m is not None for m in comp.masks.values())     # a head: part of its tensors is masked
     for name, w in state.sgld.params.items():
         mask = comp.masks[name]
         moved = (w[0] != params[name]).cpu()

@@ -9,6 +9,7 @@ The stage's data flow, one module per step:
     baselines   Leiden and spectral clusterings of the same graph
     clustering  `cluster`: chi -> graph -> the chosen method -> clusters numbered largest first
     files       the run directory: read susceptibilities.zarr, write clusters.json (+ modes.json)
+    planted     `hard_planted`: chi with known groups, the family the defaults were chosen on
 
 The stage itself, with the reliability and stability figures of the clusters,
 is run by `spectro.pipeline.run_clusters`. docs/clustering.md has the
