@@ -67,6 +67,16 @@ class Component:
         return total
 
 
+def weight_norm(component: Component, model: torch.nn.Module) -> float:
+    """||w*_C||: the Euclidean norm of the component's sampled entries at the model's weights (float64)."""
+    params = dict(model.named_parameters())
+    total = 0.0
+    for name, mask in component.masks.items():
+        w = params[name].detach().double()
+        total += float((w[mask] if mask is not None else w).pow(2).sum())
+    return total ** 0.5
+
+
 def all_component_names(config) -> list[str]:
     """Every component of a GPT-NeoX config in canonical order (``full`` excluded)."""
     n_layers, n_heads = int(config.num_hidden_layers), int(config.num_attention_heads)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from spectro import __version__, rundir
-from spectro.components import Component, resolve_components
+from spectro.components import Component, resolve_components, weight_norm
 from spectro.config import RESUME_NEUTRAL_KEYS, SAEConfig, SpectroConfig, as_dict
 from spectro.data import ContextSet, ProbeSet, load_corpus, make_contexts
 from spectro.probes import build_probe_set, suite_contexts
@@ -123,9 +123,11 @@ def provenance(p: Prepared) -> dict:
 
     from spectro.service import ray_version
     from spectro.store import zarr_version
+    norms = {c.name: weight_norm(c, p.loaded.model) for c in p.components}     # for the displacement figure
     return {"spectro": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "ray": ray_version(), "zarr": zarr_version(),
-            "model": p.loaded.provenance, "data": p.corpus_info, "init_loss": p.problem.init_loss,
+            "model": {**p.loaded.provenance, "weight_norms": norms}, "data": p.corpus_info,
+            "init_loss": p.problem.init_loss,
             "n_probe_tokens": p.probe.n_tokens}
 
 
@@ -440,4 +442,7 @@ def run_susceptibilities(config: SpectroConfig, run_dir: rundir.PathLike) -> dic
     out["seconds"] = round(time.perf_counter() - t0, 2)
     if out["not_mixed"]:
         log.warning("chains have not mixed (R-hat > %s) for: %s", e.rhat_threshold, ", ".join(out["not_mixed"]))
+    if out["not_local"]:
+        log.warning("chains are not local (E[phi] or displacement above the thresholds) for: %s",
+                    ", ".join(out["not_local"]))
     return out

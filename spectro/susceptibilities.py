@@ -42,6 +42,13 @@ Non-obvious choices:
   of different shards may rest on different draws: the selection keeps them
   (`Selection.shard_draws`) and the output's attrs list them
   (`shard_draws`, [component][chain][shard]) next to `progress`.
+- Locality per component: E[phi] in nats (the sampled models' mean loss
+  rise) and the relative displacement RMS(w - w*) / RMS(w*) over the
+  component's sampled entries (the `distance` trace against the weight norm
+  recorded in provenance). A component above `LOCAL_MAX_PHI` or
+  `LOCAL_MAX_DISPLACEMENT` is flagged `not_local`: its chains left the
+  neighbourhood of w* where nβ E[phi] reads as a local learning coefficient
+  (docs/method.md, "Locality").
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ _E = EstimatorConfig()    # the schema's defaults: the one place they are writte
 log = logging.getLogger("spectro.susceptibilities")
 
 FULL = "full"
+LOCAL_MAX_PHI = 0.5            # nats: mean loss rise of the sampled models above which a run is not local
+LOCAL_MAX_DISPLACEMENT = 0.5   # RMS(w - w*) / RMS(w*) above which the chains wander as far as the weights are large
 
 
 @dataclass(frozen=True)
@@ -243,7 +252,9 @@ def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold
     L = store.layout
     C = len(L.components)
     s = store.read("sampling_loss")                                          # (C, N, D)
-    out = {k: np.full(C, np.nan) for k in ("llc_mean", "llc_std", "mean_phi", "rhat", "ess_bulk")}
+    out = {k: np.full(C, np.nan) for k in ("llc_mean", "llc_std", "mean_phi", "rhat", "ess_bulk", "displacement")}
+    dist = store.read("distance")                                            # (C, N, D) ||w - w*||
+    norms = (store.attrs.get("model") or {}).get("weight_norms") or {}
     out["n_chains_used"] = sel.use.sum(1)
     out["n_diverged"] = (store.diverged_at() >= 0).sum(1)
     paired = antithetic(store)
@@ -260,12 +271,16 @@ def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold
         out["llc_mean"][ci] = llc.mean()
         out["llc_std"][ci] = llc.std(ddof=1) if len(chains) > 1 else np.nan
         out["mean_phi"][ci] = phi.mean()
+        norm = norms.get(L.components[ci])
+        if norm:                                                             # RMS(w - w*) / RMS(w*) over its entries
+            out["displacement"][ci] = float(np.sqrt(np.mean(dist[ci, chains, :n] ** 2))) / norm
         if len(chains) >= 2 and n >= 4:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 out["rhat"][ci] = float(array_stats.rhat(phi, chain_axis=0, draw_axis=1, method="rank"))
                 out["ess_bulk"][ci] = float(array_stats.ess(phi, chain_axis=0, draw_axis=1, method="bulk"))
     out["not_mixed"] = ~(out["rhat"] <= rhat_threshold)                      # NaN R-hat counts as not shown mixed
+    out["not_local"] = (out["mean_phi"] > LOCAL_MAX_PHI) | (out["displacement"] > LOCAL_MAX_DISPLACEMENT)
     return out
 
 
@@ -310,14 +325,22 @@ def compute(run_dir: rundir.PathLike, *, form: str = _E.form, nbeta: float,
              "init_loss": store.init_loss, "rhat_threshold": rhat_threshold,
              "progress": store.progress().tolist() if sel.partial else None,
              **({"shard_draws": sel.shard_draws.tolist()} if sel.partial and sel.shard_draws is not None else {}),
-             "components_without_chains": empty}
+             "components_without_chains": empty, "local_max_phi": LOCAL_MAX_PHI,
+             "local_max_displacement": LOCAL_MAX_DISPLACEMENT}
     out.write_diagnostics(diag, attrs)
     out.commit(run_dir / rundir.SUSCEPTIBILITIES)
     return {"blocks": len(blocks), "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "reliability": None if reliability is None else
             {k: reliability[k] for k in ("raw_median", "features_median", "features_min", "least_reliable")},
             "excluded_chains": len(sel.excluded), "partial": sel.partial, "components_without_chains": empty,
-            "not_mixed": [L.components[c] for c in np.nonzero(diag["not_mixed"])[0]]}
+            "not_mixed": [L.components[c] for c in np.nonzero(diag["not_mixed"])[0]],
+            "not_local": [L.components[c] for c in np.nonzero(diag["not_local"])[0]],
+            "locality": {c: {"mean_phi": _num(diag["mean_phi"][i]), "displacement": _num(diag["displacement"][i])}
+                         for i, c in enumerate(L.components)}}
+
+
+def _num(x: float) -> Optional[float]:
+    return round(float(x), 5) if np.isfinite(x) else None
 
 
 def run_reliability(out: SusceptibilityStore, components: list[str]) -> dict | None:

@@ -142,6 +142,8 @@ def _diagnostics_section(run: _Run) -> str:
         return s[name].values if name in s else np.full(len(comps), np.nan if dtype is float else -1)
 
     llc_m, llc_s, rhat, ess = col("llc_mean"), col("llc_std"), col("rhat"), col("ess_bulk")
+    phi, disp = col("mean_phi"), col("displacement")
+    not_local = s["not_local"].values if "not_local" in s else np.zeros(len(comps), bool)
     used, ndiv = col("n_chains_used", int), col("n_diverged", int)
     not_mixed = s["not_mixed"].values if "not_mixed" in s else np.zeros(len(comps), bool)
     _, rel, _ = _trust(run)
@@ -151,35 +153,52 @@ def _diagnostics_section(run: _Run) -> str:
     thr = s.attrs.get("rhat_threshold")
     rows = []
     for i, c in enumerate(comps):
-        flag = bool(not_mixed[i])
-        status = '<span class="flag-text">not mixed</span>' if flag else '<span class="ok-text">ok</span>'
+        flag = bool(not_mixed[i]) or bool(not_local[i])
+        problems = [t for t, bad in (("not mixed", not_mixed[i]), ("not local", not_local[i])) if bad]
+        status = (f'<span class="flag-text">{", ".join(problems)}</span>' if flag
+                  else '<span class="ok-text">ok</span>')
         if int(used[i]) == 0:
             status = '<span class="flag-text">no chains</span>'
         chains = f"{int(used[i])}" + (f" / {n_chains}" if n_chains is not None else "")
         rows.append(
             f'<tr class="{"flagged" if flag else ""}" data-component="{_e(c)}"><td><code>{_e(c)}</code></td>'
             f'<td class="num">{_fmt(llc_m[i])} <span class="muted">± {_fmt(llc_s[i])}</span></td>'
+            f'<td class="num{" bad" if not_local[i] else ""}">{_fmt(phi[i])}</td>'
+            f'<td class="num{" bad" if not_local[i] else ""}">{_fmt(disp[i])}</td>'
             f'<td class="num">{_fmt(rhat[i])}</td><td class="num">{_fmt(ess[i], 1)}</td>'
             f'<td class="num{" bad" if int(ndiv[i]) > 0 else ""}">{int(ndiv[i])}</td>'
             f'<td class="num">{chains}</td>{_rel_cell(rel_raw[i], target)}{_rel_cell(rel_feat[i], target)}'
             f'<td>{status}</td></tr>')
-    table = ('<table class="diag"><thead><tr><th>component</th><th>LLC mean ± std</th><th>R-hat</th>'
+    table = ('<table class="diag"><thead><tr><th>component</th><th>LLC mean ± std</th>'
+             '<th title="mean loss rise of the sampled models, nats">E[φ]</th>'
+             '<th title="RMS(w - w*) / RMS(w*) over the component\'s sampled weights">displacement</th><th>R-hat</th>'
              '<th>bulk ESS</th><th>divergences</th><th>chains used</th>'
              '<th title="split-half reliability of raw chi: predicted correlation with an independent run">'
              'reliability χ</th><th title="split-half reliability of the clustering features">'
              'reliability features</th><th>status</th></tr></thead>'
              f'<tbody>{"".join(rows)}</tbody></table>')
     n_flag = int(np.sum(not_mixed))
+    lead_llc = ("LLC = nβ·E[φ] reads as a local learning coefficient only where the chains stay local (E[φ] and "
+                "displacement below the thresholds; otherwise flagged).")
     bits = [f"{len(comps)} components", f"estimator form <code>{_e(str(s.attrs.get('form', '–')))}</code>",
             f"nβ = {_fmt(s.attrs.get('nbeta'), 3)}"]
     if thr is not None:
         bits.append(f"flagged “not mixed” where R-hat &gt; {_fmt(thr, 2)}")
-    lead = "; ".join(bits) + "."
+    lead = "; ".join(bits) + ". " + lead_llc
     if np.isfinite(rel_raw).any() or np.isfinite(rel_feat).any():
         lead += (" Reliability: the predicted correlation over tokens between this run's values and an independent "
                  f"run's (split halves of the chains, Spearman-Brown), of raw χ and of the clustering features; "
                  f"below {_fmt(target, 2)} in red.")
     extra = ""
+    n_far = int(np.sum(not_local))
+    if n_far:
+        far = ", ".join(c for c, bad in zip(comps, not_local) if bad)
+        extra += _notice(f"{n_far} of {len(comps)} components are not local ({_e(far)}): their chains' models lose "
+                         f"more than {_fmt(s.attrs.get('local_max_phi', 0.5), 2)} nats on average or moved more "
+                         f"than {_fmt(s.attrs.get('local_max_displacement', 0.5), 2)} of their weights' size from "
+                         "w*, so nβ·E[φ] there is not a local learning coefficient and χ mixes in the response of "
+                         "a "
+                         "different, worse model (raise sampler.gamma; docs/method.md, Locality).")
     if n_flag:
         extra += _notice(f"{n_flag} of {len(comps)} components have chains that have not mixed; their "
                          "susceptibilities are less reliable (longer chains, more burn-in or a smaller step help).")
