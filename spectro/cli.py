@@ -55,8 +55,6 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
     try:
         config = to_config(cfg)
         console.setup(config.console)
-        if config.stage != "plan":
-            log.info("preparing the run in %s (spectro.log there keeps the full log)", run_dir)
         if config.stage == "plan":          # the cost of the run, before it runs: samples and writes nothing else
             from spectro.plan import run_plan
             run_plan(config, run_dir)
@@ -65,6 +63,7 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
             from spectro.rundir import Location
             Location(config.storage.uri).check_writable()
         prepared = pipeline.prepare(config) if config.stage in ("all", "sample") else None
+        log.info("run directory %s (spectro.log there keeps the full log)", run_dir)   # after every input check
     except SpectroError as exc:
         print(f"spectro: error: {exc}", file=sys.stderr)
         if created and run_dir.exists():
