@@ -195,9 +195,10 @@ def test_the_main_job_on_a_terminal(tmp_path):
     verdict = f"verdict: {summary['verdict']['text']}"
     assert any(line.startswith(verdict) for line in lines[-10:]), shown
     assert str(run_dir / "report.html") in shown and str(run_dir / "summary.json") in shown
-    bar = [line for line in lines if line.startswith("sampling") and "chain-draws" in line]
+    bar = [line for line in lines if re.match(r"sampling +\d+%\|", line)]
     assert len(bar) == 1 and "100%" in bar[0] and "draws/s" in bar[0], shown    # one bar, left at its end
-    for stage in ("susceptibilities: ", "clusters: ", "sae: ", "report written to "):
+    assert lines[0] == f"run directory {run_dir} (spectro.log there keeps the full log)", shown
+    for stage in ("sampling: ", "susceptibilities: ", "clusters: ", "sae: ", "report written to "):
         assert sum(line.startswith(stage) for line in lines) == 1, (stage, shown)
     for chatter in ("faiss", "Started a local Ray instance", "Token authentication", "Dataset", "ray.data", "INFO",
                     "{"):
@@ -208,6 +209,17 @@ def test_the_main_job_on_a_terminal(tmp_path):
     for kept in ("[faiss.loader][INFO]", "Started a local Ray instance", "Token authentication",
                  "Starting execution of Dataset", "verdict: "):
         assert kept in log, kept
+
+
+def test_bad_input_on_a_terminal_is_one_line(tmp_path):
+    """An input error found after the model is loaded (an unknown component) is still the one line the terminal
+    shows, and leaves no run directory."""
+    run_dir = tmp_path / "run"
+    code, raw = run_in_pty([sys.executable, str(ROOT / "jobs" / "run.py"), "experiment=smoke", "components=[l9h9]",
+                            f"hydra.run.dir={run_dir}"], timeout=600)
+    lines = screen(raw)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("spectro: error: ") and "l9h9" in lines[0], lines
+    assert not run_dir.exists()
 
 
 @pytest.mark.slow
