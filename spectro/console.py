@@ -22,6 +22,8 @@ The main job (spectro.cli) calls `setup(config.console)` once the config is read
   and do not break the bar.
 - Ray's forwarding of actor output to the driver (`log_to_driver`) stays on: an actor prints nothing in a
   healthy run, and what it prints when it fails belongs on the terminal.
+- At the end spectro.cli prints `summary_lines` (known answers, figures, verdict with its reasons, paths), the
+  verdict within the last ten lines; `console.summary=full` prints summary.json as JSON before them.
 
 Why tqdm and not rich: tqdm comes with transformers and huggingface_hub already, draws a bar with rate and ETA
 from counts alone (the service's store reads), and its `write` prints log lines above a live bar through a plain
@@ -208,7 +210,7 @@ def route_third_party() -> None:
         for h in own_terminal:
             lg.removeHandler(h)
         lg.propagate = True
-        if lg.level < logging.INFO:         # Ray Data logs at DEBUG into its session files; spectro.log takes INFO
+        if lg.level < logging.INFO:         # Ray Data logs DEBUG into its own files; spectro.log takes INFO
             lg.setLevel(logging.INFO)
 
 

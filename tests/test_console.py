@@ -46,7 +46,8 @@ def run_in_pty(args: list[str], timeout: float) -> tuple[int, str]:
         while True:
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
-                raise AssertionError(f"no exit within {timeout} s; output so far:\n" + b"".join(chunks).decode()[-3000:])
+                tail = b"".join(chunks).decode(errors="replace")[-3000:]
+                raise AssertionError(f"no exit within {timeout} s; output so far:\n{tail}")
             ready, _, _ = select.select([master], [], [], 1.0)
             if not ready:
                 if proc.poll() is not None and not select.select([master], [], [], 0.2)[0]:
