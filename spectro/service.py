@@ -71,7 +71,6 @@ import io
 import logging
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -81,7 +80,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from spectro import rundir
+from spectro import console, rundir
 from spectro.config import SamplerConfig, SpectroConfig
 from spectro.device import HeapTrimmer, apply_settings, gpu_request, resolve_device
 from spectro.errors import DiskFullError, SpectroError
@@ -291,42 +290,34 @@ class SamplingReport:
 
 
 class Progress:
-    """A progress bar on a terminal, plain log lines otherwise; reads the store."""
+    """Sampling progress read from the store, shown by a view (spectro.console: a bar on a terminal, a plain
+    line every 10 s otherwise)."""
 
-    def __init__(self, store: SampleStore, stream=None, every_s: float = 10.0):
-        self.store, self.stream = store, stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    def __init__(self, store: SampleStore, view: Optional[console.ProgressView] = None):
+        self.store, self.view = store, view or console.progress_view()
         L = store.layout
         self.total = len(L.components) * L.n_chains * L.n_draws
         self.start_done = int(store.progress().sum())
         self.t0 = self.last = time.monotonic()
-        self.every_s = every_s
+        self.view.show(self.start_done, self.total, 0.0, float("inf"))
 
     def update(self, final: bool = False) -> Optional[int]:
-        """Report progress when due (every `every_s` in a log, every 2 s on a terminal) or at the end.
+        """Report progress when due (every `view.every_s`) or at the end.
 
         Between reports it reads nothing: the driver shares the machine with the actors, and reading the
         store's progress chunks once a second cost it a steady share of a core."""
         now = time.monotonic()
-        if not final and now - self.last < (2.0 if self.tty else self.every_s):
+        if not final and now - self.last < self.view.every_s:
             return None
         done = int(self.store.progress().sum())
         rate = (done - self.start_done) / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        msg = (f"sampling {done}/{self.total} chain-draws ({100 * done / self.total:.0f}%), "
-               f"{rate:.2f} draws/s, ETA {eta:.0f}s" if np.isfinite(eta) else
-               f"sampling {done}/{self.total} chain-draws, warming up")
-        if self.tty:
-            width = 30
-            filled = int(width * done / self.total)
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {msg}   ")
-            if final:
-                self.stream.write("\n")
-            self.stream.flush()
-        else:
-            log.info(msg)
+        self.view.show(done, self.total, rate, eta, final)
         self.last = now
         return done
+
+    def close(self) -> None:
+        self.view.close()
 
 
 def _creation_error(exc: Exception) -> Optional[str]:
@@ -401,8 +392,9 @@ def check_trajectories(store: SampleStore, checkpoint_dir: rundir.PathLike) -> i
 
 def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoint_dir: rundir.PathLike, *,
            on_poll: Optional[Callable[[SampleStore], None]] = None, poll_s: float = 1.0,
-           max_unit_failures: int = 3) -> SamplingReport:
-    """Run every unit the store lacks on Ray actors; blocks until done."""
+           max_unit_failures: int = 3, view: Optional[console.ProgressView] = None) -> SamplingReport:
+    """Run every unit the store lacks on Ray actors; blocks until done. `view` shows the progress
+    (default: spectro.console's choice)."""
     t0 = time.perf_counter()
     L = store.layout
     checkpoint_dir = rundir.location(checkpoint_dir)
@@ -420,7 +412,7 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
         raise SamplingFailed(f"device={config.device} but the actors request no GPU (the Ray cluster has none); "
                              f"use device=auto or device=cpu")
     options = dict(num_cpus=rc.num_cpus_per_actor, num_gpus=gpus)
-    progress = Progress(store)
+    progress = Progress(store, view)
     queue = list(todo)
     failures: dict[tuple, int] = {}
     live: dict[int, object] = {}          # actor id -> handle, constructed and usable
@@ -490,6 +482,7 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
         if L.probe_shards > 1:
             report.trajectories_checked = check_trajectories(store, checkpoint_dir)
     finally:
+        progress.close()
         for handle in list(live.values()) + [h for _, h in starting.values()]:
             ray.kill(handle, no_restart=True)
     report.seconds = time.perf_counter() - t0

@@ -28,6 +28,7 @@ LAYERS = {
     "spectro": 0, "spectro.errors": 0,
     # 1: the config schema and small utilities
     "spectro.config": 1, "spectro.rundir": 1, "spectro.features": 1, "spectro.device": 1, "spectro.gpus": 1,
+    "spectro.console": 1,
     # 2: model and data
     "spectro.model": 2, "spectro.neox": 2, "spectro.components": 2, "spectro.observables": 2,
     "spectro.corpus": 2, "spectro.data": 2, "spectro.probes": 2, "spectro.mechanisms": 2,
