@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat-share", type=float, default=0.3, help="share of rows holding a repeated span")
     p.add_argument("--random-share", type=float, default=0.3, help="share of repeated spans made of random tokens")
     p.add_argument("--span", type=int, nargs=2, default=(8, 48), metavar=("MIN", "MAX"), help="repeated span length")
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue from this model directory (its weights and tokenizer) instead of a fresh start")
     return p.parse_args(argv)
 
 
@@ -173,6 +175,8 @@ def per_token_nll(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, batch: int
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.init is not None and args.out.resolve() == args.init.resolve():
+        raise SystemExit("--out must differ from --init (the first phase's record is read from --init)")
     t_start = time.time()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # weight init only; see the module docstring
@@ -182,12 +186,16 @@ def main(argv: list[str] | None = None) -> None:
     print(train_corpus.description, flush=True)
     print(heldout_corpus.description, flush=True)
 
-    tok = train_tokenizer(train_corpus)
+    if args.init is None:
+        tok = train_tokenizer(train_corpus)
+        config = build_config()
+        model = GPTNeoXForCausalLM._from_config(config, attn_implementation="eager")
+    else:                                            # a second phase: the first phase's stored weights and tokenizer
+        tok = Tokenizer.from_file(str(args.init / "tokenizer.json"))
+        model = GPTNeoXForCausalLM.from_pretrained(args.init, dtype=torch.float32, attn_implementation="eager")
+        config = model.config
     stream = token_stream(train_corpus, tok)  # (n_train_tokens,)
-    print(f"tokenizer trained ({time.time() - t_start:.0f}s); {stream.numel():,} train tokens", flush=True)
-
-    config = build_config()
-    model = GPTNeoXForCausalLM._from_config(config, attn_implementation="eager")
+    print(f"tokenizer ready ({time.time() - t_start:.0f}s); {stream.numel():,} train tokens", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -270,8 +278,19 @@ def main(argv: list[str] | None = None) -> None:
 
     mech = mechanisms.measure(stored, stored_tok, heldout_corpus, heldout.input_ids[:256])
 
+    first_phase = None
+    if args.init is not None:
+        before = json.loads((args.init / "training.json").read_text())
+        first_phase = {k: before.get(k) for k in ("command", "steps", "batch", "lr", "repeat_share", "random_share",
+                                                  "train_wall_seconds", "heldout_loss", "first_phase")}
+        first_phase["induction"] = {k: before.get("mechanisms", {}).get(k, {}).get("drop")
+                                    for k in ("induction_natural", "induction_random")}
     record = {
         "seed": args.seed,
+        "repeat_share": args.repeat_share,
+        "random_share": args.random_share,
+        "span": list(args.span),
+        "first_phase": first_phase,
         "steps": args.steps,
         "batch": args.batch,
         "seq_len": SEQ_LEN,
