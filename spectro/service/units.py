@@ -94,7 +94,7 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
         store.write_block(
             component_name, chains, start, sampling_loss=sampling, moments=sums,
             probe_loss=probe if sums is None else None,
-            traces={name: np.stack([getattr(d, name) for d in draws], 1) for name in TRACE_ARRAYS},
+            traces={name: np.stack([d.traces[name] for d in draws], 1) for name in TRACE_ARRAYS},
             diverged_at=state.diverged_at, shard=shard)
         save(ckpt_file, runner, state, history, sums)
         store.set_progress(component_name, chains, state.draw, shard)
