@@ -171,25 +171,6 @@ def per_token_nll(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, batch: int
     return torch.cat(out)  # (n, seq_len-1)
 
 
-INDUCTION_PASSAGES = {"n": 200, "length": 40, "natural_seed": 1, "random_seed": 2}
-
-
-def measure_mechanisms(model: GPTNeoXForCausalLM, tok: Tokenizer, heldout_corpus: Corpus,
-                       heldout_ids: torch.Tensor) -> dict:
-    """Induction figures, per-head attention scores and the ablation table (spectro.mechanisms)."""
-    p = INDUCTION_PASSAGES
-    natural = make_contexts(heldout_corpus, tok, p["length"], p["n"], seed=p["natural_seed"]).input_ids
-    rand = mechanisms.random_passages(p["n"], p["length"], VOCAB_SIZE, seed=p["random_seed"])
-    table = mechanisms.head_ablation_table(model, natural, rand, heldout_ids[:256])
-    return {
-        "passages": dict(p, natural="held-out split, make_contexts(balanced)", random="uniform ids in [1, vocab)"),
-        "induction_natural": mechanisms.induction_figure(model, natural),
-        "induction_random": mechanisms.induction_figure(model, rand),
-        **mechanisms.named_heads(table),
-        "ablation": table,
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     t_start = time.time()
@@ -287,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     check_loss = float(per_token_nll(stored, check.input_ids).mean())
 
-    mech = measure_mechanisms(stored, stored_tok, heldout_corpus, heldout.input_ids)
+    mech = mechanisms.measure(stored, stored_tok, heldout_corpus, heldout.input_ids[:256])
 
     record = {
         "seed": args.seed,

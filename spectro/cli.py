@@ -10,6 +10,10 @@ this invocation created it (so a failed start leaves nothing half-written); an
 existing run directory with samples is never removed. With `storage.uri` the
 run's artifacts go there and the Hydra directory keeps only .hydra/ and
 spectro.log.
+
+What the terminal shows is spectro.console's: a progress bar (or plain lines without a terminal), a line per
+stage, then a short summary ending with the verdict and the paths of the report, summary.json and spectro.log;
+`console.summary=full` prints summary.json as JSON before it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
+from spectro import console
 from spectro.config import to_config
 from spectro.errors import SpectroError
 
@@ -49,6 +54,7 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
     created = _fresh_dir(run_dir)
     try:
         config = to_config(cfg)
+        console.setup(config.console)
         if config.stage == "plan":          # the cost of the run, before it runs: samples and writes nothing else
             from spectro.plan import run_plan
             run_plan(config, run_dir)
@@ -57,6 +63,7 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
             from spectro.rundir import Location
             Location(config.storage.uri).check_writable()
         prepared = pipeline.prepare(config) if config.stage in ("all", "sample") else None
+        log.info("run directory %s (spectro.log there keeps the full log)", run_dir)   # after every input check
     except SpectroError as exc:
         print(f"spectro: error: {exc}", file=sys.stderr)
         if created and run_dir.exists():
@@ -74,8 +81,25 @@ def main(cfg: DictConfig, run_dir: str | Path) -> int:
         print(f"spectro: error: no space left on the device while writing {exc.filename or run_dir} "
               f"({exc.strerror}); free space and rerun the same command to resume", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    _print_summary(config, run_dir, summary)
     return 0
+
+
+def _print_summary(config, run_dir: Path, summary: dict) -> None:
+    """The end of the output (spectro.console.summary_lines) from summary.json, which holds every stage's figures
+    so far (a single stage's run shows the verdict of the earlier ones); summary.json itself first with
+    console.summary=full."""
+    from spectro import rundir
+
+    path = rundir.run_location(config.storage.uri, run_dir) / rundir.SUMMARY
+    try:
+        merged = rundir.read_json(path)
+    except (OSError, ValueError):
+        merged = summary
+    if config.console.summary == "full":
+        print(json.dumps(summary, indent=2))
+    print("\n".join(console.summary_lines(merged, summary_path=str(path), log_path=str(run_dir / f"{JOB_NAME}.log"))),
+          flush=True)
 
 
 def _job(cfg: DictConfig) -> None:

@@ -194,6 +194,13 @@ class StorageConfig:
 
 
 @dataclass
+class ConsoleConfig:
+    """What the terminal shows (spectro.console); spectro.log and summary.json keep everything either way."""
+    progress: str = "auto"              # "auto": a live bar when stderr is a terminal, else plain lines | bar | plain
+    summary: str = "short"              # "short": verdict, its figures, file paths | "full": summary.json first, too
+
+
+@dataclass
 class SpectroConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -208,6 +215,7 @@ class SpectroConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     device: str = "auto"                # "auto" | "cpu" | "cuda" | "cuda:N"
     stage: str = "all"                  # "all" | "sample" | "susceptibilities" | "clusters" | "report" | "plan"
     fresh: bool = False                 # True: discard an existing run directory's samples
@@ -220,7 +228,9 @@ class SpectroConfig:
 # `sampler.probe_shards` likewise: it changes no stored number, only the chunking and units, and the layout records
 # it (a resume with another value is refused there).
 RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae", "plan",
-                       "store", "storage", "sampler.probe_shards")
+                       "store", "storage", "console", "sampler.probe_shards")
+CONSOLE_PROGRESS = ("auto", "bar", "plain")
+CONSOLE_SUMMARY = ("short", "full")
 STAGES = ("all", "sample", "susceptibilities", "clusters", "sae", "report", "plan")
 
 
@@ -417,6 +427,10 @@ def _check_run(c: SpectroConfig) -> None:
     _require(isinstance(s.probe_shards, int) and 1 <= s.probe_shards <= n_probe, "sampler.probe_shards",
              s.probe_shards, f"must be between 1 and the number of probe contexts ({n_probe})",
              "a shard is a contiguous range of probe contexts, e.g. sampler.probe_shards=4")
+    _require(c.console.progress in CONSOLE_PROGRESS, "console.progress", c.console.progress,
+             f"must be one of {', '.join(CONSOLE_PROGRESS)}", "auto picks the bar on a terminal, plain lines elsewhere")
+    _require(c.console.summary in CONSOLE_SUMMARY, "console.summary", c.console.summary,
+             f"must be one of {', '.join(CONSOLE_SUMMARY)}", "full also prints summary.json at the end")
     _require(c.stage in STAGES, "stage", c.stage, f"must be one of {', '.join(STAGES)}", "e.g. stage=all")
     from spectro.gpus import GPUS
     _require(c.plan.gpu is None or c.plan.gpu in GPUS, "plan.gpu", c.plan.gpu, f"must be one of {', '.join(GPUS)}",

@@ -87,19 +87,37 @@ def _take_round_robin(per_source: list[np.ndarray], n: int) -> list[tuple[int, i
     return picks
 
 
-def _windows(corpus: Corpus, encodings: list, seq_len: int,
+_TOKENIZED: dict[tuple[str, str], list[list[int]]] = {}
+_TOKENIZED_KEEP = 4
+
+
+def token_ids(corpus: Corpus, tokenizer: "tokenizers.Tokenizer") -> list[list[int]]:
+    """Every document's token ids (no special tokens), cached per (corpus content, tokenizer): a run cuts the
+    SGLD pool, the sampling set and the probe contexts from one tokenization instead of three."""
+    import hashlib
+
+    key = (corpus.content_hash, hashlib.sha256(tokenizer.to_str().encode()).hexdigest())
+    if key not in _TOKENIZED:
+        while len(_TOKENIZED) >= _TOKENIZED_KEEP:
+            _TOKENIZED.pop(next(iter(_TOKENIZED)))
+        encs = tokenizer.encode_batch([d.text for d in corpus.documents], add_special_tokens=False)
+        _TOKENIZED[key] = [e.ids for e in encs]
+    return _TOKENIZED[key]
+
+
+def _windows(corpus: Corpus, encodings: list[list[int]], seq_len: int,
              exclude: ContextSet | None) -> dict[str, list[tuple[int, int]]]:
     """Every available window (doc index, offset), grouped by source, in corpus order: consecutive `seq_len`
-    windows of each document that overlap no window of `exclude`."""
+    windows of each document's token ids that overlap no window of `exclude`."""
     excluded: dict[tuple[str, str], list[tuple[int, int]]] = {}      # excluded token ranges, per document
     if exclude is not None:
         ex_len = exclude.input_ids.shape[1]
         for src, name, off in zip(exclude.sources, exclude.doc_names, exclude.offsets):
             excluded.setdefault((src, name), []).append((off, off + ex_len))
     windows: dict[str, list[tuple[int, int]]] = {s: [] for s in corpus.sources}
-    for i, (doc, enc) in enumerate(zip(corpus.documents, encodings)):
+    for i, (doc, ids) in enumerate(zip(corpus.documents, encodings)):
         blocked = excluded.get((doc.source, doc.name), [])
-        for off in range(0, len(enc.ids) - seq_len + 1, seq_len):
+        for off in range(0, len(ids) - seq_len + 1, seq_len):
             if not any(off < end and start < off + seq_len for start, end in blocked):
                 windows[doc.source].append((i, off))
     return windows
@@ -129,7 +147,7 @@ def make_contexts(
     if n_contexts < 1:
         raise DataError(f"n_contexts must be >= 1, got {n_contexts}")
 
-    encodings = tokenizer.encode_batch([d.text for d in corpus.documents], add_special_tokens=False)
+    encodings = token_ids(corpus, tokenizer)
     sources = corpus.sources
     windows = _windows(corpus, encodings, seq_len, exclude)
     total = sum(len(w) for w in windows.values())
@@ -150,7 +168,7 @@ def make_contexts(
         chosen = [flat[j] for j in rng.choice(len(flat), size=n_contexts, replace=False)]
 
     input_ids = torch.tensor(
-        [encodings[i].ids[off : off + seq_len] for i, off in chosen], dtype=torch.int64
+        [encodings[i][off : off + seq_len] for i, off in chosen], dtype=torch.int64
     )  # (n_contexts, seq_len)
     return ContextSet(
         input_ids=input_ids,

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from spectro import neox
+from spectro.data import Corpus, make_contexts
 
 
 @dataclass(frozen=True)
@@ -175,3 +176,26 @@ def named_heads(table: dict) -> dict[str, list[str]]:
     ind = [r["head"] for r in table["heads"] if base > 0 and r["induction_random_drop"] >= INDUCTION_SHARE * base]
     prev = [r["head"] for r in table["heads"] if r["previous_token_score"] >= PREVIOUS_TOKEN_SCORE]
     return {"induction_heads": ind, "previous_token_heads": prev}
+
+
+# The passages every recorded induction figure is measured on (training.json, tests): held-out natural text and
+# uniform random ids, 200 passages of 40 tokens each.
+PASSAGES = {"n": 200, "length": 40, "natural_seed": 1, "random_seed": 2}
+
+
+def standard_passages(tokenizer, vocab: int, heldout: Corpus) -> tuple[torch.Tensor, torch.Tensor]:
+    """(natural, random) passages, each (200, 40): `PASSAGES` cut from the held-out corpus and drawn uniformly."""
+    p = PASSAGES
+    natural = make_contexts(heldout, tokenizer, p["length"], p["n"], seed=p["natural_seed"]).input_ids
+    return natural, random_passages(p["n"], p["length"], vocab, seed=p["random_seed"])
+
+
+def measure(model: torch.nn.Module, tokenizer, heldout: Corpus, heldout_ids: torch.Tensor) -> dict:
+    """Induction figures on the standard passages, the heads the ablation names, and the ablation table
+    (`heldout_ids`: (n, T) held-out windows for the loss column of the table)."""
+    natural, rand = standard_passages(tokenizer, model.config.vocab_size, heldout)
+    table = head_ablation_table(model, natural, rand, heldout_ids)
+    return {"passages": dict(PASSAGES, natural="held-out split, make_contexts(balanced)",
+                             random="uniform ids in [1, vocab)"),
+            "induction_natural": induction_figure(model, natural), "induction_random": induction_figure(model, rand),
+            **named_heads(table), "ablation": table}

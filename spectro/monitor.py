@@ -13,6 +13,9 @@ Non-obvious choices:
 - Modes come from config: `offline` (default in tests; no account; sync later
   with `wandb sync <run_dir>/wandb/offline-run-*`), `online`, `disabled`.
 - The wandb run's files live in the run directory (`<run_dir>/wandb`).
+- wandb runs quiet: without its version header and its end-of-run panel (sparklines and values of the first
+  ten of hundreds of per-chain series, about 25 lines), which would bury the run's own summary on the terminal.
+  Where the offline files are and how to sync them it still says.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Monitor:
         (Path(run_dir) / "wandb").mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(mode=config.mode, project=config.project, entity=config.entity, group=config.group,
                               name=name or Path(run_dir).name, dir=str(run_dir), config=run_config,
-                              reinit="finish_previous")
+                              reinit="finish_previous", settings=wandb.Settings(quiet=True))
         self.run.define_metric("draw")
         self.run.define_metric("*", step_metric="draw")
 

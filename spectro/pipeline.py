@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from spectro import __version__, rundir
+from spectro import __version__, console, rundir
 from spectro.components import Component, resolve_components, weight_norm
 from spectro.config import RESUME_NEUTRAL_KEYS, SAEConfig, SpectroConfig, as_dict
 from spectro.data import ContextSet, ProbeSet, load_corpus, make_contexts
@@ -155,6 +155,7 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
 
     from spectro import service
 
+    console.route_third_party()             # importing Ray gave its loggers a terminal handler of their own
     local_dir = Path(run_dir)
     if config.stage == "plan":              # spectro.plan: no sampling, no Ray
         from spectro.plan import run_plan
@@ -239,7 +240,7 @@ def run_clusters(config: SpectroConfig, run_dir: rundir.PathLike) -> dict:
                 "stability": None if stab is None else {k: stab[k] for k in ("ari", "ari_all_tokens",
                                                                              "n_clusters_halves")},
                 "verdict": v, "known_answers": _answers_summary(answers)})
-    log.info("verdict: %s (%s)", v["text"], "; ".join(v["reasons"]))
+    log.info("verdict: %s (%s)", v["text"], "; ".join(v["reasons"]), extra=console.FILE_ONLY)   # the end repeats it
     return out
 
 
@@ -303,9 +304,13 @@ def run_sae(config: SpectroConfig, run_dir: rundir.PathLike, prepared: Optional[
     train_ids = torch.cat([prepared.problem.train_ids, prepared.problem.sampling_ids]).cpu()
     out = _sae_stage(run_dir, config.sae, prepared.loaded.model.cpu(), train_ids, probe_ids, ctx, pos,
                      [str(t) for t in ds["token_text"].values.tolist()], clusters)
-    log.info("sae: FVE %.3f, matched %s of %d clusters (null mean %s, p %s)", out["fve_probe"],
-             out["matched_fraction"], out["n_clusters"], out["null_mean"], out["p_value"])
+    log.info("sae: FVE %.3f, %s of %d clusters matched by a feature (null mean %s, p %s)", out["fve_probe"],
+             _share(out["matched_fraction"]), out["n_clusters"], _share(out["null_mean"]), out["p_value"])
     return out
+
+
+def _share(x: Optional[float]) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
 
 
 def _sae_stage(run_dir: rundir.PathLike, settings: SAEConfig, model: torch.nn.Module, train_ids: torch.Tensor,
@@ -381,7 +386,6 @@ def run_report(config: SpectroConfig, run_dir: rundir.PathLike) -> dict:
     r = config.report
     path = write_report(run_dir, max_contexts=r.max_contexts, page_size=r.page_size, map_method=r.map,
                         control=r.control)
-    log.info("report: %s", path)
     return {"path": str(path)}
 
 
@@ -402,7 +406,8 @@ def run_sampling(config: SpectroConfig, run_dir: rundir.PathLike, p: Prepared,
     wandb_dir = local_dir or run_dir.path or Path.cwd()         # wandb writes local files only
     monitor = Monitor(config.wandb, wandb_dir, as_dict(p.config), nbeta=p.config.sampler.nbeta, name=run_dir.name)
     cpu0 = time.process_time()
-    report = service.sample(p.problem, store, p.config, run_dir / rundir.CHECKPOINTS, on_poll=monitor.poll)
+    report = service.sample(p.problem, store, p.config, run_dir / rundir.CHECKPOINTS, on_poll=monitor.poll,
+                            view=console.progress_view(config.console.progress))
     driver_cpu = time.process_time() - cpu0        # the driver's own CPU while actors sampled (it shares the machine)
     per_component = monitor.finish(store)
     diverged = store.diverged_at()
@@ -411,6 +416,8 @@ def run_sampling(config: SpectroConfig, run_dir: rundir.PathLike, p: Prepared,
         comps = store.layout.components
         where = [f"{comps[c]} chain {k} at draw {diverged[c, k]}" for c, k in zip(*np.nonzero(diverged >= 0))]
         log.warning("%d chain(s) diverged and will be excluded from estimates: %s", n_div, "; ".join(where))
+    log.info("sampling: %d unit(s) run, %d already stored, in %.0f s (%.2f chain-draws/s), %d diverged chain(s)",
+             len(report.units_run), report.units_skipped, report.seconds, report.draws_per_second, n_div)
     return {"units_run": len(report.units_run), "units_skipped": report.units_skipped,
             "units_repaired": report.units_repaired,
             "actor_failures": report.actor_failures, "seconds": round(report.seconds, 2),
@@ -440,6 +447,9 @@ def run_susceptibilities(config: SpectroConfig, run_dir: rundir.PathLike) -> dic
     out = susceptibilities.compute(run_dir, form=e.form, nbeta=nbeta, rhat_threshold=e.rhat_threshold,
                                    partial=e.partial, tokens_per_block=e.tokens_per_block or None)
     out["seconds"] = round(time.perf_counter() - t0, 2)
+    rhat = out.get("rhat_max")
+    log.info("susceptibilities: chi of %d components in %.1f s (%d Ray Data task(s)), R-hat max %s",
+             len(out["locality"]), out["seconds"], out["blocks"], "–" if rhat is None else f"{rhat:.3f}")
     if out["not_mixed"]:
         log.warning("chains have not mixed (R-hat > %s) for: %s", e.rhat_threshold, ", ".join(out["not_mixed"]))
     if out["not_local"]:

@@ -61,7 +61,7 @@ from typing import Optional
 
 import numpy as np
 
-from spectro import rundir
+from spectro import console, rundir
 from spectro.config import EstimatorConfig
 from spectro.errors import DivergenceError, StoreError
 from spectro.estimator import ChainMoments, susceptibility
@@ -301,6 +301,8 @@ def compute(run_dir: rundir.PathLike, *, form: str = _E.form, nbeta: float,
     blocks = plan_blocks(store, tokens_per_block)
     out = SusceptibilityStore.create(run_dir / rundir.SUSCEPTIBILITIES, store, blocks[0]["t1"] - blocks[0]["t0"],
                                      L.n_chains)
+    ray.data.DataContext.get_current().enable_progress_bars = False    # the pipeline logs one line for the job
+    console.route_third_party()          # importing Ray Data gave its logger a terminal handler of its own
     ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
     kwargs = dict(samples_path=str(store.path), out_path=str(out.path), sel=sel, form=form)
     ds = ds.map_batches(_reduce_batch, batch_size=1, fn_kwargs=kwargs, num_cpus=1,
@@ -335,6 +337,7 @@ def compute(run_dir: rundir.PathLike, *, form: str = _E.form, nbeta: float,
             "excluded_chains": len(sel.excluded), "partial": sel.partial, "components_without_chains": empty,
             "not_mixed": [L.components[c] for c in np.nonzero(diag["not_mixed"])[0]],
             "not_local": [L.components[c] for c in np.nonzero(diag["not_local"])[0]],
+            "rhat_max": _num(np.max(diag["rhat"], initial=-np.inf, where=np.isfinite(diag["rhat"]))),
             "locality": {c: {"mean_phi": _num(diag["mean_phi"][i]), "displacement": _num(diag["displacement"][i])}
                          for i, c in enumerate(L.components)}}
 

@@ -37,6 +37,14 @@ Non-obvious choices:
   the signal and is not recommended, however fast it is.
 - R-hat and ESS are about the sampling loss (the LLC's observable); the
   reliability figures are about chi itself. A setting must pass both.
+- Locality: E[phi] and the displacement of every component below the
+  susceptibilities job's thresholds (spectro.susceptibilities), else the
+  setting samples models far from w*.
+- The loss must shape the posterior: a sweep that holds an nβ = 0 control job
+  (`sampler.control=true`) at a job's γ compares them: the noise-corrected
+  agreement of their features, and the known answer's best-cluster F1 above
+  the control's. Agreement above `max_control_agreement` with no F1 gain of
+  0.2 fails: chi then reflects the localisation, not the loss.
 """
 
 from __future__ import annotations
@@ -53,12 +61,13 @@ from spectro.config import EstimatorConfig
 from spectro.errors import StoreError
 from spectro.reliability import MIN_RELIABILITY
 from spectro.store import read_susceptibilities
+from spectro.susceptibilities import LOCAL_MAX_DISPLACEMENT, LOCAL_MAX_PHI
 
 # The keys that define the local posterior (a change is a different target, not a less exact one); jobs are
 # compared for signal agreement only with jobs that share all of them.
 POSTERIOR_KEYS = ("nbeta", "gamma", "noise_level", "batch_size", "precondition", "control")
-SWEPT_KEYS = ("step_size", "nbeta", "gamma", "noise_level", "batch_size", "precondition", "num_draws", "burnin",
-              "steps_between_draws", "num_chains", "antithetic", "control")
+SWEPT_KEYS = ("step_size", "nbeta", "gamma", "noise_level", "batch_size", "precondition", "rmsprop_eps", "num_draws",
+              "burnin", "steps_between_draws", "num_chains", "antithetic", "control")
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,10 @@ class Thresholds:
     llc_rel_spread_max: float = 0.2
     min_signal_agreement: float = 0.95
     target_reliability: float = MIN_RELIABILITY            # the verdict's "reliable" median
+    phi_max: float = LOCAL_MAX_PHI                          # locality: the susceptibilities job's thresholds
+    displacement_max: float = LOCAL_MAX_DISPLACEMENT
+    max_control_agreement: float = 0.9                     # above it the loss barely shapes the posterior
+    answer_label: str = "induction"                        # the known answer whose F1 and readout AUC are ranked
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -83,7 +96,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 def summarize_job(job: Path, t: Thresholds) -> dict:
     config = json.loads((job / "config.json").read_text())
-    row: dict = {"job": job.name, "setting": {k: config["sampler"][k] for k in SWEPT_KEYS}}
+    row: dict = {"job": job.name, "setting": {k: config["sampler"].get(k) for k in SWEPT_KEYS}}
     overrides = job / ".hydra" / "overrides.yaml"
     if overrides.exists():
         row["overrides"] = [line[2:].strip() for line in overrides.read_text().splitlines() if line.startswith("- ")]
@@ -123,8 +136,19 @@ def summarize_job(job: Path, t: Thresholds) -> dict:
     spread = llc_std[fi] / llc[fi] if llc[fi] > 0 else float("inf")
     if not spread <= t.llc_rel_spread_max:
         failures.append(f"full LLC spread over chains {spread:.2f} > {t.llc_rel_spread_max}")
+    phi = ds["mean_phi"].values
+    disp = ds["displacement"].values if "displacement" in ds else np.full(len(comps), np.nan)
+    row.update({"phi_full": float(phi[fi]), "displacement_max": float(np.nanmax(disp)) if np.isfinite(disp).any()
+                else None})
+    far = [c for c, p, d in zip(comps, phi, disp) if p > t.phi_max or d > t.displacement_max]
+    if far:
+        failures.append(f"not local: E[phi] > {t.phi_max:g} nats or displacement > {t.displacement_max:g} for "
+                        f"{len(far)}/{len(comps)} components ({', '.join(far[:4])})")
     rel = ds.attrs.get("reliability")
     summary = json.loads((job / "summary.json").read_text()) if (job / "summary.json").exists() else {}
+    answers = (summary.get("clusters") or {}).get("known_answers") or {}
+    ind = answers.get(t.answer_label) or {}
+    row.update({"answer_f1": ind.get("f1"), "answer_auc": ind.get("readout_auc")})
     seconds = summary.get("sample", {}).get("seconds")
     row.update({"reliability": rel["features_median"] if rel else None, "sampling_seconds": seconds})
     if rel and seconds and rel["features_median"] is not None and 0 < rel["features_median"] < 1:
@@ -187,6 +211,32 @@ def _agreement_in_group(members: list, t: Thresholds, column_correlations) -> No
             r["passed"] = False
 
 
+def control_agreement(rows: list[dict], jobs: list[Path], t: Thresholds) -> None:
+    """Each job against the sweep's nβ = 0 control at the same γ (module notes): the noise-corrected agreement of
+    their features, and the known answer's F1 above the control's. A job the loss does not shape (agreement
+    above `max_control_agreement` and F1 no more than 0.2 above the control's) fails."""
+    from spectro.reliability import column_correlations
+
+    controls = {r["setting"]["gamma"]: (r, j) for r, j in zip(rows, jobs)
+                if r["setting"].get("control") and r["status"] == "ok" and r.get("reliability") is not None}
+    for r, j in zip(rows, jobs):
+        if r["setting"].get("control") or r["status"] != "ok" or r["setting"]["gamma"] not in controls:
+            continue
+        c_row, c_job = controls[r["setting"]["gamma"]]
+        mine, ctl = _features_and_reliability(j), _features_and_reliability(c_job)
+        if mine is None or ctl is None or mine[0] != ctl[0] or not np.array_equal(mine[3], ctl[3]):
+            continue
+        corr = column_correlations(mine[1], ctl[1]) / np.sqrt(np.clip(mine[2] * ctl[2], 1e-12, None))
+        r["control_job"], r["control_agreement"] = c_row["job"], float(np.nanmedian(corr))
+        gain = None if r.get("answer_f1") is None or c_row.get("answer_f1") is None else \
+            r["answer_f1"] - c_row["answer_f1"]
+        r["answer_f1_over_control"] = gain
+        if r["control_agreement"] > t.max_control_agreement and not (gain is not None and gain >= 0.2):
+            r["failures"].append(f"the loss barely shapes the posterior: features agree with the nβ = 0 control "
+                                 f"(job {c_row['job']}) at {r['control_agreement']:.2f} after noise correction")
+            r["passed"] = False
+
+
 def recommend(rows: list[dict]) -> dict:
     passing = [r for r in rows if r["passed"]]
     if passing:
@@ -217,6 +267,7 @@ def summarize(sweep_dir: Path, thresholds: Optional[Thresholds] = None) -> dict:
     for r in rows:
         r["target"] = t.target_reliability
     signal_agreement(rows, jobs, t)
+    control_agreement(rows, jobs, t)
     result = {"sweep_dir": str(sweep_dir), "thresholds": t.__dict__, "jobs": rows, "recommendation": recommend(rows)}
     rundir.write_json(Path(sweep_dir) / "sweep_summary.json", result, indent=2, allow_nan=True)
     return result
@@ -225,8 +276,9 @@ def summarize(sweep_dir: Path, thresholds: Optional[Thresholds] = None) -> dict:
 def format_table(result: dict) -> str:
     rows = result["jobs"]
     varying = [k for k in SWEPT_KEYS if len({json.dumps(r["setting"][k]) for r in rows}) > 1] or ["step_size"]
-    head = ["job", *varying, "LLC(full)", "R-hat max", "ESS min", "div. rate", "reliability", "s to target",
-            "signal", "healthy"]
+    head = ["job", *varying, "LLC(full)", "E[φ] full", "displ. max", "R-hat max", "ESS min", "div. rate",
+            "reliability", "s to target", "signal", "vs control", f"{result['thresholds']['answer_label']} F1",
+            "readout AUC", "healthy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["job"], *[f"{r['setting'][k]:g}" if isinstance(r["setting"][k], float) else str(r["setting"][k])
@@ -235,12 +287,14 @@ def format_table(result: dict) -> str:
             def num(v, f):
                 return "-" if v is None else format(v, f)
 
-            cells += [f"{r['llc_full']:.3f} ± {r['llc_full_std']:.3f}", f"{r['rhat_max']:.2f}", f"{r['ess_min']:.1f}",
+            cells += [f"{r['llc_full']:.3f} ± {r['llc_full_std']:.3f}", num(r.get("phi_full"), ".3f"),
+                      num(r.get("displacement_max"), ".3f"), f"{r['rhat_max']:.2f}", f"{r['ess_min']:.1f}",
                       f"{r['divergence_rate']:.2f}", num(r.get("reliability"), ".3f"),
                       num(r.get("seconds_to_target"), ".0f"), num(r.get("signal_agreement"), ".3f"),
-                      "yes" if r["passed"] else "no: " + "; ".join(r["failures"])]
+                      num(r.get("control_agreement"), ".3f"), num(r.get("answer_f1"), ".2f"),
+                      num(r.get("answer_auc"), ".2f"), "yes" if r["passed"] else "no: " + "; ".join(r["failures"])]
         else:
-            cells += ["-"] * 7 + ["no: " + "; ".join(r["failures"])]
+            cells += ["-"] * 12 + ["no: " + "; ".join(r["failures"])]
         lines.append("| " + " | ".join(cells) + " |")
     rec = result["recommendation"]
     chosen = ", ".join(f"{k}={rec['setting'][k]}" for k in varying)

@@ -25,7 +25,8 @@ from tests.helpers import compose_cfg
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["components=[l0h1,l2.mlp]", "sampler.num_chains=4", "sampler.chain_group=4", "sampler.num_draws=8",
          "sampler.checkpoint_every=2", "data.n_probe_contexts=8", "data.n_train_contexts=64",
-         "data.n_sampling_contexts=8", "ray.num_actors=2"]
+         "data.n_sampling_contexts=8", "data.probe.suite_contexts=2", "ray.num_actors=2"]
+N_TOKENS = (8 + 4 * 2) * 63          # 8 natural probe contexts and 2 of each of data=embedded's 4 labelled suites
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -145,22 +146,22 @@ def test_main_job_writes_samples_and_susceptibilities(finished_run):
     assert summary["sample"]["complete"] and summary["sample"]["diverged_chains"] == 0
     store = SampleStore.open(run_dir / "samples.zarr")
     assert store.layout.components == ("full", "l0h1", "l2.mlp")
-    assert store.read("probe_loss").shape == (3, 4, 8, 8 * 63)
+    assert store.read("probe_loss").shape == (3, 4, 8, N_TOKENS)
     prov = json.loads((run_dir / "provenance.json").read_text())
     assert prov["model"]["source"] == "embedded" and set(prov["model"]["files"]) >= {"model.safetensors", "config.json"}
     assert len(prov["data"]["content_hash"]) == 64
     # the trained model predicts far better than chance (ln 4096 = 8.3 nats)
     assert 1.0 < store.init_loss < 4.5
     ds = xr.open_zarr(run_dir / "susceptibilities.zarr", consolidated=False)
-    assert ds["chi"].shape == (8 * 63, 3) and np.isfinite(ds["chi"].values).all()
+    assert ds["chi"].shape == (N_TOKENS, 3) and np.isfinite(ds["chi"].values).all()
     assert np.isfinite(ds["chi_se"].values).all() and (ds["chi_se"].values > 0).all()
     assert set(ds["token_source"].values) == {"code", "prose"}
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["sampler"]["nbeta"] == pytest.approx(16 / np.log(16))
     # clusters and report (stage=all)
     clusters = json.loads((run_dir / "clusters.json").read_text())
-    assert len(clusters["labels"]) == 8 * 63 and clusters["components"] == ["l0h1", "l2.mlp"]
-    assert sum(c["size"] for c in clusters["clusters"]) + clusters["n_noise"] == 8 * 63
+    assert len(clusters["labels"]) == N_TOKENS and clusters["components"] == ["l0h1", "l2.mlp"]
+    assert sum(c["size"] for c in clusters["clusters"]) + clusters["n_noise"] == N_TOKENS
     assert (run_dir / "modes.json").exists()
     html = (run_dir / "report.html").read_text()
     assert "l2.mlp" in html and "https://" not in html

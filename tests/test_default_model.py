@@ -93,3 +93,24 @@ def test_model_completes_python(model, tok):
         probs = model(input_ids=ids).logits[0, -1].softmax(-1)  # (vocab,)
     after_self = sum(probs[tok.token_to_id(t)].item() for t in [",", "):"])
     assert after_self > 0.5  # the trained model knows what follows `self` in a def
+
+
+def test_the_default_model_copies_from_its_context(model, tok, record):
+    """The known answers a spectroscope must find in the default model: induction (loss on a repeated passage
+    drops by >= 2 nats, on natural held-out text and on random tokens) carried by heads the ablation names, and
+    a previous-token head. The figures are recomputed here from the shipped weights on the recorded passages."""
+    from spectro import mechanisms
+
+    mech = record["mechanisms"]
+    assert mech["passages"]["n"] == mechanisms.PASSAGES["n"] and mech["passages"]["length"] == 40
+    natural, rand = mechanisms.standard_passages(tok, model.config.vocab_size, embedded_corpus(split="heldout"))
+    for name, passages in (("induction_natural", natural), ("induction_random", rand)):
+        fig = mechanisms.induction_figure(model, passages)
+        assert fig["drop"] == pytest.approx(mech[name]["drop"], abs=2e-3), name
+        assert fig["drop"] >= 2.0, (name, fig)
+    assert mech["induction_heads"] and mech["previous_token_heads"]
+    rows = {r["head"]: r for r in mech["ablation"]["heads"]}
+    base = mech["ablation"]["intact"]["induction_random"]
+    for head in mech["induction_heads"]:       # zeroing a named head costs >= 20% of the random-token figure
+        assert rows[head]["induction_random_drop"] >= mechanisms.INDUCTION_SHARE * base
+    assert record["heldout_loss"] <= 3.56

@@ -116,3 +116,64 @@ def test_estimator_rejects_bad_input():
                        [ChainMoments(2).add(np.ones(2), np.ones((2, 2)), 0.0)], form="bogus")
     with pytest.raises(ValueError, match="no draws"):
         susceptibility([ChainMoments(2)], [ChainMoments(2).add(np.ones(2), np.ones((2, 2)), 0.0)])
+
+
+# --------------------------------------------------------------------------- #
+# what the two forms estimate (docs/method.md, "What the estimator estimates")
+# --------------------------------------------------------------------------- #
+
+
+def _quadratic_world(coupled: bool, seed: int = 0):
+    """A Gaussian 'full localised posterior' over w = (a, b) (a: the component's 3 weights, b: the rest, 4) with
+    quadratic sampling loss L and probe loss l; `coupled` adds a-b cross terms to both losses and a-b
+    correlation to the posterior."""
+    rng = np.random.default_rng(seed)
+    p, q = 3, 4
+    n = p + q
+
+    def sym(scale):
+        m = rng.normal(size=(n, n)) * scale
+        return m @ m.T
+
+    H, K = sym(0.5), sym(0.7)
+    g = rng.normal(size=n)
+    S = np.diag(rng.uniform(0.2, 0.5, n))
+    if not coupled:
+        for M in (H, K):
+            M[:p, p:] = M[p:, :p] = 0.0
+    else:
+        S = S + 0.3 * np.ones((n, n))
+        cross = 2.0 * rng.normal(size=(p, q))
+        K[:p, p:] += cross
+        K[p:, :p] += cross.T
+    L = lambda w: 0.5 * np.einsum("...i,ij,...j->...", w, H, w)                      # noqa: E731
+    ell = lambda w: 1.0 + w @ g + 0.5 * np.einsum("...i,ij,...j->...", w, K, w)     # noqa: E731
+    return p, S, L, ell
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_the_covariance_form_is_a_full_posterior_covariance_of_a_pinned_observable(coupled):
+    """Exact identity: peer = covariance + E_C[phi] (E_C[D] - E_full[D]). And where the component's weights are
+    independent of the rest under the full localised posterior and the losses have no cross terms between them,
+    the covariance form Cov_C(phi_C, D) equals Cov_full(phi_C(w_C, w*_rest), D(w)): the covariance, under the
+    full posterior, of the component's loss rise with the other weights pinned at w*. With coupling it does not."""
+    p, S, L, ell = _quadratic_world(coupled)
+    rng = np.random.default_rng(1)
+    n = 400_000
+    w_full = rng.multivariate_normal(np.zeros(S.shape[0]), S, size=n)             # (n, 7): the full run
+    w_comp = np.zeros_like(w_full)                                                 # the component run: rest pinned
+    w_comp[:, :p] = rng.multivariate_normal(np.zeros(p), S[:p, :p], size=n)        # its marginal, as p_C has
+    pinned = lambda w: np.concatenate([w[:, :p], np.zeros((len(w), S.shape[0] - p))], axis=1)  # noqa: E731
+    phi_c = L(w_comp) - L(np.zeros(S.shape[0]))
+    D_c, D_f = L(w_comp) - ell(w_comp), L(w_full) - ell(w_full)
+    covariance = np.mean(phi_c * D_c) - phi_c.mean() * D_c.mean()
+    peer = np.mean(phi_c * D_c) - phi_c.mean() * D_f.mean()
+    assert peer == pytest.approx(covariance + phi_c.mean() * (D_c.mean() - D_f.mean()), rel=1e-9, abs=1e-12)
+    A = L(pinned(w_full)) - L(np.zeros(S.shape[0]))                                # phi_C pinned outside C
+    full_cov = np.mean(A * D_f) - A.mean() * D_f.mean()
+    se = np.std(A * D_f) / np.sqrt(n) + np.std(phi_c * D_c) / np.sqrt(n)
+    if coupled:
+        assert abs(covariance - full_cov) > 8 * se
+    else:
+        assert abs(covariance - full_cov) < 4 * se
+        assert abs(peer - full_cov) > 8 * se        # the peer form carries E_C[phi] times the rest's mean shift

@@ -33,6 +33,7 @@ LAYERS = {
     "spectro": 0, "spectro.errors": 0,
     # 1: the config schema and small utilities
     "spectro.config": 1, "spectro.rundir": 1, "spectro.features": 1, "spectro.device": 1, "spectro.gpus": 1,
+    "spectro.console": 1,
     # 2: model and data
     "spectro.model": 2, "spectro.neox": 2, "spectro.components": 2, "spectro.observables": 2,
     "spectro.corpus": 2, "spectro.data": 2, "spectro.probes": 2, "spectro.mechanisms": 2,
@@ -46,7 +47,8 @@ LAYERS = {
     # 6: clusters
     "spectro.clusters": 6, "spectro.clusters.params": 6, "spectro.clusters.graph": 6, "spectro.clusters.push": 6,
     "spectro.clusters.local": 6, "spectro.clusters.baselines": 6, "spectro.clusters.clustering": 6,
-    "spectro.clusters.files": 6, "spectro.clusters.planted": 6, "spectro.modes": 6, "spectro.roles": 6,
+    "spectro.clusters.files": 6, "spectro.clusters.planted": 6, "spectro.clusters.scales": 6, "spectro.modes": 6,
+    "spectro.roles": 6,
     "spectro.stability": 6, "spectro.known_answers": 6,
     # 7: the SAE check of the clusters
     "spectro.sae": 7, "spectro.sae.model": 7, "spectro.sae.activations": 7, "spectro.sae.training": 7,

@@ -111,3 +111,16 @@ def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
     return float(adjusted_rand_score(a, b))
 
 
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """ARI of two labellings (-1 = noise) on the tokens both cluster, and on all tokens."""
+    from sklearn.metrics import adjusted_rand_score
+
+    a, b = np.asarray(a), np.asarray(b)
+    both = (a >= 0) & (b >= 0)
+    return {
+        "ari": float(adjusted_rand_score(a[both], b[both])) if both.sum() >= 2 else None,
+        "ari_all_tokens": float(adjusted_rand_score(a, b)),
+        "tokens_in_both": int(both.sum()),
+    }

@@ -14,6 +14,12 @@ Non-obvious choices:
   over all probe tokens, so random clusters have exactly the real sizes and
   are disjoint like the real ones. p-value = (1 + #{null >= observed}) /
   (1 + n_null).
+- Ceiling: a cluster of n tokens against a feature active on m tokens has
+  F1 <= 2 min(n, m) / (n + m); each cluster reports the best such bound over
+  all features (`ceiling`) and whether it reaches the match threshold
+  (`can_match`): a cluster far larger than every feature cannot match, which
+  says nothing about the clustering. `matched_fraction_of_matchable` counts
+  only clusters that could match.
 - F1, precision and recall come from one sparse product
   `membership^T @ active` (clusters x features overlaps); the null reuses it
   for batches of permutations.
@@ -98,6 +104,11 @@ def match_clusters(active: sp.csr_matrix, labels: np.ndarray, threshold: float =
     recall = ov / np.maximum(sizes, 1)
     matched = f1 >= threshold
     observed = float(matched.mean())
+    # the best F1 a cluster of its size could reach against any feature: 2 min(n, m) / (n + m), m its active count
+    pair = sizes[:, None] + n_active[None, :]                       # (clusters, features)
+    ceiling = np.divide(2.0 * np.minimum(sizes[:, None], n_active[None, :]), pair, out=np.zeros(pair.shape),
+                        where=pair > 0).max(axis=1)                 # (clusters,)
+    can_match = ceiling >= threshold
 
     rng = np.random.default_rng(seed)
     per_batch = max(1, int(2e7 // max(1, ids.size * A.shape[1])))
@@ -116,7 +127,8 @@ def match_clusters(active: sp.csr_matrix, labels: np.ndarray, threshold: float =
     null_frac, null_f1 = np.asarray(null_frac), np.asarray(null_f1)
     clusters = [{"id": int(c), "size": int(sizes[j]), "feature": int(best[j]), "f1": float(f1[j]),
                  "precision": float(precision[j]), "recall": float(recall[j]),
-                 "feature_active": int(n_active[best[j]]), "matched": bool(matched[j])}
+                 "feature_active": int(n_active[best[j]]), "matched": bool(matched[j]),
+                 "ceiling": float(ceiling[j]), "can_match": bool(can_match[j])}
                 for j, c in enumerate(ids)]
     null = None
     if n_null > 0:
@@ -129,7 +141,9 @@ def match_clusters(active: sp.csr_matrix, labels: np.ndarray, threshold: float =
                 "mean_best_f1_q95": float(np.quantile(null_f1, 0.95)),
                 "p_value_mean_best_f1": float((1 + (null_f1 >= f1.mean()).sum()) / (1 + n_null))}
     return {"n_clusters": int(ids.size), "threshold": float(threshold), "n_matched": int(matched.sum()),
-            "matched_fraction": observed, "mean_best_f1": float(f1.mean()), "clusters": clusters, "null": null}
+            "matched_fraction": observed, "mean_best_f1": float(f1.mean()), "clusters": clusters, "null": null,
+            "n_can_match": int(can_match.sum()),
+            "matched_fraction_of_matchable": float(matched[can_match].mean()) if can_match.any() else None}
 
 
 def top_tokens(active: sp.csr_matrix, feature: int, n: int) -> list[tuple[int, float]]:

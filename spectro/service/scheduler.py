@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from spectro import rundir
+from spectro import console, rundir
 from spectro.config import SpectroConfig
 from spectro.errors import DiskFullError, SamplingFailed, SpectroError
 from spectro.sampling import Problem
@@ -181,8 +181,9 @@ class Scheduler:
 
 def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoint_dir: rundir.PathLike, *,
            on_poll: Optional[Callable[[SampleStore], None]] = None, poll_s: float = 1.0,
-           max_unit_failures: int = 3) -> SamplingReport:
-    """Run every unit the store lacks on Ray actors; blocks until done."""
+           max_unit_failures: int = 3, view: Optional[console.ProgressView] = None) -> SamplingReport:
+    """Run every unit the store lacks on Ray actors; blocks until done. `view` shows the progress
+    (default: spectro.console's choice)."""
     t0 = time.perf_counter()
     L = store.layout
     checkpoint_dir = rundir.location(checkpoint_dir)
@@ -193,7 +194,7 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
     if not todo:
         return report
     scheduler = Scheduler(todo, actor_starter(problem, store, config, checkpoint_dir), store, max_unit_failures)
-    progress = Progress(store)
+    progress = Progress(store, view)
     try:
         for _ in range(min(config.ray.num_actors, len(todo))):
             scheduler.start_actor()
@@ -211,6 +212,7 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
         if L.probe_shards > 1:
             report.trajectories_checked = check_trajectories(store, checkpoint_dir)
     finally:
+        progress.close()
         report.units_run, report.actor_failures = scheduler.done, scheduler.actor_failures
         scheduler.stop()
     return _timed(report, L, config.ray.num_actors, time.perf_counter() - t0)
