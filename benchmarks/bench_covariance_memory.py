@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def synthetic_store(path: Path, n_tokens: int, seed: int = 0):
     from spectro.config import as_dict, to_config
-    from spectro.store import Layout, ProbeTable, SampleStore
+    from spectro.store import TRACE_ARRAYS, Layout, ProbeTable, SampleStore
 
     comps = ["full", "a", "b", "c", "d"]
     N, D, G, Dc = 4, 20, 4, 10
@@ -44,7 +44,7 @@ def synthetic_store(path: Path, n_tokens: int, seed: int = 0):
             s = 3.0 + 0.01 * rng.standard_normal((len(chains), Dc))
             l = (3.0 + rng.standard_normal((len(chains), Dc, n_tokens))).astype(np.float32)
             store.write_block(comp, chains, d0, sampling_loss=s, probe_loss=l,
-                              traces={k: np.zeros((len(chains), Dc)) for k in ("step_loss", "grad_norm", "noise_norm", "distance")},
+                              traces={k: np.zeros((len(chains), Dc)) for k in TRACE_ARRAYS},
                               diverged_at=np.full(len(chains), -1))
         store.set_progress(comp, chains, D)
     return store

@@ -40,7 +40,7 @@ def run(prepared, name: str, sampler, timers: dict) -> tuple[np.ndarray, np.ndar
         timers[sampler.probe_dtype] = timers.get(sampler.probe_dtype, 0.0) + time.perf_counter() - t0
         s.append(d.sampling_loss)
         p.append(d.probe_loss)
-        dist.append(d.distance)
+        dist.append(d.traces["distance"])
     return np.stack(s, 1), np.stack(p, 1).astype(np.float64), np.stack(dist, 1)
 
 

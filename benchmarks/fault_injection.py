@@ -59,9 +59,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import EMBEDDED, arrays, make_store, tiny_config, tiny_problem, write_random_checkpoint  # noqa: E402
 from midwrite import fault_midwrite  # noqa: E402
+from spectro.store import TRACE_ARRAYS  # noqa: E402
 
-UNIT_AND_STATE = ("sampling_loss", "probe_loss", "step_loss", "grad_norm", "noise_norm", "distance", "diverged_at",
-                  "progress")
+UNIT_AND_STATE = ("sampling_loss", "probe_loss", *TRACE_ARRAYS, "diverged_at", "progress")
 
 
 # ---------------------------------------------------------------- comparing results

@@ -267,25 +267,28 @@ def _require(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
         raise ConfigError(f"{key} {rule} (got {value!r}); {fix}")
 
 
-def validate(c: SpectroConfig) -> SpectroConfig:
-    """Range and cross-field checks. Returns the config with nbeta resolved."""
-    s, d = c.sampler, c.data
-    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _check_model_and_sampler(c: SpectroConfig) -> None:
+    """model.source and the sampler's ranges and cross-field rules."""
+    s = c.sampler
     _require(bool(c.model.source), "model.source", c.model.source, "must be non-empty",
              "use 'embedded', a local snapshot directory or a hub id like EleutherAI/pythia-14m")
-    _require(finite(s.step_size) and s.step_size > 0, "sampler.step_size", s.step_size,
+    _require(_finite(s.step_size) and s.step_size > 0, "sampler.step_size", s.step_size,
              "must be a positive finite number", "e.g. sampler.step_size=1e-4")
     if s.control:
         _require(s.nbeta is None or s.nbeta == 0, "sampler.nbeta", s.nbeta,
                  "must be 0 or null with sampler.control=true (the control removes the loss term)",
                  "drop the sampler.nbeta override, or run without experiment=control")
     else:
-        _require(s.nbeta is None or (finite(s.nbeta) and s.nbeta > 0), "sampler.nbeta", s.nbeta,
+        _require(s.nbeta is None or (_finite(s.nbeta) and s.nbeta > 0), "sampler.nbeta", s.nbeta,
                  "must be positive" + (" (nβ = 0 is the control run: experiment=control)" if s.nbeta == 0 else ""),
                  "e.g. sampler.nbeta=30, or null for batch_size/ln(batch_size)")
-    _require(finite(s.gamma) and s.gamma >= 0, "sampler.gamma", s.gamma,
+    _require(_finite(s.gamma) and s.gamma >= 0, "sampler.gamma", s.gamma,
              "must be >= 0", "e.g. sampler.gamma=300")
-    _require(finite(s.noise_level) and s.noise_level >= 0, "sampler.noise_level", s.noise_level,
+    _require(_finite(s.noise_level) and s.noise_level >= 0, "sampler.noise_level", s.noise_level,
              "must be >= 0", "keep sampler.noise_level=1 for a correct posterior")
     _require(s.batch_size >= 2, "sampler.batch_size", s.batch_size, "must be >= 2",
              "nbeta defaults to B/ln B, undefined for B < 2")
@@ -307,8 +310,13 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(s.rmsprop_eps > 0, "sampler.rmsprop_eps", s.rmsprop_eps, "must be > 0", "e.g. 0.1")
     _require(s.chain_mode in ("vmap", "loop"), "sampler.chain_mode", s.chain_mode,
              "must be 'vmap' or 'loop'", "pick one of those")
-    _require(finite(s.divergence_bound) and s.divergence_bound > 0, "sampler.divergence_bound",
+    _require(_finite(s.divergence_bound) and s.divergence_bound > 0, "sampler.divergence_bound",
              s.divergence_bound, "must be positive", "e.g. sampler.divergence_bound=10 (nats above init loss)")
+
+
+def _check_data(c: SpectroConfig) -> None:
+    """The data's sizes, the probe set's sources, the corpus."""
+    s, d = c.sampler, c.data
     _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2", "a probe token needs a context")
     for key in ("n_train_contexts", "n_sampling_contexts"):
         v = getattr(d, key)
@@ -332,6 +340,10 @@ def validate(c: SpectroConfig) -> SpectroConfig:
              f"must be >= sampler.batch_size ({s.batch_size})", "raise data.n_train_contexts")
     _require("kind" in d.corpus, "data.corpus", dict(d.corpus), "needs a 'kind'",
              "e.g. data.corpus={kind: embedded} or {kind: text, paths: [...]}")
+
+
+def _check_components_and_estimator(c: SpectroConfig) -> None:
+    """The component list and the estimator's settings."""
     comps = list(c.components)
     _require(len(comps) > 0, "components", comps, "must name at least one component", "e.g. components=[all]")
     dup = sorted({n for n in comps if comps.count(n) > 1})
@@ -342,6 +354,10 @@ def validate(c: SpectroConfig) -> SpectroConfig:
              "must be > 1", "e.g. estimator.rhat_threshold=1.1")
     _require(c.estimator.tokens_per_block >= 0, "estimator.tokens_per_block", c.estimator.tokens_per_block,
              "must be >= 0", "0 uses one store chunk per task")
+
+
+def _check_clustering(c: SpectroConfig) -> None:
+    """The clustering's method and its parameters."""
     k = c.clustering
     _require(k.method in ("conductance", "leiden", "spectral"), "clustering.method", k.method,
              "must be conductance, leiden or spectral", "pick one of those")
@@ -358,6 +374,10 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     _require(0 <= k.outlier_ratio < 1, "clustering.outlier_ratio", k.outlier_ratio, "must be in [0, 1)",
              "e.g. clustering.outlier_ratio=0.7, or 0 to turn the outlier step off")
     _require(k.n_clusters >= 0, "clustering.n_clusters", k.n_clusters, "must be >= 0", "0 picks by eigengap")
+
+
+def _check_sae(c: SpectroConfig) -> None:
+    """The SAE check's settings."""
     a = c.sae
     _require(a.site in ("resid_post", "mlp_out"), "sae.site", a.site, "must be resid_post or mlp_out",
              "pick one of those")
@@ -365,19 +385,23 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     for key in ("expansion", "k", "steps", "batch_size", "dead_after", "top_contexts"):
         v = getattr(a, key)
         _require(v >= 1, f"sae.{key}", v, "must be >= 1", f"set sae.{key} to a positive integer")
-    _require(finite(a.max_epochs) and a.max_epochs > 0, "sae.max_epochs", a.max_epochs, "must be > 0",
+    _require(_finite(a.max_epochs) and a.max_epochs > 0, "sae.max_epochs", a.max_epochs, "must be > 0",
              "e.g. sae.max_epochs=30")
-    _require(finite(a.lr) and a.lr > 0, "sae.lr", a.lr, "must be a positive finite number", "e.g. sae.lr=1e-3")
+    _require(_finite(a.lr) and a.lr > 0, "sae.lr", a.lr, "must be a positive finite number", "e.g. sae.lr=1e-3")
     _require(a.aux_k >= 0 and a.n_null >= 0, "sae", {"aux_k": a.aux_k, "n_null": a.n_null},
              "needs aux_k >= 0 and n_null >= 0", "e.g. sae.aux_k=128 sae.n_null=200")
     _require(a.position in ("predicting", "token"), "sae.position", a.position,
              "must be 'predicting' or 'token'", "pick one of those")
-    _require(finite(a.active_threshold) and a.active_threshold >= 0, "sae.active_threshold", a.active_threshold,
+    _require(_finite(a.active_threshold) and a.active_threshold >= 0, "sae.active_threshold", a.active_threshold,
              "must be >= 0", "e.g. sae.active_threshold=0")
-    _require(finite(a.match_threshold) and 0 < a.match_threshold <= 1, "sae.match_threshold", a.match_threshold,
+    _require(_finite(a.match_threshold) and 0 < a.match_threshold <= 1, "sae.match_threshold", a.match_threshold,
              "must be in (0, 1]", "e.g. sae.match_threshold=0.5")
     _require(a.load is None or bool(str(a.load).strip()), "sae.load", a.load, "must be a directory or null",
              "e.g. sae.load=/path/to/sae_dir")
+
+
+def _check_outputs(c: SpectroConfig) -> None:
+    """The report, the probe store mode and the storage location."""
     _require(c.report.max_contexts >= 1 and c.report.page_size >= 1, "report", dataclasses.asdict(c.report),
              "needs max_contexts >= 1 and page_size >= 1", "e.g. report.page_size=25")
     _require(c.report.map in ("umap", "pca"), "report.map", c.report.map, "must be 'umap' or 'pca'",
@@ -393,6 +417,12 @@ def validate(c: SpectroConfig) -> SpectroConfig:
     if c.storage.uri:
         from spectro.rundir import check_uri
         check_uri(str(c.storage.uri))           # the scheme only; reachability is checked before sampling
+
+
+def _check_run(c: SpectroConfig) -> None:
+    """How the run executes: probe shards, stage, plan, Ray actors, precision, wandb, device."""
+    s, d = c.sampler, c.data
+    pr = d.probe
     n_probe = d.n_probe_contexts + len(pr.suites) * pr.suite_contexts + (1 if pr.file else 0)   # at least
     _require(isinstance(s.probe_shards, int) and 1 <= s.probe_shards <= n_probe, "sampler.probe_shards",
              s.probe_shards, f"must be between 1 and the number of probe contexts ({n_probe})",
@@ -421,6 +451,15 @@ def validate(c: SpectroConfig) -> SpectroConfig:
              "must be offline, online or disabled", "offline needs no account")
     _require(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device", c.device,
              "must be auto, cpu, cuda or cuda:N", "e.g. device=cpu")
+
+
+def validate(c: SpectroConfig) -> SpectroConfig:
+    """Range and cross-field checks, in a fixed order (the first failure is raised). Returns the config
+    with nbeta resolved."""
+    for check in (_check_model_and_sampler, _check_data, _check_components_and_estimator, _check_clustering,
+                  _check_sae, _check_outputs, _check_run):
+        check(c)
+    s = c.sampler
     if s.control:
         c = dataclasses.replace(c, sampler=dataclasses.replace(s, nbeta=0.0))
     elif s.nbeta is None:

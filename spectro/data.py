@@ -105,6 +105,24 @@ def token_ids(corpus: Corpus, tokenizer: "tokenizers.Tokenizer") -> list[list[in
     return _TOKENIZED[key]
 
 
+def _windows(corpus: Corpus, encodings: list[list[int]], seq_len: int,
+             exclude: ContextSet | None) -> dict[str, list[tuple[int, int]]]:
+    """Every available window (doc index, offset), grouped by source, in corpus order: consecutive `seq_len`
+    windows of each document's token ids that overlap no window of `exclude`."""
+    excluded: dict[tuple[str, str], list[tuple[int, int]]] = {}      # excluded token ranges, per document
+    if exclude is not None:
+        ex_len = exclude.input_ids.shape[1]
+        for src, name, off in zip(exclude.sources, exclude.doc_names, exclude.offsets):
+            excluded.setdefault((src, name), []).append((off, off + ex_len))
+    windows: dict[str, list[tuple[int, int]]] = {s: [] for s in corpus.sources}
+    for i, (doc, ids) in enumerate(zip(corpus.documents, encodings)):
+        blocked = excluded.get((doc.source, doc.name), [])
+        for off in range(0, len(ids) - seq_len + 1, seq_len):
+            if not any(off < end and start < off + seq_len for start, end in blocked):
+                windows[doc.source].append((i, off))
+    return windows
+
+
 def make_contexts(
     corpus: Corpus,
     tokenizer: "tokenizers.Tokenizer",
@@ -129,22 +147,9 @@ def make_contexts(
     if n_contexts < 1:
         raise DataError(f"n_contexts must be >= 1, got {n_contexts}")
 
-    # Excluded token ranges, per document.
-    excluded: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    if exclude is not None:
-        ex_len = exclude.input_ids.shape[1]
-        for src, name, off in zip(exclude.sources, exclude.doc_names, exclude.offsets):
-            excluded.setdefault((src, name), []).append((off, off + ex_len))
-
-    # Every available window, grouped by source, in corpus order.
     encodings = token_ids(corpus, tokenizer)
     sources = corpus.sources
-    windows: dict[str, list[tuple[int, int]]] = {s: [] for s in sources}  # (doc index, offset)
-    for i, (doc, ids) in enumerate(zip(corpus.documents, encodings)):
-        blocked = excluded.get((doc.source, doc.name), [])
-        for off in range(0, len(ids) - seq_len + 1, seq_len):
-            if not any(off < end and start < off + seq_len for start, end in blocked):
-                windows[doc.source].append((i, off))
+    windows = _windows(corpus, encodings, seq_len, exclude)
     total = sum(len(w) for w in windows.values())
     if total < n_contexts:
         per = ", ".join(f"{s}: {len(windows[s])}" for s in sources)

@@ -40,3 +40,7 @@ class DiskFullError(StoreError):
 
 class DivergenceError(SpectroError):
     """No estimate is possible: the chains it needs diverged (or produced non-finite losses)."""
+
+
+class SamplingFailed(SpectroError):
+    """A unit of sampling work could not be completed (it kept killing actors, or raised)."""

@@ -1,10 +1,11 @@
 """wandb monitoring of a sampling run, read from the store by the driver.
 
 Per chain, as separate series named `<component>/chain<k>/<metric>` against a
-`draw` step metric: the SGLD step loss, `phi` (sampling loss - init loss), the
-running LLC estimate nβ·(mean sampling_loss - init_loss) over the draws so far,
-gradient and noise norms and the distance from w*. At the end, per-component
-summaries (LLC mean and spread over chains, divergences).
+`draw` step metric: `phi` (sampling loss - init loss), the running LLC
+estimate nβ·(mean sampling_loss - init_loss) over the draws so far, and every
+per-draw observable of `spectro.traces.TRACES` under its `wandb` name (the
+SGLD step loss, gradient and noise norms, the distance from w*). At the end,
+per-component summaries (LLC mean and spread over chains, divergences).
 
 Non-obvious choices:
 - The driver logs what the store holds (polled while actors sample), so the
@@ -26,6 +27,7 @@ import numpy as np
 
 from spectro.config import WandbConfig
 from spectro.store import SampleStore
+from spectro.traces import TRACES
 
 
 class Monitor:
@@ -60,8 +62,7 @@ class Monitor:
                 if stop <= start:
                     continue
                 s = store.read("sampling_loss", (ci, k, slice(0, stop)))          # (stop,)
-                tr = {n: store.read(n, (ci, k, slice(start, stop)))
-                      for n in ("step_loss", "grad_norm", "noise_norm", "distance")}
+                tr = {t.wandb: store.read(t.name, (ci, k, slice(start, stop))) for t in TRACES}
                 phi = s - init
                 running = np.cumsum(phi) / np.arange(1, stop + 1)
                 for j, d in enumerate(range(start, stop)):

@@ -62,6 +62,7 @@ from spectro.config import SamplerConfig
 from spectro.device import eval_autocast
 from spectro.observables import Body, mean_loss, mean_loss_from, residual_at, token_losses, token_losses_from
 from spectro.sgld import SGLD, SGLDHyper, SGLDState, build
+from spectro.traces import TRACE_NAMES
 
 STREAMS = ("data", "noise")
 
@@ -136,11 +137,13 @@ class Draw:
     index: int
     sampling_loss: np.ndarray        # (chains,) float64, NaN where diverged
     probe_loss: np.ndarray           # (chains, tokens) float32, NaN where diverged
-    step_loss: np.ndarray            # (chains,) float64 mean minibatch loss over the steps since the last draw
-    grad_norm: np.ndarray            # (chains,) float64, last step
-    noise_norm: np.ndarray           # (chains,) float64, last step
-    distance: np.ndarray             # (chains,) float64 ||w - w*|| at the draw
+    traces: dict[str, np.ndarray]    # name -> (chains,): one per entry of spectro.traces.TRACES
     diverged: np.ndarray             # (chains,) bool
+
+    def __post_init__(self):
+        if set(self.traces) != set(TRACE_NAMES):
+            raise ValueError(f"a draw records the traces {sorted(TRACE_NAMES)} (spectro.traces), got "
+                             f"{sorted(self.traces)}")
 
 
 class UnitRunner:
@@ -258,10 +261,10 @@ class UnitRunner:
         diverged = diverged_at >= 0
         sampling[diverged] = np.nan
         probe[diverged] = np.nan
-        draw = Draw(index=state.draw, sampling_loss=sampling, probe_loss=probe,
-                    step_loss=step_losses / n_steps,
-                    grad_norm=info.grad_norm.numpy(), noise_norm=info.noise_norm.numpy(),
-                    distance=info.distance.numpy(), diverged=diverged)
+        traces = {"step_loss": step_losses / n_steps,              # the per-draw observables (spectro.traces)
+                  "grad_norm": info.grad_norm.numpy(), "noise_norm": info.noise_norm.numpy(),
+                  "distance": info.distance.numpy()}
+        draw = Draw(index=state.draw, sampling_loss=sampling, probe_loss=probe, traces=traces, diverged=diverged)
         return UnitState(sg, state.data_gens, state.noise_gens, state.draw + 1, diverged_at), draw
 
     # ---- checkpoints: plain tensors only, loadable with torch.load(weights_only=True)

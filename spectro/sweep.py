@@ -120,22 +120,7 @@ def summarize_job(job: Path, t: Thresholds) -> dict:
         "ess_min": float(np.nanmin(ess)) if np.isfinite(ess).any() else float("nan"),
         "divergence_rate": float(n_div.sum() / (n_chains * len(comps))),
     })
-    failures = []
-    if n_div.sum():
-        failures.append(f"{int(n_div.sum())} diverged chain(s) ({', '.join(c for c, n in zip(comps, n_div) if n)})")
-    bad = [c for c, v in zip(comps, llc) if not v > 0]
-    if bad:
-        failures.append(f"LLC <= 0 for {', '.join(bad)}")
-    bad = [c for c, v in zip(comps, rhat) if not v <= t.rhat_max]
-    if bad:
-        failures.append(f"R-hat > {t.rhat_max} for {len(bad)}/{len(comps)} components (worst {row['rhat_max']:.2f})")
-    bad = [c for c, v in zip(comps, ess) if not v >= t.ess_min]
-    if bad:
-        failures.append(f"bulk ESS < {t.ess_min:g} for {len(bad)}/{len(comps)} components "
-                        f"(lowest {row['ess_min']:.1f})")
-    spread = llc_std[fi] / llc[fi] if llc[fi] > 0 else float("inf")
-    if not spread <= t.llc_rel_spread_max:
-        failures.append(f"full LLC spread over chains {spread:.2f} > {t.llc_rel_spread_max}")
+    failures = _chain_failures(comps, llc, llc_std, rhat, ess, n_div, row, t)
     phi = ds["mean_phi"].values
     disp = ds["displacement"].values if "displacement" in ds else np.full(len(comps), np.nan)
     row.update({"phi_full": float(phi[fi]), "displacement_max": float(np.nanmax(disp)) if np.isfinite(disp).any()
@@ -161,6 +146,29 @@ def summarize_job(job: Path, t: Thresholds) -> dict:
             failures.append("no reliability figures (fewer than two independent units per run)")
     row.update(status="ok", passed=not failures, failures=failures)
     return row
+
+
+def _chain_failures(comps: list[str], llc, llc_std, rhat, ess, n_div, row: dict, t: Thresholds) -> list[str]:
+    """The job's failed chain checks: divergences, LLC <= 0, R-hat, bulk ESS, the full LLC's spread over chains
+    (`row` holds its worst R-hat and lowest ESS)."""
+    fi = comps.index("full")
+    failures = []
+    if n_div.sum():
+        failures.append(f"{int(n_div.sum())} diverged chain(s) ({', '.join(c for c, n in zip(comps, n_div) if n)})")
+    bad = [c for c, v in zip(comps, llc) if not v > 0]
+    if bad:
+        failures.append(f"LLC <= 0 for {', '.join(bad)}")
+    bad = [c for c, v in zip(comps, rhat) if not v <= t.rhat_max]
+    if bad:
+        failures.append(f"R-hat > {t.rhat_max} for {len(bad)}/{len(comps)} components (worst {row['rhat_max']:.2f})")
+    bad = [c for c, v in zip(comps, ess) if not v >= t.ess_min]
+    if bad:
+        failures.append(f"bulk ESS < {t.ess_min:g} for {len(bad)}/{len(comps)} components "
+                        f"(lowest {row['ess_min']:.1f})")
+    spread = llc_std[fi] / llc[fi] if llc[fi] > 0 else float("inf")
+    if not spread <= t.llc_rel_spread_max:
+        failures.append(f"full LLC spread over chains {spread:.2f} > {t.llc_rel_spread_max}")
+    return failures
 
 
 def _features_and_reliability(job: Path):

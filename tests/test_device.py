@@ -66,7 +66,7 @@ def _chi(config: SamplerConfig, problem):
         state, d = runner.next_draw(state)
         probe.append(d.probe_loss)
         sampling.append(d.sampling_loss)
-        dist.append(d.distance)
+        dist.append(d.traces["distance"])
     probe = np.stack(probe, 1).astype(np.float64)          # (chains, draws, tokens)
     sampling = np.stack(sampling, 1)                        # (chains, draws)
     chi = susceptibility_from_arrays(sampling, probe, problem.init_loss, sampling, probe, form="covariance").chi
@@ -101,7 +101,8 @@ def ray_with_declared_gpus():
 
 def test_actors_take_declared_gpus_and_refuse_cuda_without_it(ray_with_declared_gpus, tmp_path):
     ray = ray_with_declared_gpus
-    from spectro.service import SamplerActor, _creation_error, make_payload
+    from spectro.service import SamplerActor, make_payload
+    from spectro.service.scheduler import _creation_error
 
 
     problem = tiny_problem()

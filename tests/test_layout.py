@@ -8,6 +8,11 @@ small, and the code cites only what lives in the repository.
 - Only the store package imports Zarr (and xarray, its reader); only the
   service uses Ray actors (the susceptibilities job uses Ray Data, no actors).
 - No module over 500 lines, no source line over 120 characters.
+- No function over 60 lines (`def` to its last line, nested functions
+  included) unless it says why: its docstring, or a comment before its first
+  statement, contains the words "longer than 60 lines because" followed by
+  the reason. Prefer splitting; justify only where a split would make the
+  function harder to read.
 - No citation of documents outside the repository or of work periods and
   tracker items.
 - Benchmarks import spectro and their own helper modules, never the tests or
@@ -32,8 +37,8 @@ LAYERS = {
     # 2: model and data
     "spectro.model": 2, "spectro.neox": 2, "spectro.components": 2, "spectro.observables": 2,
     "spectro.corpus": 2, "spectro.data": 2, "spectro.probes": 2, "spectro.mechanisms": 2,
-    # 3: the sampler
-    "spectro.sgld": 3, "spectro.sampling": 3,
+    # 3: the sampler, and the registry of per-draw observables it records
+    "spectro.sgld": 3, "spectro.sampling": 3, "spectro.traces": 3,
     # 4: the store
     "spectro.store": 4, "spectro.store.samples": 4, "spectro.store.layout": 4, "spectro.store.susceptibilities": 4,
     "spectro.monitor": 4,
@@ -54,12 +59,21 @@ LAYERS = {
     "spectro.report.sections_answers": 8,
     "spectro.sweep": 8,
     # 9: orchestration
-    "spectro.pipeline": 9, "spectro.service": 9, "spectro.cli": 9, "spectro.__main__": 9,
+    "spectro.pipeline": 9, "spectro.cli": 9, "spectro.__main__": 9,
+    "spectro.service": 9, "spectro.service.checkpoints": 9, "spectro.service.units": 9, "spectro.service.progress": 9,
+    "spectro.service.repair": 9, "spectro.service.scheduler": 9, "spectro.service.ray_runtime": 9,
     "spectro.plan": 9, "spectro.plan.work": 9, "spectro.plan.timing": 9, "spectro.plan.make": 9,
 }
 
 MAX_LINES = 500
 MAX_LINE_CHARS = 120
+MAX_FUNCTION_LINES = 60
+LONG_FUNCTION_MARK = "longer than 60 lines because"
+# Long functions of modules that are being reworked; each entry must still be long (the test says when to delete it).
+LONG_PENDING = {"spectro/pipeline.py:_sae_stage", "spectro/probes.py:read_labelled_file",
+                "spectro/report/analysis.py:_gallery_data", "spectro/report/html.py:_sparkline",
+                "spectro/report/sections_clusters.py:_sae_section", "spectro/report/sections_clusters.py:_control_section",
+                "spectro/report/sections_run.py:_diagnostics_section"}
 SOURCE_SUFFIXES = (".py", ".css", ".js")          # the model's data files under assets/ are not source
 # citations of documents outside the repository, work periods or tracker items (written in pieces so that
 # the same grep over the repository does not find this line)
@@ -121,17 +135,54 @@ def test_only_the_store_touches_zarr():
     assert users and all(m == "spectro.store" or m.startswith("spectro.store.") for m in users), users
 
 
+def _in_service(module: str) -> bool:
+    return module == "spectro.service" or module.startswith("spectro.service.")
+
+
 def test_only_the_service_uses_ray_actors():
     actors = sorted(m for m, p in _modules().items() if ACTOR_API.search(p.read_text(encoding="utf-8")))
-    assert actors == ["spectro.service"], actors
+    assert actors and all(_in_service(m) for m in actors), actors
     ray_users = sorted(m for m, p in _modules().items() if "ray" in _imports(p)[1])
-    assert set(ray_users) <= {"spectro.service", "spectro.susceptibilities"}, ray_users    # the latter: Ray Data
+    assert all(_in_service(m) or m == "spectro.susceptibilities" for m in ray_users), ray_users   # the latter: Ray Data
 
 
 def test_no_module_over_500_lines():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def _says_why_it_is_long(node: ast.AST, lines: list[str]) -> bool:
+    """The function's docstring, or a comment between its signature and its first statement, has the mark."""
+    doc = ast.get_docstring(node) or ""
+    body = node.body[1:] if doc else node.body
+    head = lines[node.body[0].lineno - 1:body[0].lineno - 1] if body else []
+    comments = " ".join(line.strip() for line in head if line.strip().startswith("#"))
+    flat = lambda text: " ".join(text.replace("#", " ").split())  # noqa: E731
+    return LONG_FUNCTION_MARK in flat(doc) or LONG_FUNCTION_MARK in flat(comments)
+
+
+def _long_functions() -> dict[str, int]:
+    """`path:name` -> lines of every function over MAX_FUNCTION_LINES that does not say why."""
+    out = {}
+    for p in sorted(PACKAGE.rglob("*.py")):
+        text = p.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES and not _says_why_it_is_long(node, lines):
+                    out[f"{p.relative_to(PACKAGE.parent)}:{node.name}"] = n
+    return out
+
+
+def test_no_function_over_60_lines_without_a_reason():
+    long = _long_functions()
+    unexplained = {k: n for k, n in long.items() if k not in LONG_PENDING}
+    assert not unexplained, (f"split these functions, or say why they must be longer (a comment or docstring "
+                             f"line with {LONG_FUNCTION_MARK!r}): {unexplained}")
+    done = sorted(LONG_PENDING - set(long))
+    assert not done, f"no longer over {MAX_FUNCTION_LINES} lines: delete them from LONG_PENDING: {done}"
 
 
 def test_no_line_over_120_characters():

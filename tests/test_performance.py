@@ -185,8 +185,8 @@ def test_unit_with_cache_matches_plain_unit(component):
     for a, b in zip(runs[False][1], runs[True][1]):
         np.testing.assert_allclose(b.probe_loss, a.probe_loss, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(b.sampling_loss, a.sampling_loss, rtol=1e-6)
-        np.testing.assert_allclose(b.step_loss, a.step_loss, rtol=1e-6)
-    assert runs[True][1][-1].distance.min() > 0                          # the chains moved
+        np.testing.assert_allclose(b.traces["step_loss"], a.traces["step_loss"], rtol=1e-6)
+    assert runs[True][1][-1].traces["distance"].min() > 0                          # the chains moved
     for n, p in runs[False][0].sgld.params.items():
         torch.testing.assert_close(runs[True][0].sgld.params[n], p, rtol=1e-5, atol=1e-6)
 

@@ -1,7 +1,8 @@
 """The unit runner on a real (tiny) GPT-NeoX: save/restore mid-chain is a
 bit-identical continuation, for plain and preconditioned SGLD; a chain's draws
 do not depend on the chains it shares a unit with; seeds are per
-(run seed, component, chain)."""
+(run seed, component, chain); every draw records the per-draw observables
+of the registry (spectro.traces), and the store keeps each as its array."""
 
 import io
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from spectro.components import resolve_components
-from spectro.sampling import UnitRunner, chain_seed
-from tests.helpers import tiny_config, tiny_problem
+from spectro.sampling import Draw, UnitRunner, chain_seed
+from spectro.traces import TRACE_NAMES, TRACES
+from tests.helpers import make_store, tiny_config, tiny_problem
 
 
 def draws(runner, state, n):
@@ -24,8 +26,11 @@ def draws(runner, state, n):
 
 def same(a, b):
     for x, y in zip(a, b):
-        for name in ("sampling_loss", "probe_loss", "step_loss", "grad_norm", "noise_norm", "distance"):
+        for name in ("sampling_loss", "probe_loss"):
             assert getattr(x, name).tobytes() == getattr(y, name).tobytes(), name
+        assert x.traces.keys() == y.traces.keys()
+        for name in x.traces:
+            assert x.traces[name].tobytes() == y.traces[name].tobytes(), name
 
 
 @pytest.mark.parametrize("precondition", ["none", "rmsprop"])
@@ -85,3 +90,24 @@ def test_only_the_component_moves():
         assert moved.any()
         if mask is not None:
             assert not moved[~mask.cpu()].any()                 # nothing outside the head's rows/columns
+
+
+def test_draws_and_the_store_follow_the_trace_registry(tmp_path):
+    """Each entry of spectro.traces is in every draw record, (chains,) of its dtype, and is an array of the store
+    [component, chain, draw] with its dtype and fill; a draw record that lacks one is refused."""
+    problem = tiny_problem()
+    config = tiny_config()
+    runner = UnitRunner(problem, resolve_components(problem.model, ["l1h2"])[0], [0, 1], config.sampler, 7)
+    _, d = runner.next_draw(runner.start())
+    assert set(d.traces) == set(TRACE_NAMES) and len(TRACES) == len(TRACE_NAMES)
+    for t in TRACES:
+        assert d.traces[t.name].shape == (2,) and d.traces[t.name].dtype == np.dtype(t.dtype), t
+    store = make_store(tmp_path / "samples.zarr", problem, config)
+    L = store.layout
+    for t in TRACES:
+        arr = store.group[t.name]
+        assert arr.shape == (len(L.components), L.n_chains, L.n_draws) and arr.dtype == np.dtype(t.dtype), t
+        np.testing.assert_array_equal(arr[0, 0, :1], np.full(1, t.fill, dtype=t.dtype))
+    fewer = {k: v for k, v in d.traces.items() if k != TRACE_NAMES[-1]}
+    with pytest.raises(ValueError, match=TRACE_NAMES[-1]):
+        Draw(index=0, sampling_loss=d.sampling_loss, probe_loss=d.probe_loss, traces=fewer, diverged=d.diverged)

@@ -13,7 +13,7 @@ from spectro.config import as_dict, to_config
 from spectro.errors import StoreError
 from spectro.pipeline import fingerprint
 from spectro.service import sample
-from spectro.store import Layout, ProbeTable, SampleStore
+from spectro.store import TRACE_ARRAYS, Layout, ProbeTable, SampleStore
 from spectro.susceptibilities import compute, online_estimate
 from tests import regression
 from tests.helpers import make_store as make_lm_store
@@ -152,7 +152,7 @@ def test_partial_store_refused_then_explicit(lm_run, tmp_path, ray_local):
         sl = (ci, slice(chains[0], chains[-1] + 1), slice(0, L.draw_chunk))
         store.write_block(comp, chains, 0, sampling_loss=src.read("sampling_loss", sl),
                           probe_loss=src.read("probe_loss", sl + (slice(None),)),
-                          traces={n: src.read(n, sl) for n in ("step_loss", "grad_norm", "noise_norm", "distance")},
+                          traces={n: src.read(n, sl) for n in TRACE_ARRAYS},
                           diverged_at=np.full(len(chains), -1))
         store.set_progress(comp, chains, L.draw_chunk)
     with pytest.raises(StoreError, match=r"still in progress \(36/72 chain-draws committed\).*partial=true"):

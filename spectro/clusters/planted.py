@@ -71,6 +71,7 @@ def hard_planted(n_tokens: int = 20000, rng: np.random.Generator | int = 0, n_co
     but leaves a residue proportional to a_i, largest on the heavy-tailed tokens.
 
     `rng` is a Generator or an integer seed. Tokens are shuffled."""
+    # longer than 60 lines because the docstring defines the model term by term; the code is 35 lines
     rng = np.random.default_rng(rng)
     C = int(n_components)
     if C < 3:

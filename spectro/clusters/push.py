@@ -153,8 +153,7 @@ def _push_py(indptr, indices, data, deg, seed, alpha, epsilon, sink, p, r, queue
                 size += 1
     count[0] = n_touched
     nodes = touched[:n_touched].copy()
-    p_out = np.empty(n_touched)
-    r_out = np.empty(n_touched)
+    p_out, r_out = np.empty(n_touched), np.empty(n_touched)
     for i in range(n_touched):
         p_out[i] = p[nodes[i]]
         r_out[i] = r[nodes[i]]

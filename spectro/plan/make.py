@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from spectro.gpus import GPUS
 from spectro.plan.timing import (BW_EFFICIENCY, EFFICIENCY, LAUNCH_S, CpuLoad, _threads, calibrate, fit, fit_ops,
                                  load_stretch, schedule, unit_seconds_cpu, unit_seconds_gpu)
@@ -32,6 +30,32 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
     layout = pipeline.layout_for(p)
     shape = Shape.of(p.loaded.model, d.seq_len)
     by_name = {c.name: c for c in p.components}
+    units = _units(layout, by_name, config, shape)
+    stores = _stores(layout, p.probe, units, s)
+    plan = {
+        "config": {"model": config.model.source, "components": list(layout.components),
+                   "num_chains": s.num_chains, "chain_group": layout.chain_group, "antithetic": s.antithetic,
+                   "num_draws": s.num_draws, "burnin": s.burnin, "steps_between_draws": s.steps_between_draws,
+                   "batch_size": s.batch_size, "seq_len": d.seq_len, "n_sampling_contexts": d.n_sampling_contexts,
+                   "n_probe_contexts": probe_context_count(d), "num_actors": config.ray.num_actors,
+                   "threads_per_actor": _threads(config), "probe_dtype": s.probe_dtype, "tf32": s.tf32},
+        "model": dataclasses.asdict(shape),
+        "totals": _totals(units, layout),
+        "store": stores[layout.probe],          # the configured store.probe mode
+        "stores": {mode: {k: v for k, v in st.items() if k != "arrays"} for mode, st in stores.items()},
+        "memory": actor_memory(config, shape, units),
+        "units": [{k: v for k, v in u.items() if k != "tensors"} for u in units],
+    }
+    n_draws = pc.calibration_draws if calibrate_draws is None else calibrate_draws
+    if n_draws > 0:
+        plan["cpu"] = _cpu_timing(p, config, layout, shape, by_name, units, plan["units"], n_draws)
+    if pc.gpu:
+        plan["gpu"] = _gpu_timing(config, layout, shape, by_name, units, plan)
+    return plan
+
+
+def _units(layout, by_name: dict, config, shape: Shape) -> list[dict]:
+    """Counts and FLOPs of every unit of work (`unit_work`), with its chains, shard, tokens and tensors."""
     units = []
     for name, chains, shard in layout.shard_units():
         c0, c1 = layout.shard_contexts(shard)
@@ -41,6 +65,10 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
         w["n_tokens"] = (c1 - c0) * (layout.seq_len - 1)
         w["tensors"] = sorted(by_name[name].shapes)
         units.append(w)
+    return units
+
+
+def _totals(units: list[dict], layout) -> dict:
     totals = {"units": len(units), "components": len(layout.components), "probe_shards": layout.probe_shards,
               "chain_draws": sum(u["chain_draws"] for u in units if u["shard"] == 0),
               "sgld_steps": sum(u["steps"] for u in units),
@@ -52,66 +80,65 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
               "flops_probe_evals": sum(u["flops_probe_evals"] for u in units),
               "flops_cache": sum(u["flops_cache"] for u in units)}
     totals["flops"] = totals["flops_steps"] + totals["flops_evals"] + totals["flops_cache"]
+    return totals
+
+
+def _stores(layout, probe, units: list[dict], s) -> dict:
+    """The sample store's arrays and bytes, and the checkpoints' bytes, in either probe store mode."""
     ckpt = sum(u["chains"] * (u["sampled_entries"] * 4 * (2 if s.precondition == "rmsprop" else 1)
                               + 2 * GENERATOR_STATE_BYTES + 8 * s.num_draws) for u in units)   # + loss history
     stores = {}
     for mode in ("draws", "moments"):
-        arrays = store_arrays(layout, p.probe, mode)
+        arrays = store_arrays(layout, probe, mode)
         extra = sum(checkpoint_moment_bytes(u["chains"], u["n_tokens"]) for u in units) if mode == "moments" else 0
         stores[mode] = {"mode": mode, "arrays": arrays, "bytes": sum(a["bytes"] for a in arrays.values()),
                         "checkpoint_bytes": ckpt + extra}
-    plan = {
-        "config": {"model": config.model.source, "components": list(layout.components),
-                   "num_chains": s.num_chains, "chain_group": layout.chain_group, "antithetic": s.antithetic,
-                   "num_draws": s.num_draws, "burnin": s.burnin, "steps_between_draws": s.steps_between_draws,
-                   "batch_size": s.batch_size, "seq_len": d.seq_len, "n_sampling_contexts": d.n_sampling_contexts,
-                   "n_probe_contexts": probe_context_count(d), "num_actors": config.ray.num_actors,
-                   "threads_per_actor": _threads(config), "probe_dtype": s.probe_dtype, "tf32": s.tf32},
-        "model": dataclasses.asdict(shape),
-        "totals": totals,
-        "store": stores[layout.probe],          # the configured store.probe mode
-        "stores": {mode: {k: v for k, v in st.items() if k != "arrays"} for mode, st in stores.items()},
-        "memory": actor_memory(config, shape, units),
-        "units": [{k: v for k, v in u.items() if k != "tensors"} for u in units],
-    }
-    n_draws = pc.calibration_draws if calibrate_draws is None else calibrate_draws
-    if n_draws > 0:
-        ref = pc.calibrate_on or _median_component(units)
-        if ref not in by_name:
-            from spectro.errors import ConfigError
-            raise ConfigError(f"plan.calibrate_on names {ref!r}, which is not a component of this run "
-                              f"({', '.join(layout.components)}); pick one of those or null")
-        names = ["full"] + ([ref] if ref != "full" else [])
-        chains = tuple(layout.units()[0][1])
-        t0 = time.perf_counter()
-        with CpuLoad(_threads(config)) as load:
-            calib = calibrate(p, names, n_draws, chains)
-        work = {n: unit_work(by_name[n], len(chains), config, shape) for n in names}   # as calibrated: all probes
-        rates = fit(calib, work)
-        per_unit = [unit_seconds_cpu(u, rates, calib, config) for u in units]
-        cores = os.cpu_count() or 1
-        stretch = load_stretch(config, load.cores, cores)
-        durations = [x["total"] * stretch for x in per_unit]
-        wall = schedule(durations, config.ray.num_actors, ACTOR_START_S)
-        for u, x in zip(plan["units"], per_unit):
-            u["predicted_s"] = round(x["total"] * stretch, 3)
-        plan["cpu"] = {"calibration": calib, "calibration_seconds": round(time.perf_counter() - t0, 2),
-                       "rates": rates, "cores": cores, "other_load_cores": round(load.cores, 2), "stretch": stretch,
-                       "actor_seconds": sum(durations), "predicted_wall_s": wall}
-    if pc.gpu:
-        gpu = GPUS[pc.gpu]
-        calib = plan.get("cpu", {}).get("calibration", {})
-        work = {n: {**unit_work(by_name[n], len(layout.units()[0][1]), config, shape),
-                    "tensors": sorted(by_name[n].shapes)} for n in calib}
-        ops = fit_ops(calib, work, shape)
-        secs = [unit_seconds_gpu(u, gpu, config, shape, ops) for u in units]
-        plan["gpu"] = {"name": pc.gpu, "part": gpu.name, "efficiency": EFFICIENCY, "bw_efficiency": BW_EFFICIENCY,
-                       "launch_s": LAUNCH_S, "actors": config.ray.num_actors,
-                       "op_counts": "counted in the calibration" if ops else "per-layer constants (no calibration)",
-                       "actor_seconds": sum(secs),
-                       "predicted_wall_s": schedule(secs, config.ray.num_actors, ACTOR_START_S),
-                       "fits_memory": plan["memory"]["peak_bytes"] - RUNTIME_BYTES < gpu.memory_gb * 1e9}
-    return plan
+    return stores
+
+
+def _cpu_timing(p, config, layout, shape: Shape, by_name: dict, units: list[dict], plan_units: list[dict],
+                n_draws: int) -> dict:
+    """Time `n_draws` draws of `full` and a representative component here, fit the rates, predict every unit
+    (written into `plan_units` as `predicted_s`) and the run's wall time on this machine."""
+    ref = config.plan.calibrate_on or _median_component(units)
+    if ref not in by_name:
+        from spectro.errors import ConfigError
+        raise ConfigError(f"plan.calibrate_on names {ref!r}, which is not a component of this run "
+                          f"({', '.join(layout.components)}); pick one of those or null")
+    names = ["full"] + ([ref] if ref != "full" else [])
+    chains = tuple(layout.units()[0][1])
+    t0 = time.perf_counter()
+    with CpuLoad(_threads(config)) as load:
+        calib = calibrate(p, names, n_draws, chains)
+    work = {n: unit_work(by_name[n], len(chains), config, shape) for n in names}   # as calibrated: all probes
+    rates = fit(calib, work)
+    per_unit = [unit_seconds_cpu(u, rates, calib, config) for u in units]
+    cores = os.cpu_count() or 1
+    stretch = load_stretch(config, load.cores, cores)
+    durations = [x["total"] * stretch for x in per_unit]
+    wall = schedule(durations, config.ray.num_actors, ACTOR_START_S)
+    for u, x in zip(plan_units, per_unit):
+        u["predicted_s"] = round(x["total"] * stretch, 3)
+    return {"calibration": calib, "calibration_seconds": round(time.perf_counter() - t0, 2),
+            "rates": rates, "cores": cores, "other_load_cores": round(load.cores, 2), "stretch": stretch,
+            "actor_seconds": sum(durations), "predicted_wall_s": wall}
+
+
+def _gpu_timing(config, layout, shape: Shape, by_name: dict, units: list[dict], plan: dict) -> dict:
+    """The run's predicted time on `plan.gpu` (datasheet figures; op counts from the CPU calibration, if any)."""
+    pc = config.plan
+    gpu = GPUS[pc.gpu]
+    calib = plan.get("cpu", {}).get("calibration", {})
+    work = {n: {**unit_work(by_name[n], len(layout.units()[0][1]), config, shape),
+                "tensors": sorted(by_name[n].shapes)} for n in calib}
+    ops = fit_ops(calib, work, shape)
+    secs = [unit_seconds_gpu(u, gpu, config, shape, ops) for u in units]
+    return {"name": pc.gpu, "part": gpu.name, "efficiency": EFFICIENCY, "bw_efficiency": BW_EFFICIENCY,
+            "launch_s": LAUNCH_S, "actors": config.ray.num_actors,
+            "op_counts": "counted in the calibration" if ops else "per-layer constants (no calibration)",
+            "actor_seconds": sum(secs),
+            "predicted_wall_s": schedule(secs, config.ray.num_actors, ACTOR_START_S),
+            "fits_memory": plan["memory"]["peak_bytes"] - RUNTIME_BYTES < gpu.memory_gb * 1e9}
 
 
 def _median_component(units: list[dict]) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spectro.probes import probe_context_count
+from spectro.traces import TRACES
 
 CE_ROWS = 128                  # token rows per chain per head block (spectro.observables.CE_ROWS)
 BODY_ROWS = 4096               # token rows per evaluation chunk (spectro.observables.BODY_ROWS)
@@ -110,8 +111,8 @@ def store_arrays(layout, probe, mode: str | None = None) -> dict:
     else:
         for name in ("moment_n", "moment_phi", "moment_phi2", "moment_phiD", "moment_D"):   # scalars: per shard
             add(name, layout.moment_array(name)[0], "int64" if name == "moment_n" else "float64", _I8)
-    for name in ("step_loss", "grad_norm", "noise_norm", "distance"):
-        add(name, (C, N, D), "float64", _F8)
+    for t in TRACES:                                   # the per-draw observables (spectro.traces)
+        add(t.name, (C, N, D), t.dtype, np.dtype(t.dtype).itemsize)
     add("diverged_at", (C, N), "int64", _I8)
     add("progress", (C, N, layout.probe_shards) if layout.probe_shards > 1 else (C, N), "int64", _I8)
     out["component"] = {"shape": [C], "dtype": "str", "bytes": _utf8(layout.components)}

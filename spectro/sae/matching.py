@@ -81,6 +81,27 @@ def _membership(labels: np.ndarray, ids: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(labels.size, ids.size))
 
 
+def _null(A: sp.csc_matrix, labels: np.ndarray, ids: np.ndarray, sizes: np.ndarray, n_active: np.ndarray,
+          threshold: float, n_null: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The matched fraction and the mean best F1 (each (n_null,)) of the clusters under `n_null` permutations of
+    the labels, in batches of about 2e7 overlap entries."""
+    rng = np.random.default_rng(seed)
+    per_batch = max(1, int(2e7 // max(1, ids.size * A.shape[1])))
+    null_frac, null_f1 = [], []
+    done = 0
+    while done < n_null:
+        b = min(per_batch, n_null - done)
+        perms = [labels[rng.permutation(labels.size)] for _ in range(b)]
+        M = sp.hstack([_membership(p, ids) for p in perms], format="csr")   # (tokens, b * clusters)
+        o = (M.T @ A).toarray()                                     # (b * clusters, features)
+        _, f = _best(o, np.tile(sizes, b), n_active)
+        f = f.reshape(b, ids.size)
+        null_frac += (f >= threshold).mean(axis=1).tolist()
+        null_f1 += f.mean(axis=1).tolist()
+        done += b
+    return np.asarray(null_frac), np.asarray(null_f1)
+
+
 def match_clusters(active: sp.csr_matrix, labels: np.ndarray, threshold: float = _D.match_threshold,
                    n_null: int = _D.n_null, seed: int = _D.seed, cluster_ids: Optional[Sequence[int]] = None) -> dict:
     """Best-F1 feature per cluster, the matched fraction, and its null from permuted labels.
@@ -110,21 +131,7 @@ def match_clusters(active: sp.csr_matrix, labels: np.ndarray, threshold: float =
                         where=pair > 0).max(axis=1)                 # (clusters,)
     can_match = ceiling >= threshold
 
-    rng = np.random.default_rng(seed)
-    per_batch = max(1, int(2e7 // max(1, ids.size * A.shape[1])))
-    null_frac, null_f1 = [], []
-    done = 0
-    while done < n_null:
-        b = min(per_batch, n_null - done)
-        perms = [labels[rng.permutation(labels.size)] for _ in range(b)]
-        M = sp.hstack([_membership(p, ids) for p in perms], format="csr")   # (tokens, b * clusters)
-        o = (M.T @ A).toarray()                                     # (b * clusters, features)
-        _, f = _best(o, np.tile(sizes, b), n_active)
-        f = f.reshape(b, ids.size)
-        null_frac += (f >= threshold).mean(axis=1).tolist()
-        null_f1 += f.mean(axis=1).tolist()
-        done += b
-    null_frac, null_f1 = np.asarray(null_frac), np.asarray(null_f1)
+    null_frac, null_f1 = _null(A, labels, ids, sizes, n_active, threshold, n_null, seed)
     clusters = [{"id": int(c), "size": int(sizes[j]), "feature": int(best[j]), "f1": float(f1[j]),
                  "precision": float(precision[j]), "recall": float(recall[j]),
                  "feature_active": int(n_active[best[j]]), "matched": bool(matched[j]),

@@ -107,12 +107,11 @@ def save_sae(sae: SAE, directory: rundir.PathLike) -> rundir.Location:
     return directory
 
 
-def load_sae(directory: Path, d_in: Optional[int] = None) -> SAE:
-    """Read a SAELens-layout SAE directory; every problem is one SAEError saying what to fix."""
+def _read_files(directory: Path) -> tuple[dict, dict]:
+    """(config, float tensors) of a SAELens-layout directory; SAEError for a missing, unreadable or pickled file."""
     import safetensors
     import safetensors.torch
 
-    directory = Path(directory)
     where = f"SAE directory {directory}"
     if not directory.is_dir():
         raise SAEError(f"{where} does not exist; point sae.load at a directory with {CFG_FILE} and {WEIGHTS_FILE}")
@@ -137,6 +136,15 @@ def load_sae(directory: Path, d_in: Optional[int] = None) -> SAE:
         first = str(e).splitlines()[0] if str(e) else ''
         raise SAEError(f"{w_path} is not a readable safetensors file ({type(e).__name__}: {first}); "
                        f"pickled weights are refused: save them with safetensors.torch.save_file") from None
+    return cfg, tensors
+
+
+def load_sae(directory: Path, d_in: Optional[int] = None) -> SAE:
+    """Read a SAELens-layout SAE directory; every problem is one SAEError saying what to fix."""
+    directory = Path(directory)
+    where = f"SAE directory {directory}"
+    cfg_path, w_path = directory / CFG_FILE, directory / WEIGHTS_FILE
+    cfg, tensors = _read_files(directory)
     arch = str(cfg.get("architecture", "standard"))
     if arch not in ARCHITECTURES:
         raise SAEError(f"{cfg_path}: architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")

@@ -90,15 +90,10 @@ def _train_topk(x: torch.Tensor, settings: TrainSettings) -> tuple[SAE, dict]:
     x64 = x.double()
     scale = float(torch.sqrt((x64 ** 2).sum(dim=1).mean() / d))    # E||x/scale||^2 = d
     xs = (x64 / scale).float()                                      # (n, d)
-    W_dec = _unit_rows(torch.randn(d_sae, d, generator=g))          # (d_sae, d)
-    W_dec.requires_grad_(True)
-    W_enc = W_dec.detach().T.clone().requires_grad_(True)           # (d, d_sae)
-    b_enc = torch.zeros(d_sae, requires_grad=True)
-    b_dec = xs.double().mean(dim=0).float().requires_grad_(True)   # (d,)
-    params = [W_enc, b_enc, W_dec, b_dec]
-    m1 = [torch.zeros_like(p) for p in params]                      # Adam moments (written out: torch.optim's
-    m2 = [torch.zeros_like(p) for p in params]                      # first step imports torch._dynamo, ~10 s here)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    params = _init_params(xs, d_sae, g)
+    W_enc, b_enc, W_dec, b_dec = params
+    m1 = [torch.zeros_like(p) for p in params]                      # Adam moments (`_adam_step`)
+    m2 = [torch.zeros_like(p) for p in params]
     since_fired = torch.zeros(d_sae, dtype=torch.int64)
     batch = min(s.batch_size, n)
     if math.isfinite(s.max_epochs):
@@ -111,25 +106,14 @@ def _train_topk(x: torch.Tensor, settings: TrainSettings) -> tuple[SAE, dict]:
             order, pos = torch.randperm(n, generator=g), 0
         xb = xs[order[pos:pos + batch]]                              # (B, d)
         pos += batch
-        pre = (xb - b_dec) @ W_enc + b_enc                           # (B, d_sae)
-        vals, idx = pre.topk(s.k, dim=-1)                            # (B, k)
-        vals = vals.clamp_min(0)
-        recon = torch.einsum("bk,bkd->bd", vals, W_dec[idx]) + b_dec  # (B, d): gather k rows, no dense f @ W_dec
-        err = xb - recon
-        total_var = ((xb - xb.mean(dim=0)) ** 2).sum(dim=-1).mean()
-        mse = (err ** 2).sum(dim=-1).mean() / total_var              # normalised: 1 - FVE on the batch
+        pre, vals, idx, err, mse = _forward(xb, params, s.k)
         fired = torch.zeros(d_sae, dtype=torch.bool)
         fired[idx[vals > 0]] = True
         since_fired = torch.where(fired, 0, since_fired + 1)
         dead = since_fired > s.dead_after
         loss = mse
         if dead.any() and s.aux_k > 0:
-            k_aux = min(s.aux_k, int(dead.sum()))
-            aux_pre = pre.masked_fill(~dead, float("-inf"))
-            a_vals, a_idx = aux_pre.topk(k_aux, dim=-1)              # (B, k_aux)
-            e = err.detach()
-            e_hat = torch.einsum("bk,bkd->bd", a_vals.clamp_min(0), W_dec[a_idx])   # (B, d)
-            aux = ((e_hat - e) ** 2).sum(dim=-1).mean() / ((e - e.mean(dim=0)) ** 2).sum(dim=-1).mean().clamp_min(1e-12)
+            aux = _aux_loss(pre, err, dead, W_dec, s.aux_k)
             if torch.isfinite(aux):
                 loss = loss + s.aux_coef * aux
                 aux_log.append(float(aux.detach()))
@@ -137,14 +121,7 @@ def _train_topk(x: torch.Tensor, settings: TrainSettings) -> tuple[SAE, dict]:
             p.grad = None
         loss.backward()
         lr = s.lr * (s.steps - step) / max(1, s.steps - decay_from) if step >= decay_from else s.lr
-        with torch.no_grad():
-            W_dec.grad -= (W_dec.grad * W_dec).sum(dim=1, keepdim=True) * W_dec   # keep rows unit-norm:
-            for p, a, b in zip(params, m1, m2):                                 # drop the radial gradient
-                a.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                b.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                step_size = lr * math.sqrt(1 - beta2 ** (step + 1)) / (1 - beta1 ** (step + 1))
-                p.addcdiv_(a, b.sqrt().add_(eps), value=-step_size)
-            W_dec.copy_(_unit_rows(W_dec))
+        _adam_step(params, m1, m2, lr, step)
         mse_log.append(float(mse.detach()))
         if not math.isfinite(mse_log[-1]):
             raise SAEError(f"SAE training diverged at step {step} (loss {mse_log[-1]}); lower sae.lr")
@@ -158,6 +135,57 @@ def _train_topk(x: torch.Tensor, settings: TrainSettings) -> tuple[SAE, dict]:
            "dead_at_end": int((since_fired > s.dead_after).sum()), "aux_steps": len(aux_log),
            "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2)}
     return sae, log
+
+
+def _init_params(xs: torch.Tensor, d_sae: int, g: torch.Generator) -> list[torch.Tensor]:
+    """[W_enc, b_enc, W_dec, b_dec] to train: random unit-norm decoder rows, the encoder their transpose, no
+    encoder bias, the decoder bias at the data's mean."""
+    W_dec = _unit_rows(torch.randn(d_sae, xs.shape[1], generator=g))   # (d_sae, d)
+    W_dec.requires_grad_(True)
+    W_enc = W_dec.detach().T.clone().requires_grad_(True)           # (d, d_sae)
+    b_enc = torch.zeros(d_sae, requires_grad=True)
+    b_dec = xs.double().mean(dim=0).float().requires_grad_(True)   # (d,)
+    return [W_enc, b_enc, W_dec, b_dec]
+
+
+def _forward(xb: torch.Tensor, params: list[torch.Tensor], k: int) -> tuple:
+    """(pre-activations, top-k values (clamped at 0), their latents, reconstruction error, normalised MSE) of a
+    batch (B, d): the MSE over the batch's total variance, i.e. 1 - FVE on the batch."""
+    W_enc, b_enc, W_dec, b_dec = params
+    pre = (xb - b_dec) @ W_enc + b_enc                           # (B, d_sae)
+    vals, idx = pre.topk(k, dim=-1)                              # (B, k)
+    vals = vals.clamp_min(0)
+    recon = torch.einsum("bk,bkd->bd", vals, W_dec[idx]) + b_dec  # (B, d): gather k rows, no dense f @ W_dec
+    err = xb - recon
+    total_var = ((xb - xb.mean(dim=0)) ** 2).sum(dim=-1).mean()
+    return pre, vals, idx, err, (err ** 2).sum(dim=-1).mean() / total_var
+
+
+def _aux_loss(pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor,
+              aux_k: int) -> torch.Tensor:
+    """The dead latents' auxiliary loss: how far the top `aux_k` of them (by pre-activation) are from
+    reconstructing the batch's error, over the error's variance."""
+    k_aux = min(aux_k, int(dead.sum()))
+    aux_pre = pre.masked_fill(~dead, float("-inf"))
+    a_vals, a_idx = aux_pre.topk(k_aux, dim=-1)              # (B, k_aux)
+    e = err.detach()
+    e_hat = torch.einsum("bk,bkd->bd", a_vals.clamp_min(0), W_dec[a_idx])   # (B, d)
+    return ((e_hat - e) ** 2).sum(dim=-1).mean() / ((e - e.mean(dim=0)) ** 2).sum(dim=-1).mean().clamp_min(1e-12)
+
+
+def _adam_step(params: list[torch.Tensor], m1: list[torch.Tensor], m2: list[torch.Tensor], lr: float,
+               step: int, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """One Adam step of (W_enc, b_enc, W_dec, b_dec) in place, W_dec's rows kept unit-norm. Written out:
+    torch.optim's first step imports torch._dynamo, ~10 s here."""
+    W_dec = params[2]
+    with torch.no_grad():
+        W_dec.grad -= (W_dec.grad * W_dec).sum(dim=1, keepdim=True) * W_dec   # keep rows unit-norm:
+        for p, a, b in zip(params, m1, m2):                                 # drop the radial gradient
+            a.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+            b.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            step_size = lr * math.sqrt(1 - beta2 ** (step + 1)) / (1 - beta1 ** (step + 1))
+            p.addcdiv_(a, b.sqrt().add_(eps), value=-step_size)
+        W_dec.copy_(_unit_rows(W_dec))
 
 
 def _unit_rows(w: torch.Tensor) -> torch.Tensor:

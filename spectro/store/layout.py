@@ -53,8 +53,9 @@ from typing import Sequence
 import numpy as np
 
 from spectro.errors import StoreError
+from spectro.traces import TRACE_NAMES
 
-TRACE_ARRAYS = ("step_loss", "grad_norm", "noise_norm", "distance")
+TRACE_ARRAYS = TRACE_NAMES                                           # the per-draw observables (spectro.traces)
 UNIT_ARRAYS = ("sampling_loss", "probe_loss", *TRACE_ARRAYS)          # (component, chain, draw[, token])
 MOMENT_ARRAYS = ("moment_n", "moment_phi", "moment_phi2", "moment_phiD", "moment_D")   # (component, chain, slot[, tok])
 MOMENT_TOKEN_ARRAYS = ("moment_phiD", "moment_D")

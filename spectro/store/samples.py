@@ -16,8 +16,8 @@ Layout (dims in brackets; every array carries `dimension_names`, so
                    float64 [component, chain, slot(, shard)] chunks (1, G, 1(, 1))   (shard axis when S > 1)
     moment_phiD, moment_D
                    float64 [component, chain, slot, token]   chunks (1, G, 1, Tc)
-    step_loss, grad_norm, noise_norm, distance
-                   float64 [component, chain, draw]          chunks (1, G, Dc)
+    the traces     [component, chain, draw]                  chunks (1, G, Dc)
+                   one array per per-draw observable of `spectro.traces.TRACES`, with its dtype and fill
     diverged_at    int64   [component, chain]   -1 = healthy chunks (1, G)
     progress       int64   [component, chain(, shard)]   draws committed (written last; shard axis when S > 1)
     component      str     [component]
@@ -85,6 +85,7 @@ from spectro.rundir import Location, PathLike
 from spectro.store.layout import (MOMENT_ARRAYS, MOMENT_TOKEN_ARRAYS, PROBE_ARRAYS, PROBE_CHUNK_BYTES,  # noqa: F401
                                   PROBE_MODES, STATE_ARRAYS, TRACE_ARRAYS, UNIT_ARRAYS, Layout, ProbeTable,
                                   probe_arrays)
+from spectro.traces import TRACES
 
 STORE_FORMAT = 2
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -217,8 +218,8 @@ class SampleStore:
                 g.create_array(name, shape=shape, chunks=chunks, dtype="int64" if name == "moment_n" else "float64",
                                fill_value=0 if name == "moment_n" else np.nan, dimension_names=dims,
                                compressors=_compressors())
-        for name in TRACE_ARRAYS:
-            g.create_array(name, shape=(C, N, D), chunks=(1, G, Dc), dtype="float64", fill_value=np.nan,
+        for t in TRACES:
+            g.create_array(t.name, shape=(C, N, D), chunks=(1, G, Dc), dtype=t.dtype, fill_value=t.fill,
                            dimension_names=comp3, compressors=_compressors())
         g.create_array("diverged_at", shape=(C, N), chunks=(1, G), dtype="int64", fill_value=-1,
                        dimension_names=("component", "chain"), compressors=_compressors())
