@@ -359,7 +359,8 @@ def plan_for(text: str) -> Plan | None:
     name = script(text)
     if name in ("benchmarks/compare_runs.py", "jobs/sweep_summary.py"):
         return Plan("script", substitute(text))
-    if name and (name.startswith("benchmarks/") or name == "jobs/train_default_model.py"):
+    if name and (name.startswith("benchmarks/") or name in ("jobs/train_default_model.py",
+                                                            "jobs/build_corpus_asset.py")):
         return Plan("help", substitute(text))
     return None
 

@@ -225,8 +225,9 @@ def test_store_is_not_reopened_with_another_shard_count(runs, tmp_path):
 
 
 @pytest.mark.parametrize("over, match", [
-    ({"sampler": {"probe_shards": 0}}, "sampler.probe_shards must be between 1 and data.n_probe_contexts"),
-    ({"sampler": {"probe_shards": 65}}, r"sampler.probe_shards must be between 1 and data.n_probe_contexts \(64\)")])
+    ({"sampler": {"probe_shards": 0}}, "sampler.probe_shards must be between 1 and the number of probe contexts"),
+    ({"sampler": {"probe_shards": 65}}, r"sampler.probe_shards must be between 1 and the number of probe contexts "
+                                        r"\(64\)")])
 def test_bad_shard_settings_are_one_clear_error(over, match):
     with pytest.raises(ConfigError, match=match):
         to_config(over)
