@@ -158,8 +158,10 @@ def write_run(run_dir: Path, chi: np.ndarray, groups: np.ndarray, seed: int, con
     rel = run_reliability(out, comps)
     diag = {"llc_mean": np.full(C + 1, 40.0), "llc_std": np.full(C + 1, 2.0), "mean_phi": np.full(C + 1, 0.1),
             "rhat": np.full(C + 1, 1.01), "ess_bulk": np.full(C + 1, 200.0), "n_chains_used": np.full(C + 1, N_CHAINS),
-            "n_diverged": np.zeros(C + 1), "not_mixed": np.zeros(C + 1, dtype=bool)}
-    assert set(diag) == set(DIAGNOSTICS)
+            "n_diverged": np.zeros(C + 1), "not_mixed": np.zeros(C + 1, dtype=bool),
+            "displacement": np.full(C + 1, 0.1), "not_local": np.zeros(C + 1, dtype=bool)}
+    if set(diag) != set(DIAGNOSTICS):
+        raise SystemExit(f"bench_scale writes {sorted(diag)} but the store expects {sorted(DIAGNOSTICS)}")
     out.write_diagnostics(diag, {"form": "synthetic", "partial": False, "excluded_chains": [], "nbeta": 1.0,
                                  "reliability": rel, "init_loss": 3.0, "components_without_chains": []})
     out.commit(run_dir / rundir.SUSCEPTIBILITIES)

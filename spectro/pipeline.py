@@ -280,7 +280,7 @@ def run_sae(config: SpectroConfig, run_dir: rundir.PathLike, prepared: Optional[
     `config.sae`; the SAE trains on the run's sampling-distribution contexts (SGLD pool + sampling set)."""
     import dataclasses
 
-    from spectro.config import DataConfig, ModelConfig
+    from spectro.config import to_config
     from spectro.store import read_susceptibilities
 
     run_dir = rundir.location(run_dir)
@@ -293,8 +293,8 @@ def run_sae(config: SpectroConfig, run_dir: rundir.PathLike, prepared: Optional[
     pos = np.asarray(ds["token_position"].values, dtype=np.int64)
     if prepared is None:
         stored = rundir.read_json(run_dir / rundir.CONFIG)
-        prepared = prepare(dataclasses.replace(config, model=ModelConfig(**stored["model"]),
-                                               data=DataConfig(**stored["data"])))
+        run_config = to_config({"model": stored["model"], "data": stored["data"]})   # nested dicts -> dataclasses
+        prepared = prepare(dataclasses.replace(config, model=run_config.model, data=run_config.data))
     probe_ids = prepared.problem.probe_ids.cpu()
     inside = ctx.size == 0 or (ctx.max() < probe_ids.shape[0] and pos.max() < probe_ids.shape[1])
     if not inside or not np.array_equal(probe_ids.numpy()[ctx, pos], np.asarray(ds["token_id"].values)):

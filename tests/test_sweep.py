@@ -17,7 +17,7 @@ from spectro.sweep import Thresholds, recommend
 from tests.wandb_reader import records, wait_complete
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["experiment=smoke", "components=[l0h1]", "sampler.num_draws=4", "sampler.checkpoint_every=2",
+TINY = ["experiment=smoke", "components=[l0h1,l3h0]", "sampler.num_draws=4", "sampler.checkpoint_every=2",
         "sampler.burnin=2", "data.n_probe_contexts=4", "wandb.mode=offline"]
 
 
@@ -25,7 +25,7 @@ TINY = ["experiment=smoke", "components=[l0h1]", "sampler.num_draws=4", "sampler
 def sweep(tmp_path_factory):
     sweep_dir = tmp_path_factory.mktemp("sweep") / "multirun"
     cmd = [sys.executable, str(ROOT / "jobs" / "run.py"), "-m", *TINY,
-           "sampler.step_size=5e-4,2e-3", "sampler.gamma=100,1000", f"hydra.sweep.dir={sweep_dir}"]
+           "sampler.step_size=1e-4,3e-4", "sampler.gamma=1000,3000", f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -38,7 +38,7 @@ def test_each_job_has_its_own_run_dir_and_wandb_run_in_one_group(sweep):
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
     settings = {(json.loads((j / "config.json").read_text())["sampler"]["step_size"],
                  json.loads((j / "config.json").read_text())["sampler"]["gamma"]) for j in jobs}
-    assert settings == {(5e-4, 100.0), (5e-4, 1000.0), (2e-3, 100.0), (2e-3, 1000.0)}
+    assert settings == {(1e-4, 1000.0), (1e-4, 3000.0), (3e-4, 1000.0), (3e-4, 3000.0)}
     groups = set()
     for j in jobs:
         assert (j / "samples.zarr").exists() and (j / "susceptibilities.zarr").exists()
@@ -74,9 +74,9 @@ def test_sweep_summary_names_a_recommended_setting_with_reasons(sweep):
         else:                                 # no finite time to the target to predict
             assert r["seconds_to_target"] is None
     # jobs of the same posterior (same gamma) are compared with the smaller step size of the two
-    for gamma in (100.0, 1000.0):
+    for gamma in (1000.0, 3000.0):
         pair = {r["setting"]["step_size"]: r for r in result["jobs"] if r["setting"]["gamma"] == gamma}
-        assert pair[5e-4]["signal_agreement"] == 1.0 and pair[2e-3]["signal_reference"] == pair[5e-4]["job"]
+        assert pair[1e-4]["signal_agreement"] == 1.0 and pair[3e-4]["signal_reference"] == pair[1e-4]["job"]
     passing = [r for r in result["jobs"] if r["passed"]]
     timed = [r for r in passing if r["seconds_to_target"] is not None]
     if timed:                                 # the passing setting predicted to reach the target soonest

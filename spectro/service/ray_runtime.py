@@ -7,10 +7,13 @@ instance; `shutdown_ray` stops only an instance this driver started.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
 import ray
+
+log = logging.getLogger("spectro")
 
 
 def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
@@ -19,7 +22,9 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int] = None) -> bool:
         return False
     if address or os.environ.get("RAY_ADDRESS"):
         # join a cluster (also how a `ray job submit` driver finds its cluster)
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        where = address or os.environ["RAY_ADDRESS"]
+        ray.init(address=where, log_to_driver=True)
+        log.info("joined the Ray cluster at %s (%s CPUs)", where, ray.cluster_resources().get("CPU", 0))
     else:
         # "local": a private instance even if `ray start` left a cluster on this machine.
         # Ray starts workers at nice 15 by default: on a shared node they then lose the CPU to any
