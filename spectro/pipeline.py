@@ -157,9 +157,8 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
 
     console.route_third_party()             # importing Ray gave its loggers a terminal handler of their own
     local_dir = Path(run_dir)
-    if config.stage == "plan":              # spectro.plan: no sampling, no Ray
-        from spectro.plan import run_plan
-        return run_plan(config, local_dir, prepared)
+    if config.stage == "plan":              # one owner: the plan stage is spectro.plan.run_plan (the CLI calls it)
+        raise ConfigError("stage=plan is not a pipeline stage: call spectro.plan.run_plan (the command line does)")
     run_dir = rundir.run_location(config.storage.uri, local_dir)
     run_dir.check_writable()                # an unreachable bucket fails here, before any sampling
     stages = ("sample", "susceptibilities", "clusters", "sae", "report") if config.stage == "all" else (config.stage,)

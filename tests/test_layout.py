@@ -237,3 +237,47 @@ def test_benchmarks_and_tests_do_not_import_each_other():
     wrong += [f"{p.relative_to(root)} imports {sorted(bad)}" for p in sorted((root / "tests").rglob("*.py"))
               if (bad := _imports(p)[1] & ({"benchmarks"} | {b.stem for b in benchmarks}))]
     assert not wrong, wrong
+
+
+def _import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles():
+    """No two modules import each other, directly or through others, within a layer too (imports inside
+    functions count; importing a package runs its __init__, so `from spectro.plan import x` depends on what
+    spectro/plan/__init__.py imports)."""
+    mods = _modules()
+    graph = {m: {o for o in _imports(p)[0] if o != m and o in mods} for m, p in mods.items()}
+    assert _import_circles(graph) == []
+
+
+def test_the_circle_check_finds_a_circle():
+    assert _import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
