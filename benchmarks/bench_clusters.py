@@ -168,7 +168,7 @@ def summary(rows: list[dict], title: str) -> None:
     if not rows:
         return
     print(f"\n{title} (medians)")
-    print(f"| config | N | seeds | groups | " + " | ".join(COLUMNS) + " |")
+    print("| config | N | seeds | groups | " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * (4 + len(COLUMNS)))
     for (name, n), rs in itertools.groupby(sorted(rows, key=lambda r: (r["n"], list(CONFIGS).index(r["config"])
                                                                        if r["config"] in CONFIGS else 99)),

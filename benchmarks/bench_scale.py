@@ -219,7 +219,7 @@ def main() -> None:
 
 
 def report(run_dir: Path, out: dict, chain: list[dict], groups_n: int) -> None:
-    print(f"\n| step | wall s | CPU s | peak RSS GB |\n|---|---|---|---|")
+    print("\n| step | wall s | CPU s | peak RSS GB |\n|---|---|---|---|")
     for r in ROWS:
         print(f"| {r['step']} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['peak'] / 2 ** 30:.2f} |")
     html = (run_dir / "report.html").stat().st_size / 2 ** 20

@@ -31,14 +31,14 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 
 from spectro import __version__, console, rundir
 from spectro.components import Component, resolve_components, weight_norm
-from spectro.config import RESUME_NEUTRAL_KEYS, SAEConfig, SpectroConfig, as_dict
+from spectro.config import RESUME_NEUTRAL_KEYS, SpectroConfig, as_dict
 from spectro.data import ContextSet, ProbeSet, load_corpus, make_contexts
 from spectro.probes import build_probe_set, suite_contexts
 from spectro.device import resolve_device
@@ -280,6 +280,7 @@ def run_sae(config: SpectroConfig, run_dir: rundir.PathLike, prepared: Optional[
     import dataclasses
 
     from spectro.config import to_config
+    from spectro.sae.stage import sae_stage
     from spectro.store import read_susceptibilities
 
     run_dir = rundir.location(run_dir)
@@ -301,7 +302,7 @@ def run_sae(config: SpectroConfig, run_dir: rundir.PathLike, prepared: Optional[
                        "(corpus or tokenizer changed?); the SAE stage cannot align activations with probe tokens")
     clusters = rundir.read_json(run_dir / rundir.CLUSTERS)
     train_ids = torch.cat([prepared.problem.train_ids, prepared.problem.sampling_ids]).cpu()
-    out = _sae_stage(run_dir, config.sae, prepared.loaded.model.cpu(), train_ids, probe_ids, ctx, pos,
+    out = sae_stage(run_dir, config.sae, prepared.loaded.model.cpu(), train_ids, probe_ids, ctx, pos,
                      [str(t) for t in ds["token_text"].values.tolist()], clusters)
     log.info("sae: FVE %.3f, %s of %d clusters matched by a feature (null mean %s, p %s)", out["fve_probe"],
              _share(out["matched_fraction"]), out["n_clusters"], _share(out["null_mean"]), out["p_value"])
@@ -310,73 +311,6 @@ def run_sae(config: SpectroConfig, run_dir: rundir.PathLike, prepared: Optional[
 
 def _share(x: Optional[float]) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
-
-
-def _sae_stage(run_dir: rundir.PathLike, settings: SAEConfig, model: torch.nn.Module, train_ids: torch.Tensor,
-               probe_ids: torch.Tensor, token_context: np.ndarray, token_position: np.ndarray,
-               token_text: Sequence[str], clusters: dict) -> dict:
-    """Train (or load) the SAE, measure it, match it to clusters.json; write sae.json (+ sae/); return a summary.
-
-    settings: the config's `sae` section; train_ids: (n, seq) sampling-distribution contexts; probe_ids:
-    (n_probe_contexts, seq) the run's probe contexts; token_*: the run's probe table."""
-    from spectro.sae import (TrainSettings, cluster_examples, collect_activations, fve, hook_name, load_sae,
-                             match_clusters, parse_hook_name, probe_features, save_sae, spliced_losses, top_tokens,
-                             train_topk)
-    from spectro.sae.activations import _site_module
-
-    a = settings
-    t0, c0 = time.perf_counter(), time.process_time()
-    run_dir = rundir.location(run_dir)
-    d_model = int(model.config.hidden_size)
-    labels = np.asarray(clusters.get("labels", []), dtype=np.int64)
-    if labels.size != len(token_text):
-        raise SAEError(f"clusters.json labels {labels.size} tokens but the run has {len(token_text)} probe tokens; "
-                       f"re-run the clusters stage")
-    site, layer = a.site, a.layer
-    if a.load:
-        sae = load_sae(Path(a.load), d_in=d_model)
-        parsed = parse_hook_name(sae.hook_name)
-        if parsed is not None and parsed != (site, layer):
-            raise SAEError(f"the SAE in {a.load} was trained on {sae.hook_name} but sae.site={site}, "
-                           f"sae.layer={layer}; "
-                           f"set sae.site={parsed[0]} sae.layer={parsed[1]}")
-    _site_module(model, site, layer)                                  # refuses a bad site/layer early
-    train_acts = collect_activations(model, train_ids, site, layer)   # (n, seq, d)
-    X = train_acts.reshape(-1, d_model)                               # (n * seq, d)
-    train_log = None
-    if not a.load:
-        ts = TrainSettings.from_config(a)
-        sae, train_log = train_topk(X, ts)
-        sae.hook_name = hook_name(site, layer)
-        sae.meta = {"trained_by": "spectro", "training": train_log, "settings": ts.__dict__}
-        save_sae(sae, run_dir / "sae")
-    probe_acts = collect_activations(model, probe_ids, site, layer)   # (n_probe_ctx, seq, d)
-    quality = {"fve_probe": fve(sae, probe_acts), "fve_train": fve(sae, X),
-               **spliced_losses(model, probe_ids, sae, site, layer, X.double().mean(dim=0).float())}
-    active = probe_features(sae, probe_acts, token_context, token_position, a.position, a.active_threshold)
-    n_active_feat = np.asarray((active != 0).sum(axis=0)).ravel()     # (features,)
-    ids = [int(c["id"]) for c in clusters.get("clusters") or []]
-    match = match_clusters(active, labels, a.match_threshold, a.n_null, a.seed, cluster_ids=ids)
-    top_of = {int(c["id"]): c.get("top_tokens") or [] for c in clusters.get("clusters") or []}
-    for c in match["clusters"]:
-        c["feature_top"] = [[t, v] for t, v in top_tokens(active, c["feature"], a.top_contexts)]
-        c["examples"] = cluster_examples(labels, c["id"], token_text, a.top_contexts, a.seed)
-        c["top_tokens"] = top_of.get(c["id"], [])[:8]
-    doc = {"site": site, "layer": layer, "hook_name": hook_name(site, layer), "position": a.position,
-           "source": str(a.load) if a.load else "trained", "path": str(Path(a.load).resolve()) if a.load
-           else str(run_dir / "sae"), "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
-           "k": sae.k, "training": train_log, "quality": quality,
-           "l0_probe": float((active != 0).sum() / max(1, active.shape[0])),
-           "features_never_active_on_probe": int((n_active_feat == 0).sum()),
-           "active_threshold": a.active_threshold, "clustering_method": clusters.get("method"),
-           "n_tokens": int(labels.size), **match, "seconds": round(time.perf_counter() - t0, 2),
-           "cpu_seconds": round(time.process_time() - c0, 2)}
-    rundir.write_json(run_dir / rundir.SAE, doc, indent=1, allow_nan=True)
-    null = match["null"] or {}
-    return {"path": str(run_dir / "sae.json"), "fve_probe": quality["fve_probe"],
-            "loss_increase": quality["loss_increase"], "n_clusters": match["n_clusters"],
-            "matched_fraction": match["matched_fraction"], "null_mean": null.get("matched_fraction_mean"),
-            "p_value": null.get("p_value"), "seconds": doc["seconds"], "cpu_seconds": doc["cpu_seconds"]}
 
 
 def run_report(config: SpectroConfig, run_dir: rundir.PathLike) -> dict:

@@ -61,7 +61,6 @@ Non-obvious choices:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -69,7 +68,7 @@ import numpy as np
 import torch
 
 from spectro.config import PROBE_SUITES, DataConfig
-from spectro.data import ContextSet, Corpus, ProbeSet, embedded_corpus, make_contexts, make_probe_set
+from spectro.data import ContextSet, ProbeSet, embedded_corpus, make_contexts, make_probe_set
 from spectro.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -7,7 +7,6 @@ SGLD pool holds two copies of the whole data set and the batch size is 2, so
 every minibatch gradient is the exact full-data gradient.
 """
 
-import math
 
 import torch
 

@@ -173,7 +173,7 @@ def test_exclude_can_exhaust_the_corpus(tok):
     corpus = corpus_of(Document("code", "a", " ".join(["x"] * 40)))
     n = len(tok.encode(corpus.documents[0].text).ids) // 8
     everything = make_contexts(corpus, tok, 8, n, seed=0)
-    with pytest.raises(DataError, match=rf"requested 1 contexts of 8 tokens but the corpus has only 0 after excluding"):
+    with pytest.raises(DataError, match=r"requested 1 contexts of 8 tokens but the corpus has only 0 after excluding"):
         make_contexts(corpus, tok, 8, 1, seed=0, exclude=everything)
 
 

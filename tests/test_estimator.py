@@ -17,7 +17,6 @@ import torch
 from spectro.estimator import ChainMoments, susceptibility, susceptibility_from_arrays
 from spectro.sgld import SGLDHyper, build
 from tests.helpers import closed_form, loss_fn, regression_problem
-from tests.synthetic import gaussian_stationary_moments
 
 
 def quad(X, y):

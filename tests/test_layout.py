@@ -52,7 +52,7 @@ LAYERS = {
     "spectro.stability": 6, "spectro.known_answers": 6,
     # 7: the SAE check of the clusters
     "spectro.sae": 7, "spectro.sae.model": 7, "spectro.sae.activations": 7, "spectro.sae.training": 7,
-    "spectro.sae.matching": 7,
+    "spectro.sae.matching": 7, "spectro.sae.stage": 7,
     # 8: the report, and the summary of a sweep of runs
     "spectro.report": 8, "spectro.report.loading": 8, "spectro.report.analysis": 8, "spectro.report.html": 8,
     "spectro.report.sections_run": 8, "spectro.report.sections_clusters": 8, "spectro.report.page": 8,
@@ -70,7 +70,7 @@ MAX_LINE_CHARS = 120
 MAX_FUNCTION_LINES = 60
 LONG_FUNCTION_MARK = "longer than 60 lines because"
 # Long functions of modules that are being reworked; each entry must still be long (the test says when to delete it).
-LONG_PENDING = {"spectro/pipeline.py:_sae_stage", "spectro/probes.py:read_labelled_file",
+LONG_PENDING = {"spectro/probes.py:read_labelled_file",
                 "spectro/report/analysis.py:_gallery_data", "spectro/report/html.py:_sparkline",
                 "spectro/report/sections_clusters.py:_sae_section", "spectro/report/sections_clusters.py:_control_section",
                 "spectro/report/sections_run.py:_diagnostics_section"}

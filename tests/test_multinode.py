@@ -5,7 +5,6 @@ the run, with the same numbers as an uninterrupted run."""
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from spectro.service import sample

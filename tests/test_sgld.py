@@ -5,7 +5,6 @@ Monte Carlo z-scores over independent chains."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 

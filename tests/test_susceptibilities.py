@@ -3,7 +3,6 @@ closed form through the whole pipeline, agreement with devinterp's
 estimator on identical arrays, diagnostics against arviz-stats, partial and
 bad stores."""
 
-import dataclasses
 
 import numpy as np
 import pytest

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spectro.sweep import Thresholds, recommend
+from spectro.sweep import recommend
 from tests.wandb_reader import records, wait_complete
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,12 +2,13 @@
 (docs/method.md).
 
 Three steps, used in this order by the `sae` stage
-(`spectro.pipeline.run_sae`), one module each:
+(`spectro.sae.stage.sae_stage`, called by `spectro.pipeline.run_sae`), one module each:
 
     model        the SAE (SAELens conventions) and its on-disk layout (cfg.json + safetensors)
     activations  the language model's activations at a site; FVE and spliced losses of an SAE
     training     a TopK SAE trained on sampling-distribution activations
     matching     each cluster's best-F1 feature, and the matched fraction against permuted labels
+    stage        the stage itself: reads clusters.json, writes sae.json and sae/
 
 The public names are re-exported here (`from spectro import sae; sae.train_topk(...)`).
 """
