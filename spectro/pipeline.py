@@ -201,75 +201,11 @@ def _update_summary(run_dir: rundir.Location, summary: dict) -> None:
 
 
 def run_clusters(config: SpectroConfig, run_dir: rundir.PathLike) -> dict:
-    """Cluster the susceptibility matrix and compute its modes; then how far to trust the clusters: the
-    clustering features' split-half reliability and the stability of the clusters across halves of the
-    chains (spectro.stability), with the plain verdict, added to clusters.json."""
-    import time
+    """The clusters stage (spectro.trust.clusters_stage): clusters.json with its trust figures, and modes.json."""
+    from spectro.clusters import ClusterParams
+    from spectro.trust import clusters_stage
 
-    from spectro.clusters import ClusterParams, cluster_run
-    from spectro.reliability import split_half, verdict
-    from spectro.stability import stability
-    from spectro.store import read_susceptibilities
-
-    run_dir = rundir.location(run_dir)
-    t0 = time.perf_counter()
-    params = ClusterParams.from_config(config.clustering)
-    out = cluster_run(run_dir, params)
-    out["seconds"] = round(time.perf_counter() - t0, 2)
-    ds = read_susceptibilities(run_dir / rundir.SUSCEPTIBILITIES)
-    names = [str(c) for c in ds["component"].values]
-    rel = stab = None
-    if "chi_half" in ds:
-        keep = [names.index(c) for c in out["components"]]
-        half = np.asarray(ds["chi_half"].values, dtype=np.float64)[:, :, keep]        # (2, tokens, clustered)
-        rel = split_half(half, out["components"], params.features)
-        t1 = time.perf_counter()
-        stab = stability(half, params)
-        if stab is not None:
-            stab["seconds"] = round(time.perf_counter() - t1, 2)
-    not_mixed = [c for c, bad in zip(names, ds["not_mixed"].values) if bool(bad)] if "not_mixed" in ds else []
-    v = verdict(rel, stab, not_mixed)
-    path = run_dir / rundir.CLUSTERS
-    doc = rundir.read_json(path)
-    answers = _known_answers(run_dir, ds, names, out["components"], np.asarray(doc["labels"]), params)
-    doc.update({"reliability": rel, "stability": stab, "verdict": v, "known_answers": answers})
-    rundir.write_json(path, doc, indent=None)
-    out.update({"reliability": None if rel is None else {k: rel[k] for k in ("features_median", "features_min",
-                                                                               "least_reliable")},
-                "stability": None if stab is None else {k: stab[k] for k in ("ari", "ari_all_tokens",
-                                                                             "n_clusters_halves")},
-                "verdict": v, "known_answers": _answers_summary(answers)})
-    log.info("verdict: %s (%s)", v["text"], "; ".join(v["reasons"]), extra=console.FILE_ONLY)   # the end repeats it
-    return out
-
-
-def _known_answers(run_dir: rundir.Location, ds, names: list[str], clustered: list[str], member: np.ndarray,
-                   params) -> Optional[dict]:
-    """spectro.known_answers on the run's labelled probe tokens; None when the probe set has no labels."""
-    from spectro.features import feature_matrix
-    from spectro.known_answers import known_answers
-
-    if "token_labels" not in ds:
-        return None
-    keep = [names.index(c) for c in clustered]
-    chi = np.asarray(ds["chi"].values, dtype=np.float64)[:, keep]                      # (tokens, clustered)
-    label_names = [str(x) for x in ds["label"].values]
-    rules = ds.attrs.get("label_rules", {})
-    prov = rundir.read_json(run_dir / rundir.PROVENANCE) if (run_dir / rundir.PROVENANCE).exists() else {}
-    mech = ((prov.get("model") or {}).get("training") or {}).get("mechanisms") or {}
-    named = {k: mech[k] for k in ("induction_heads", "previous_token_heads") if k in mech}
-    return known_answers(np.asarray(ds["token_labels"].values, dtype=bool), label_names,
-                         [rules.get(n, "") for n in label_names], member, chi, feature_matrix(chi, params.features),
-                         clustered, np.asarray(ds["token_context"].values), named, seed=params.seed)
-
-
-def _answers_summary(answers: Optional[dict]) -> Optional[dict]:
-    """Per label, the figures a summary line needs (spectro.known_answers.headline)."""
-    from spectro.known_answers import headline
-
-    if not answers:
-        return None
-    return {e["label"]: headline(answers, e["label"]) for e in answers["labels"] if "best_cluster" in e}
+    return clusters_stage(run_dir, ClusterParams.from_config(config.clustering))
 
 
 def run_sae(config: SpectroConfig, run_dir: rundir.PathLike, prepared: Optional[Prepared] = None) -> dict:

@@ -49,7 +49,7 @@ LAYERS = {
     "spectro.clusters.local": 6, "spectro.clusters.baselines": 6, "spectro.clusters.clustering": 6,
     "spectro.clusters.files": 6, "spectro.clusters.planted": 6, "spectro.clusters.scales": 6, "spectro.modes": 6,
     "spectro.roles": 6,
-    "spectro.stability": 6, "spectro.known_answers": 6,
+    "spectro.stability": 6, "spectro.known_answers": 6, "spectro.trust": 6,
     # 7: the SAE check of the clusters
     "spectro.sae": 7, "spectro.sae.model": 7, "spectro.sae.activations": 7, "spectro.sae.training": 7,
     "spectro.sae.matching": 7, "spectro.sae.stage": 7,

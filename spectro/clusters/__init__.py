@@ -11,8 +11,8 @@ The stage's data flow, one module per step:
     files       the run directory: read susceptibilities.zarr, write clusters.json (+ modes.json)
     planted     `hard_planted`: chi with known groups, the family the defaults were chosen on
 
-The stage itself, with the reliability and stability figures of the clusters,
-is run by `spectro.pipeline.run_clusters`. docs/clustering.md has the
+The stage itself, with the reliability, stability and known-answer figures
+of the clusters, is `spectro.trust.clusters_stage`. docs/clustering.md has the
 measurements behind the defaults. The public names are re-exported here, so
 `from spectro.clusters import cluster, ClusterParams` keeps working.
 """

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -27,10 +27,12 @@ log = logging.getLogger("spectro.clusters")
 
 
 def write_clusters(run_dir, clustering: Clustering, chi: np.ndarray, components: Sequence[str],
-                   token_text: Sequence[str], token_source: Sequence[str], top_n: int = 20) -> rundir.Location:
+                   token_text: Sequence[str], token_source: Sequence[str], top_n: int = 20,
+                   extra: Optional[dict] = None) -> rundir.Location:
     """Write `<run_dir>/clusters.json` and return its path: method, params, components, n_tokens,
     n_clusters, n_noise, role_agreement, labels (-1 = noise), and per cluster id, size,
-    conductance, profile (mean z-scored chi), profile_raw, top_tokens, sources, roles, members."""
+    conductance, profile (mean z-scored chi), profile_raw, top_tokens, sources, roles, members; plus the
+    keys of `extra` (the stage's trust figures: spectro.trust)."""
     run_dir = rundir.location(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory {run_dir} does not exist; create it or pass the run's directory")
@@ -75,6 +77,7 @@ def write_clusters(run_dir, clustering: Clustering, chi: np.ndarray, components:
         "role_agreement": role_agreement(labels, roles, seed=0, shuffles=10) if out_clusters else None,
         "labels": labels.astype(np.int64).tolist(),
         "clusters": out_clusters,
+        **(extra or {}),
     }
     return rundir.write_json(run_dir / rundir.CLUSTERS, doc, indent=None)
 
@@ -114,13 +117,17 @@ def read_input(run_dir) -> ClusterInput:
                         token_source=[str(s) for s in ds["token_source"].values])
 
 
-def cluster_run(run_dir, params: ClusterParams = ClusterParams()) -> dict:
-    """Cluster `<run_dir>/susceptibilities.zarr` (without the "full" component); write clusters.json and
-    modes.json; return a summary. `run_dir` may be a URL (spectro.rundir.Location)."""
+def cluster_run(run_dir, params: ClusterParams = ClusterParams(),
+                assess: Optional[Callable[[ClusterInput, Clustering], dict]] = None) -> dict:
+    """Cluster `<run_dir>/susceptibilities.zarr` (without the "full" component); write clusters.json (once, with
+    the keys `assess(input, clustering)` returns) and modes.json; return a summary. `run_dir` may be a URL
+    (spectro.rundir.Location)."""
     run_dir = rundir.location(run_dir)
     inp = read_input(run_dir)
     result = cluster(inp.chi, params)
-    clusters_path = write_clusters(run_dir, result, inp.chi, inp.components, inp.token_text, inp.token_source)
+    extra = assess(inp, result) if assess is not None else None
+    clusters_path = write_clusters(run_dir, result, inp.chi, inp.components, inp.token_text, inp.token_source,
+                                   extra=extra)
     modes_path = write_modes(run_dir, compute_modes(inp.chi, inp.components, inp.token_text))
     sizes = [c["size"] for c in result.clusters]
     median_phi = float(np.median([c["conductance"] for c in result.clusters])) if sizes else None

@@ -1,0 +1,99 @@
+"""The clusters stage, with how far to trust its clusters.
+
+`clusters_stage` clusters a run's susceptibilities (spectro.clusters) and
+writes clusters.json once, with the figures that say how far to trust it:
+
+- the split-half reliability of the clustering features (spectro.reliability);
+- the stability of the clusters across halves of the chains (spectro.stability);
+- the plain verdict built from both and from the components that have not mixed;
+- the known answers: the clusters and chi checked against the probe tokens'
+  labels (spectro.known_answers), when the probe set has labels.
+
+    from spectro.trust import clusters_stage
+    summary = clusters_stage(run_dir, ClusterParams.from_config(config.clustering))
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import numpy as np
+
+from spectro import console, rundir
+from spectro.clusters import ClusterInput, ClusterParams, Clustering, cluster_run
+from spectro.features import feature_matrix
+from spectro.known_answers import headline, known_answers
+from spectro.reliability import split_half, verdict
+from spectro.stability import stability
+from spectro.store import read_susceptibilities
+
+log = logging.getLogger("spectro")
+
+
+def clusters_stage(run_dir: rundir.PathLike, params: ClusterParams) -> dict:
+    """Cluster `<run_dir>/susceptibilities.zarr`; write clusters.json (with reliability, stability, verdict and
+    known answers) and modes.json; return the stage's summary."""
+    run_dir = rundir.location(run_dir)
+    t0 = time.perf_counter()
+    ds = read_susceptibilities(run_dir / rundir.SUSCEPTIBILITIES)
+    figures: dict = {}
+
+    def assess(inp: ClusterInput, result: Clustering) -> dict:
+        figures.update(trust_figures(run_dir, ds, inp.components, result.labels, params))
+        return figures
+
+    out = cluster_run(run_dir, params, assess=assess)
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    rel, stab, v = figures["reliability"], figures["stability"], figures["verdict"]
+    out.update({"reliability": None if rel is None else {k: rel[k] for k in ("features_median", "features_min",
+                                                                               "least_reliable")},
+                "stability": None if stab is None else {k: stab[k] for k in ("ari", "ari_all_tokens",
+                                                                             "n_clusters_halves")},
+                "verdict": v, "known_answers": answers_summary(figures["known_answers"])})
+    log.info("verdict: %s (%s)", v["text"], "; ".join(v["reasons"]), extra=console.FILE_ONLY)   # the end repeats it
+    return out
+
+
+def trust_figures(run_dir: rundir.Location, ds, clustered: list[str], labels: np.ndarray,
+                  params: ClusterParams) -> dict:
+    """reliability, stability, verdict and known_answers of one clustering of the run in `ds`."""
+    names = [str(c) for c in ds["component"].values]
+    rel = stab = None
+    if "chi_half" in ds:
+        keep = [names.index(c) for c in clustered]
+        half = np.asarray(ds["chi_half"].values, dtype=np.float64)[:, :, keep]        # (2, tokens, clustered)
+        rel = split_half(half, clustered, params.features)
+        t1 = time.perf_counter()
+        stab = stability(half, params)
+        if stab is not None:
+            stab["seconds"] = round(time.perf_counter() - t1, 2)
+    not_mixed = [c for c, bad in zip(names, ds["not_mixed"].values) if bool(bad)] if "not_mixed" in ds else []
+    answers = _known_answers(run_dir, ds, names, clustered, np.asarray(labels), params)
+    return {"reliability": rel, "stability": stab, "verdict": verdict(rel, stab, not_mixed),
+            "known_answers": answers}
+
+
+def _known_answers(run_dir: rundir.Location, ds, names: list[str], clustered: list[str], member: np.ndarray,
+                   params: ClusterParams) -> Optional[dict]:
+    """spectro.known_answers on the run's labelled probe tokens; None when the probe set has no labels."""
+    if "token_labels" not in ds:
+        return None
+    keep = [names.index(c) for c in clustered]
+    chi = np.asarray(ds["chi"].values, dtype=np.float64)[:, keep]                      # (tokens, clustered)
+    label_names = [str(x) for x in ds["label"].values]
+    rules = ds.attrs.get("label_rules", {})
+    prov = rundir.read_json(run_dir / rundir.PROVENANCE) if (run_dir / rundir.PROVENANCE).exists() else {}
+    mech = ((prov.get("model") or {}).get("training") or {}).get("mechanisms") or {}
+    named = {k: mech[k] for k in ("induction_heads", "previous_token_heads") if k in mech}
+    return known_answers(np.asarray(ds["token_labels"].values, dtype=bool), label_names,
+                         [rules.get(n, "") for n in label_names], member, chi, feature_matrix(chi, params.features),
+                         clustered, np.asarray(ds["token_context"].values), named, seed=params.seed)
+
+
+def answers_summary(answers: Optional[dict]) -> Optional[dict]:
+    """Per label, the figures a summary line needs (spectro.known_answers.headline)."""
+    if not answers:
+        return None
+    return {e["label"]: headline(answers, e["label"]) for e in answers["labels"] if "best_cluster" in e}
