@@ -15,8 +15,13 @@ Prints, for the two runs A and B:
 - role purity against the largest of 20 shuffled-role baselines, and the SAE
   check (matched fraction and mean best F1 against the null's 95% quantile),
   from each run's clusters.json / sae.json;
-- with --control: the same cluster agreement, role purity and SAE figures for
-  the control against run A.
+- locality: E[phi] of `full` and the largest displacement of each run;
+- known answers (labelled probe tokens): per label the best cluster's F1 and
+  the readout AUC of each run, from clusters.json;
+- with --control: the same cluster agreement, role purity, SAE and known-answer
+  figures for the control against run A, and the agreement of A's features
+  with the control's, raw and divided by sqrt(reliability A x reliability
+  control) per component (noise-corrected: 1 means the same signal).
 
 Nothing is recomputed that the runs did not write, except the correlations
 and ARIs; the figures in docs/calibration.md come from this script.
@@ -93,6 +98,37 @@ def sae_line(r: dict) -> str:
             f"(null q95 {fq:.3f})")
 
 
+def locality_line(r: dict) -> str:
+    ds, names = r["ds"], r["names"]
+    if "mean_phi" not in ds:
+        return "locality: not recorded"
+    phi = dict(zip(names, np.asarray(ds["mean_phi"].values, dtype=float)))
+    disp = np.asarray(ds["displacement"].values, dtype=float)
+    i = int(np.nanargmax(disp))
+    return f"E[phi] full {phi.get('full', float('nan')):.3f} nats, displacement max {disp[i]:.3f} ({names[i]})"
+
+
+def answers_line(r: dict) -> str:
+    ka = r["clusters"].get("known_answers") or {}
+    parts = []
+    for e in ka.get("labels", []):
+        if "best_cluster" not in e:
+            continue
+        f1 = (e["best_cluster"] or {}).get("f1")
+        auc = e.get("readout_auc")
+        parts.append(f"{e['label']} F1 {f1 if f1 is None else round(f1, 2)} AUC {auc if auc is None else round(auc, 2)}")
+    return "known answers: " + ("; ".join(parts) if parts else "none (no labels)")
+
+
+def corrected(r: np.ndarray, a: dict, b: dict) -> np.ndarray:
+    """r per component divided by sqrt of the two runs' feature reliabilities (NaN where either is <= 0)."""
+    ra = np.asarray(a["ds"]["reliability_features"].values, dtype=float)
+    rb = np.asarray(b["ds"]["reliability_features"].values, dtype=float)
+    ia = [a["names"].index(c) for c in a["components"]]
+    den = np.sqrt(np.clip(ra[ia], 0, None) * np.clip(rb[ia], 0, None))
+    return np.divide(r, den, out=np.full(r.shape, np.nan), where=den > 0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path)
@@ -109,6 +145,7 @@ def main() -> int:
         print(f"   within-run reliability: raw median {rel.get('raw_median', float('nan')):.3f}, features median "
               f"{rel.get('features_median', float('nan')):.3f} (min {rel.get('features_min', float('nan')):.3f})")
         print(f"   {clusters_line(r)}; {roles_line(r)}; {sae_line(r)}")
+        print(f"   {locality_line(r)}; {answers_line(r)}")
     raw = column_correlations(A["chi"], B["chi"])
     feat = column_correlations(feature_matrix(A["chi"]), feature_matrix(B["chi"]))
     print(f"A vs B chi: raw r median {np.median(raw):.3f} (min {raw.min():.3f}); features r median "
@@ -122,9 +159,12 @@ def main() -> int:
             return 2
         print(f"control {C['dir']}: {mixing(C)}")
         print(f"   {clusters_line(C)}; {roles_line(C)}; {sae_line(C)}")
+        print(f"   {locality_line(C)}; {answers_line(C)}")
         print(f"A vs control clusters: {cluster_agreement(A['labels'], C['labels'])}")
         cf = column_correlations(feature_matrix(A["chi"]), feature_matrix(C["chi"]))
-        print(f"A vs control features r median {np.median(cf):.3f}")
+        cc = corrected(cf, A, C)
+        print(f"A vs control features r median {np.median(cf):.3f} (min {cf.min():.3f}); noise-corrected median "
+              f"{np.nanmedian(cc):.3f} (min {np.nanmin(cc):.3f}, {A['components'][int(np.nanargmin(cc))]})")
     return 0
 
 

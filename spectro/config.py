@@ -17,7 +17,8 @@ Non-obvious choices:
   (devinterp's `default_nbeta`); it is resolved here so the stored config says
   the number that was used. nβ = 0 (no loss term, only the localisation) is
   the control run and is accepted only with `sampler.control=true`
-  (`experiment=control`), never by accident.
+  (`experiment=control`), never by accident; the control sets nβ to 0 whatever
+  `sampler.nbeta` says, and its stored config says 0.
 - `components` lists names or group keywords ("all", "heads", "mlps"); the
   unrestricted run `full` is always sampled as well, because the default
   estimator centres on it (docs/method.md).
@@ -69,9 +70,9 @@ class DataConfig:
 
 @dataclass
 class SamplerConfig:
-    step_size: float = 3e-3             # epsilon
-    nbeta: Optional[float] = None       # inverse temperature; null -> B / ln B
-    gamma: float = 300.0                # localization strength
+    step_size: float = 1e-4             # epsilon; with gamma: chains stay local (docs/calibration.md)
+    nbeta: Optional[float] = 1000.0     # inverse temperature; null -> B / ln B (devinterp's default)
+    gamma: float = 10000.0              # localization strength
     noise_level: float = 1.0            # sigma
     batch_size: int = 16
     num_chains: int = 4
@@ -278,14 +279,10 @@ def _check_model_and_sampler(c: SpectroConfig) -> None:
              "use 'embedded', a local snapshot directory or a hub id like EleutherAI/pythia-14m")
     _require(_finite(s.step_size) and s.step_size > 0, "sampler.step_size", s.step_size,
              "must be a positive finite number", "e.g. sampler.step_size=1e-4")
-    if s.control:
-        _require(s.nbeta is None or s.nbeta == 0, "sampler.nbeta", s.nbeta,
-                 "must be 0 or null with sampler.control=true (the control removes the loss term)",
-                 "drop the sampler.nbeta override, or run without experiment=control")
-    else:
+    if not s.control:                   # the control replaces nβ by 0 whatever it was (validate below)
         _require(s.nbeta is None or (_finite(s.nbeta) and s.nbeta > 0), "sampler.nbeta", s.nbeta,
                  "must be positive" + (" (nβ = 0 is the control run: experiment=control)" if s.nbeta == 0 else ""),
-                 "e.g. sampler.nbeta=30, or null for batch_size/ln(batch_size)")
+                 "e.g. sampler.nbeta=1000, or null for batch_size/ln(batch_size)")
     _require(_finite(s.gamma) and s.gamma >= 0, "sampler.gamma", s.gamma,
              "must be >= 0", "e.g. sampler.gamma=300")
     _require(_finite(s.noise_level) and s.noise_level >= 0, "sampler.noise_level", s.noise_level,

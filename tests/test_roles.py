@@ -54,18 +54,17 @@ def test_embedded_default_clusters_separate_token_roles():
     """Clusters on the embedded default (its default clustering config) are purer in token role
     than clusters of the same sizes with shuffled roles, and clusters are enriched in different roles.
 
-    Measured when written (docs/clustering.md): 8 clusters (2,193 to 78 tokens), 0.2% noise, purity
-    0.302 vs 0.278 (max of 20 shuffles), NMI 0.028 vs 0.005, one cluster 3.0x enriched in
-    newline/indentation tokens, others 2.2x in numbers and 1.7x in punctuation. The separation is
-    weaker than with the earlier default (z-scored features, local clusters capped at 400 tokens:
-    14 clusters, purity 0.382 vs 0.292, NMI 0.058): on this chi the mode shared by all components,
-    which the default features remove, carries much of the role signal, and what is left is near the
-    noise level of 4 chains x 20 draws."""
+    Measured on the shipped reference (the default run, seed 0; docs/calibration.md): 3 clusters
+    (5,513, 2,469 and 82 tokens), no noise, purity 0.303 vs 0.282 (max of 20 shuffles), NMI 0.047 vs
+    0.0013, newline/indentation tokens 1.8x and word pieces 1.7x enriched. Under the local posterior
+    of the default sampler the conductance clustering finds fewer, broader groups than it did on the
+    earlier, localisation-dominated chi (8 clusters): the features are noisier (median split-half
+    reliability 0.54) and only the broad structure clears the noise."""
     chi, roles = _reference()
     params = ClusterParams(**{k: v for k, v in ClusterConfig().__dict__.items()})
     result = cluster(chi, params)
     agree = role_agreement(result.labels, roles, seed=0, shuffles=20)
-    assert len(result.clusters) >= 5, len(result.clusters)
+    assert len(result.clusters) >= 2, len(result.clusters)
     assert agree["n_clustered"] >= 0.7 * len(roles), agree["n_clustered"]
     assert agree["purity"] >= agree["purity_shuffled_max"] + 0.01, agree
     assert agree["nmi"] >= 4 * agree["nmi_shuffled_max"], agree
@@ -75,5 +74,5 @@ def test_embedded_default_clusters_separate_token_roles():
         for r, k in Counter(roles[c["members"]].tolist()).items():
             if k >= 10:
                 enriched[r] = max(enriched.get(r, 0.0), k / c["size"] / share[r])
-    assert enriched["newline"] >= 2.5, enriched
-    assert sum(e >= 1.5 for e in enriched.values()) >= 3, enriched
+    assert enriched["newline"] >= 1.5, enriched
+    assert sum(e >= 1.5 for e in enriched.values()) >= 2, enriched

@@ -34,11 +34,14 @@ def main() -> None:
         run_dir = Path(tempfile.mkdtemp(prefix="spectro-default-")) / "run"
         subprocess.run([sys.executable, str(HERE.parents[1] / "jobs" / "run.py"), f"hydra.run.dir={run_dir}"],
                        check=True)
+    from hydra import compose, initialize_config_dir
+
     from spectro.config import as_dict, to_config
     from spectro.store import read_susceptibilities
 
     config = json.loads((run_dir / "config.json").read_text())
-    default = as_dict(to_config({}))
+    with initialize_config_dir(config_dir=str(HERE.parents[1] / "conf"), version_base=None):
+        default = as_dict(to_config(compose(config_name="config")))      # the main job's config, as typed
     differ = [f"{sec}.{k}" for sec in ("model", "data", "sampler") for k, v in config[sec].items()
               if k in default[sec] and default[sec][k] != v]
     if differ or config["components"] != default["components"]:
