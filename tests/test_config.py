@@ -35,11 +35,14 @@ def test_every_group_option_composes_and_validates(group):
 
 
 def test_default_config_resolves_nbeta():
-    cfg = to_config(compose_cfg())
     import math
+
+    cfg = to_config(compose_cfg(["sampler.nbeta=null"]))
     assert cfg.sampler.nbeta == pytest.approx(cfg.sampler.batch_size / math.log(cfg.sampler.batch_size))
-    assert cfg.model.source == "embedded"
+    assert to_config(compose_cfg()).model.source == "embedded"
     assert to_config(compose_cfg(["sampler.nbeta=30"])).sampler.nbeta == 30
+    control = to_config(compose_cfg(["sampler.control=true"]))          # the default nβ, replaced by 0
+    assert control.sampler.nbeta == 0.0 and control.sampler.control
 
 
 @pytest.mark.parametrize("override, message", [
