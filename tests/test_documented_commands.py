@@ -80,6 +80,8 @@ SUBSTITUTIONS = {
     "notes.txt": ("<corpus>/notes.txt", "a text file: standard-library source"),
     "texts/": ("<corpus>/texts/", "a directory of .txt files: standard-library source"),
     "/data/corpus.jsonl": ("<corpus>/corpus.jsonl", "a JSON Lines corpus with a text field"),
+    "/path/to/probes.jsonl": ("<corpus>/probes.jsonl", "labelled probe contexts: standard-library source with "
+                                                       "labelled tokens"),
     "runs/X": ("<real>", "a finished run: the smoke run"),
     "runs/real": ("<real>", "a finished run: the smoke run"),
     "runs/seed0": ("<real>", "a finished run: the smoke run"),
@@ -523,7 +525,7 @@ class World:
 
 def write_corpus(directory: Path) -> None:
     """notes.txt, texts/*.txt and corpus.jsonl: standard-library source, each enough for the default data sizes
-    (512 + 32 + 64 contexts of 64 tokens)."""
+    (512 + 32 + 64 contexts of 64 tokens); probes.jsonl: four labelled probe contexts (data.probe.file)."""
     import json
     import sysconfig
 
@@ -537,6 +539,9 @@ def write_corpus(directory: Path) -> None:
     with open(directory / "corpus.jsonl", "w", encoding="utf-8") as f:
         for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
+    with open(directory / "probes.jsonl", "w", encoding="utf-8") as f:
+        for text in texts[:4]:
+            f.write(json.dumps({"text": text[:4000], "tokens": [[5, "mine"], [9, "mine"], [20, "other"]]}) + "\n")
 
 
 @pytest.fixture(scope="module")
