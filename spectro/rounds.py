@@ -25,6 +25,8 @@ Non-obvious choices:
   at the round's end and the next round continues from that checkpoint, as a
   resume after a crash does, so where rounds cut changes no draw, and a run
   that stops at round k is bit-identical to a run of k x round_draws draws.
+- Rounds need the estimate: they run with `stage=all`; `stage=sample` alone
+  samples the whole budget, as without a target.
 - The reliability target is met by every component (the minimum), not the
   median: a cluster built from one unreliable component is unreliable too.
 - Resume: rerun the same command. The rounds that rounds.json lists and the

@@ -107,6 +107,49 @@ def test_until_is_resume_neutral():
 
 
 # --------------------------------------------------------------------------- #
+# the service and the estimate in rounds: a tiny model, real Ray, real Zarr
+# --------------------------------------------------------------------------- #
+
+
+def _chi(run_dir, **kw):
+    from spectro.store import read_susceptibilities
+    from spectro.susceptibilities import compute
+
+    compute(run_dir, nbeta=8.0, **kw)
+    ds = read_susceptibilities(Path(run_dir) / "susceptibilities.zarr")
+    return {k: np.asarray(ds[k].values) for k in ("chi", "chi_se", "chi_half", "rhat")}, dict(ds.attrs)
+
+
+def test_rounds_of_the_service_are_the_draws_of_one_run(tmp_path, ray_local):
+    from spectro.errors import SamplingFailed, StoreError
+    from spectro.service import sample
+    from spectro.store import SampleStore
+    from tests.helpers import arrays, assert_identical, make_store, tiny_config, tiny_problem
+
+    problem = tiny_problem()
+    once, short = tmp_path / "once", tmp_path / "short"        # 6 draws in one go; a run of 3 draws
+    sample(problem, make_store(once / "samples.zarr", problem, tiny_config()), tiny_config(), once / "checkpoints")
+    sample(problem, make_store(short / "samples.zarr", problem, tiny_config(num_draws=3)), tiny_config(num_draws=3),
+           short / "checkpoints")
+    rounds_dir = tmp_path / "rounds"
+    store = make_store(rounds_dir / "samples.zarr", problem, tiny_config())
+    with pytest.raises(SamplingFailed, match="multiple of the draw chunk"):
+        sample(problem, store, tiny_config(), rounds_dir / "checkpoints", stop_at=4)
+    first = sample(problem, store, tiny_config(), rounds_dir / "checkpoints", stop_at=3)      # round 1
+    assert (store.progress() == 3).all() and all(u["resumed_at"] == 0 for u in first.units_run)
+    with pytest.raises(StoreError, match="only 3 committed"):
+        _chi(rounds_dir, draws=6)
+    chi_round, attrs = _chi(rounds_dir, draws=3)                  # round 1's estimate: the 3-draw run's, exactly
+    chi_short, _ = _chi(short)
+    assert attrs["draws"] == 3 and not attrs["partial"]
+    assert all(chi_round[k].tobytes() == chi_short[k].tobytes() for k in chi_round)
+    second = sample(problem, store, tiny_config(), rounds_dir / "checkpoints", stop_at=6)     # round 2
+    assert all(u["resumed_at"] == 3 for u in second.units_run)
+    assert_identical(arrays(once / "samples.zarr"), arrays(rounds_dir / "samples.zarr"))
+    assert SampleStore.open(rounds_dir / "samples.zarr").complete()
+
+
+# --------------------------------------------------------------------------- #
 # end to end (slow): smoke-sized runs from the command line
 # --------------------------------------------------------------------------- #
 
