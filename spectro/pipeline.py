@@ -482,4 +482,3 @@ def run_susceptibilities(config: SpectroConfig, run_dir: rundir.PathLike, draws:
         log.warning("chains are not local (E[phi] or displacement above the thresholds) for: %s",
                     ", ".join(out["not_local"]))
     return out
-
