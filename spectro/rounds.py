@@ -30,7 +30,7 @@ Non-obvious choices:
 - The reliability target is met by every component (the minimum), not the
   median: a cluster built from one unreliable component is unreliable too.
 - Resume: rerun the same command. The rounds that rounds.json lists and the
-  store holds are taken from it (their samples are not drawn again, their
+  store holds (with the same round size and estimator form) are taken from it (their samples are not drawn again, their
   figures are judged against the current targets), the rest run; the time
   budget counts the listed rounds' seconds. `sampler.until` may change on
   resume (spectro.config.RESUME_NEUTRAL_KEYS): a run stopped by a budget
@@ -115,12 +115,12 @@ def _judged(record: dict, until: UntilConfig) -> dict:
 
 def _recorded(config: SpectroConfig, run_dir: rundir.Location) -> list[dict]:
     """The rounds of an earlier invocation that can be taken over: listed in rounds.json with the same round
-    size, and held by the store (every chain has their draws committed)."""
+    size and estimator form, and held by the store (every chain has their draws committed)."""
     path, samples = run_dir / ROUNDS, run_dir / rundir.SAMPLES
     if config.fresh or not path.exists() or not samples.exists():
         return []
     doc = rundir.read_json(path)
-    if doc.get("round_draws") != config.sampler.until.round_draws:
+    if doc.get("round_draws") != config.sampler.until.round_draws or doc.get("form") != config.estimator.form:
         return []
     committed = int(SampleStore.open(samples).progress().min())
     plan = round_draws(config.sampler.until, config.sampler.num_draws)
@@ -149,6 +149,7 @@ def run_rounds(config: SpectroConfig, run_dir: rundir.PathLike, sample_to: Calla
     runs the susceptibilities stage on them and returns its summary, `on_round(record)` sees every round run or
     taken over. Writes rounds.json; returns its contents."""
     until, run_dir = config.sampler.until, rundir.location(run_dir)
+    run_dir.mkdir()
     plan = round_draws(until, config.sampler.num_draws)
     earlier = _recorded(config, run_dir)
     t0, spent_before = time.monotonic(), sum(r["seconds"] for r in earlier)
@@ -169,11 +170,11 @@ def run_rounds(config: SpectroConfig, run_dir: rundir.PathLike, sample_to: Calla
         _log_round(record, until)
         if on_round is not None:
             on_round(record)
-        _write(run_dir, until, plan, rounds, None)
+        _write(run_dir, config, plan, rounds, None)
     if estimated_at != rounds[-1]["draws"]:           # the later stages read the final round's estimate
         estimate(rounds[-1]["draws"])
     log.info("rounds: stopped after round %d of %d draws (%s)", len(rounds), rounds[-1]["draws"], why)
-    return _write(run_dir, until, plan, rounds, why)
+    return _write(run_dir, config, plan, rounds, why)
 
 
 def run_in_rounds(config: SpectroConfig, run_dir: rundir.PathLike, p,
@@ -213,9 +214,10 @@ def run_in_rounds(config: SpectroConfig, run_dir: rundir.PathLike, p,
     return out
 
 
-def _write(run_dir: rundir.Location, until: UntilConfig, plan: list[int], rounds: list[dict],
+def _write(run_dir: rundir.Location, config: SpectroConfig, plan: list[int], rounds: list[dict],
            why: Optional[str]) -> dict:
-    doc = {"targets": {"reliability": until.reliability, "rhat": until.rhat},
+    until = config.sampler.until
+    doc = {"targets": {"reliability": until.reliability, "rhat": until.rhat}, "form": config.estimator.form,
            "round_draws": until.round_draws, "draw_budget": plan[-1] if plan else 0,
            "max_minutes": until.max_minutes, "rounds": rounds, "stopped_because": why,
            "draws": rounds[-1]["draws"] if rounds else 0, "seconds": round(sum(r["seconds"] for r in rounds), 2)}

@@ -77,6 +77,47 @@ def test_stop_reasons():
     assert rounds._stop([not_met], until, [10, 20], 30.0) is None
 
 
+def _fake_stage(reliability_at: dict):
+    """sample_to / estimate stand-ins for run_rounds: record the calls, give reliability_at[draws]."""
+    calls = []
+
+    def sample_to(draws):
+        calls.append(("sample", draws))
+        return {}
+
+    def estimate(draws):
+        calls.append(("estimate", draws))
+        r = reliability_at[draws]
+        return {"reliability": {"components": ["a", "b"], "features_reliability": [r, r + 0.05],
+                                "features_min": r, "features_median": r + 0.025},
+                "rhat": {"full": 1.01, "a": 1.02, "b": 1.03}, "rhat_max": 1.03}
+    return calls, sample_to, estimate
+
+
+def test_the_rounds_loop_stops_at_the_first_round_that_meets_the_target(tmp_path):
+    config = to_config(compose_cfg(["sampler.until.reliability=0.7", "sampler.until.round_draws=10"]))
+    calls, sample_to, estimate = _fake_stage({10: 0.5, 20: 0.72, 30: 0.9, 40: 0.95})
+    seen = []
+    doc = rounds.run_rounds(config, tmp_path, sample_to, estimate, on_round=seen.append)
+    assert calls == [("sample", 10), ("estimate", 10), ("sample", 20), ("estimate", 20)]
+    assert doc["stopped_because"] == "target met" and doc["draws"] == 20 and [r["met"] for r in seen] == [False, True]
+    assert doc["rounds"][0]["predicted_draws"] == rounds.predicted_draws(0.5, 10, 0.7) == 24
+    assert doc["rounds"][1]["components"]["b"] == {"reliability": 0.77, "rhat": 1.03}
+    assert json.loads((tmp_path / "rounds.json").read_text()) == doc
+
+
+def test_the_rounds_loop_stops_at_the_budgets(tmp_path):
+    config = to_config(compose_cfg(["sampler.until.reliability=0.99", "sampler.until.rhat=1.1",
+                                    "sampler.until.round_draws=20", "sampler.num_draws=50"]))
+    calls, sample_to, estimate = _fake_stage({20: 0.5, 40: 0.6})
+    doc = rounds.run_rounds(config, tmp_path / "draws", sample_to, estimate)
+    assert doc["stopped_because"] == "draw budget" and [r["draws"] for r in doc["rounds"]] == [20, 40]
+    timed = to_config(compose_cfg(["sampler.until.reliability=0.99", "sampler.until.round_draws=20",
+                                   "sampler.num_draws=50", "sampler.until.max_minutes=1e-6"]))
+    doc = rounds.run_rounds(timed, tmp_path / "time", *_fake_stage({20: 0.5})[1:])
+    assert doc["stopped_because"] == "time budget" and len(doc["rounds"]) == 1
+
+
 def test_default_config_has_no_rounds():
     c = to_config(compose_cfg())
     assert c.sampler.until == UntilConfig() and not rounds.enabled(c.sampler.until)
@@ -96,6 +137,13 @@ def test_default_config_has_no_rounds():
 def test_bad_until_values_raise_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         to_config(compose_cfg(overrides))
+
+
+def test_the_short_summary_says_why_the_rounds_stopped():
+    from spectro.console import summary_lines
+    lines = summary_lines({"rounds": {"n_rounds": 3, "draws": 9, "stopped_because": "draw budget"}})
+    assert "rounds: 3 (9 draws), stopped: draw budget" in lines
+    assert not any(line.startswith("rounds:") for line in summary_lines({"rounds": None}))
 
 
 def test_until_is_resume_neutral():
@@ -186,7 +234,7 @@ def test_a_target_out_of_reach_stops_at_the_draw_budget(out_of_reach):
     assert doc["stopped_because"] == "draw budget" and [r["draws"] for r in doc["rounds"]] == [3, 6, 9]
     assert not any(r["met"] for r in doc["rounds"])
     assert all(set(r["components"]) == {"full", "l0h1", "l3h0"} for r in doc["rounds"])
-    assert "round 3: 9 draws" in out and "draw budget" in out
+    assert "round 3: 9 draws" in out and "rounds: 3 (9 draws), stopped: draw budget" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"]["stopped_because"] == "draw budget" and summary["rounds"]["n_rounds"] == 3
     assert summary["susceptibilities"]["reliability"]["features_min"] == pytest.approx(
