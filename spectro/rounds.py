@@ -45,12 +45,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
 
 from spectro import rundir
 from spectro.config import SpectroConfig, UntilConfig
 from spectro.reliability import draws_factor
 from spectro.store import SampleStore
+
+if TYPE_CHECKING:
+    from spectro.pipeline import Prepared
 
 log = logging.getLogger("spectro")
 
@@ -177,7 +181,7 @@ def run_rounds(config: SpectroConfig, run_dir: rundir.PathLike, sample_to: Calla
     return _write(run_dir, config, plan, rounds, why)
 
 
-def run_in_rounds(config: SpectroConfig, run_dir: rundir.PathLike, p,
+def run_in_rounds(config: SpectroConfig, run_dir: rundir.PathLike, p: Prepared,
                   local_dir: Optional[Path] = None) -> dict:
     """The sample and susceptibilities stages in rounds until `sampler.until`'s targets are met or a budget is
     spent (spectro.rounds); returns the summary's "sample" (this invocation's rounds: the last round's entry with
