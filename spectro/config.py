@@ -69,6 +69,15 @@ class DataConfig:
 
 
 @dataclass
+class UntilConfig:
+    """Sample in rounds until the features are reliable (spectro.rounds); no target: one run of num_draws."""
+    reliability: Optional[float] = None  # target for every component's feature reliability (its split-half minimum)
+    rhat: Optional[float] = None        # target for the largest R-hat over components
+    round_draws: int = 0                # draws added per round: a positive multiple of checkpoint_every with a target
+    max_minutes: Optional[float] = None  # wall-time budget: no round starts after it is spent
+
+
+@dataclass
 class SamplerConfig:
     step_size: float = 1e-4             # epsilon; with gamma: chains stay local (docs/calibration.md)
     nbeta: Optional[float] = 1000.0     # inverse temperature; null -> B / ln B (devinterp's default)
@@ -92,6 +101,7 @@ class SamplerConfig:
     probe_dtype: str = "float32"        # "float32" | "bfloat16": autocast dtype of probe/sampling-loss evaluation
     tf32: bool = False                  # CUDA only: allow TF32 matmuls (SGLD steps and probes)
     probe_shards: int = 1               # units per chain group, each evaluating a contiguous range of probe contexts
+    until: UntilConfig = field(default_factory=UntilConfig)   # rounds until reliable; num_draws is then the budget
 
 
 @dataclass
@@ -228,8 +238,9 @@ class SpectroConfig:
 # out of the fingerprint keeps stores made before the option existed resumable.
 # `sampler.probe_shards` likewise: it changes no stored number, only the chunking and units, and the layout records
 # it (a resume with another value is refused there).
+# `sampler.until` only says where sampling stops: a run stopped by one target or budget continues with another.
 RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae", "plan",
-                       "store", "storage", "console", "sampler.probe_shards")
+                       "store", "storage", "console", "sampler.probe_shards", "sampler.until")
 CONSOLE_PROGRESS = ("auto", "bar", "plain")
 CONSOLE_SUMMARY = ("short", "full")
 STAGES = ("all", "sample", "susceptibilities", "clusters", "sae", "report", "plan")
@@ -309,6 +320,22 @@ def _check_model_and_sampler(c: SpectroConfig) -> None:
              "must be 'vmap' or 'loop'", "pick one of those")
     _require(_finite(s.divergence_bound) and s.divergence_bound > 0, "sampler.divergence_bound",
              s.divergence_bound, "must be positive", "e.g. sampler.divergence_bound=10 (nats above init loss)")
+    _check_until(s)
+
+
+def _check_until(s: SamplerConfig) -> None:
+    """sampler.until (spectro.rounds): the targets' ranges; rounds that end on a checkpoint, within the budget."""
+    u = s.until
+    for key, ok, rule, example in (("reliability", lambda v: 0 < v < 1, "in (0, 1)", 0.8),
+                                   ("rhat", lambda v: v > 1, "> 1", 1.1), ("max_minutes", lambda v: v > 0, "> 0", 60)):
+        v = getattr(u, key)
+        _require(v is None or (_finite(v) and ok(v)), f"sampler.until.{key}", v, f"must be {rule} or null",
+                 f"e.g. sampler.until.{key}={example}")
+    rule = f"a positive multiple of sampler.checkpoint_every ({s.checkpoint_every}) up to sampler.num_draws"
+    _require(u.round_draws >= 0 and (u.reliability is None and u.rhat is None or 0 < u.round_draws <= s.num_draws
+             and u.round_draws % s.checkpoint_every == 0), "sampler.until.round_draws", u.round_draws,
+             f"must be {rule} ({s.num_draws}, the draw budget) with a target set", "e.g. sampler.until.round_draws="
+             f"{s.checkpoint_every * max(1, s.num_draws // (4 * s.checkpoint_every))}, or raise sampler.num_draws")
 
 
 def _check_data(c: SpectroConfig) -> None:
@@ -467,17 +494,3 @@ def validate(c: SpectroConfig) -> SpectroConfig:
 def as_dict(c: SpectroConfig) -> dict:
     """Plain nested dict (JSON-serialisable) of a config."""
     return dataclasses.asdict(c)
-
-
-def flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        path = f"{prefix}{k}"
-        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += flat_diff(va, vb, path + ".")
-        elif va != vb:
-            out.append(path)
-    return out

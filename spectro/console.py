@@ -262,6 +262,10 @@ def _figures(summary: dict) -> list[str]:
         far = sus.get("not_local") or []
         where = (", ".join(far) if len(far) <= 4 else f"{len(far)} of {len(locality)} components") if far else "none"
         lines.append(f"locality: {', '.join(bits)}; not local: {where}")
+    r = summary.get("rounds")
+    if r:                                          # sampled until reliable (spectro.rounds)
+        lines.append(f"rounds: {r.get('n_rounds', '–')} ({r.get('draws', '–')} draws), stopped: "
+                     f"{r.get('stopped_because', '–')}")
     return lines
 
 

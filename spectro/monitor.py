@@ -13,6 +13,9 @@ Non-obvious choices:
 - Modes come from config: `offline` (default in tests; no account; sync later
   with `wandb sync <run_dir>/wandb/offline-run-*`), `online`, `disabled`.
 - The wandb run's files live in the run directory (`<run_dir>/wandb`).
+- Sampling in rounds (spectro.rounds): one wandb run for every round; after
+  each, `log_round` logs each component's feature reliability and R-hat at
+  the round's draws against the same `draw` step.
 - wandb runs quiet: without its version header and its end-of-run panel (sparklines and values of the first
   ten of hundreds of per-chain series, about 25 lines), which would bury the run's own summary on the terminal.
   Where the offline files are and how to sync them it still says.
@@ -77,8 +80,19 @@ class Monitor:
                     self.run.log(row)
                 self.logged[ci, k] = stop
 
-    def finish(self, store: SampleStore) -> dict:
-        """Per-component summaries; returns them (also when wandb is disabled)."""
+    def log_round(self, record: dict) -> None:
+        """One round of `spectro.rounds`: per component its feature reliability and R-hat at the round's draws,
+        as `<component>/round_reliability` and `<component>/round_rhat` (and the round's min and max)."""
+        if not self.enabled:
+            return
+        row = {"draw": record["draws"], "round": record["round"]}
+        for comp, f in record["components"].items():
+            row.update({f"{comp}/round_{k}": v for k, v in f.items() if v is not None})
+        row.update({f"rounds/{k}": record[k] for k in ("reliability_min", "rhat_max") if record.get(k) is not None})
+        self.run.log(row)
+
+    def summarise(self, store: SampleStore) -> dict:
+        """Per-component summaries (LLC mean and spread over chains, divergences), over the draws committed."""
         L = store.layout
         s = store.read("sampling_loss")                      # (components, chains, draws)
         div = store.diverged_at()
@@ -89,6 +103,12 @@ class Monitor:
             summary[comp] = {"llc_mean": float(llc.mean()) if llc.size else float("nan"),
                              "llc_std": float(llc.std(ddof=1)) if llc.size > 1 else float("nan"),
                              "diverged_chains": int((~ok).sum())}
+        return summary
+
+    def finish(self, store: SampleStore) -> dict:
+        """Per-component summaries (`summarise`), recorded in the wandb run, which ends; returns them (also when
+        wandb is disabled)."""
+        summary = self.summarise(store)
         if self.enabled:
             for comp, vals in summary.items():
                 for key, v in vals.items():

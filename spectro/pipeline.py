@@ -131,7 +131,7 @@ def provenance(p: Prepared) -> dict:
             "n_probe_tokens": p.probe.n_tokens}
 
 
-def open_store(p: Prepared, run_dir: rundir.PathLike, prov: dict) -> SampleStore:
+def open_store(p: Prepared, run_dir: rundir.PathLike, prov: dict, fresh: Optional[bool] = None) -> SampleStore:
     probe = p.probe
     table = ProbeTable(input_ids=probe.contexts.input_ids.numpy(), context=probe.token_context,
                        position=probe.token_position, token_id=probe.token_id, text=probe.token_text,
@@ -140,7 +140,8 @@ def open_store(p: Prepared, run_dir: rundir.PathLike, prov: dict) -> SampleStore
     return SampleStore.create_or_open(rundir.location(run_dir) / rundir.SAMPLES, layout_for(p),
                                       fingerprint=fingerprint(p.config),
                                       config=as_dict(p.config), model=prov["model"], data=prov["data"],
-                                      init_loss=p.problem.init_loss, probe=table, fresh=p.config.fresh)
+                                      init_loss=p.problem.init_loss, probe=table,
+                                      fresh=p.config.fresh if fresh is None else fresh)
 
 
 def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = None) -> dict:
@@ -153,7 +154,7 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
     """
     import os
 
-    from spectro import service
+    from spectro import rounds, service
 
     console.route_third_party()             # importing Ray gave its loggers a terminal handler of their own
     local_dir = Path(run_dir)
@@ -169,9 +170,15 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
                                  num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
     summary: dict = {"run_dir": str(run_dir)}
     try:
+        if "sample" in stages and "susceptibilities" in stages and rounds.enabled(config.sampler.until):
+            prepared = prepared or prepare(config)
+            summary.update(rounds.run_in_rounds(config, run_dir, prepared, local_dir))   # sample, estimate, judge
+            _update_summary(run_dir, summary)
+            stages = tuple(s for s in stages if s not in ("sample", "susceptibilities"))
         if "sample" in stages:
             prepared = prepared or prepare(config)
             summary["sample"] = run_sampling(config, run_dir, prepared, local_dir=local_dir)
+            summary.update(rounds.forget(run_dir))      # no rounds now: an earlier rounds.json no longer holds
             _update_summary(run_dir, summary)
         if "susceptibilities" in stages:
             summary["susceptibilities"] = run_susceptibilities(config, run_dir)
@@ -258,27 +265,41 @@ def run_report(config: SpectroConfig, run_dir: rundir.PathLike) -> dict:
     return {"path": str(path)}
 
 
-def run_sampling(config: SpectroConfig, run_dir: rundir.PathLike, p: Prepared,
-                 local_dir: Optional[Path] = None) -> dict:
-    """The sample stage into `run_dir`; wandb's files go to `local_dir` (default: `run_dir`, when local)."""
-    from spectro import service
+def open_monitor(config: SpectroConfig, run_dir: rundir.PathLike, local_dir: Optional[Path] = None):
+    """The wandb monitor of the run (spectro.monitor); its files go to `local_dir` (default: `run_dir`, when
+    local)."""
     from spectro.monitor import Monitor
+
+    run_dir = rundir.location(run_dir)
+    wandb_dir = local_dir or run_dir.path or Path.cwd()         # wandb writes local files only
+    return Monitor(config.wandb, wandb_dir, as_dict(config), nbeta=config.sampler.nbeta, name=run_dir.name)
+
+
+def run_sampling(config: SpectroConfig, run_dir: rundir.PathLike, p: Prepared,
+                 local_dir: Optional[Path] = None, stop_at: Optional[int] = None, monitor=None,
+                 fresh: Optional[bool] = None) -> dict:
+    """The sample stage into `run_dir`; wandb's files go to `local_dir` (default: `run_dir`, when local).
+    `stop_at`: sample every chain to that many draws only (a round, spectro.rounds); `monitor`: a monitor that
+    outlives this call (the rounds'), else one is opened and finished here; `fresh`: discard the samples
+    (default: `fresh` of the config; a round after the first keeps them)."""
+    from spectro import service
 
     run_dir = rundir.location(run_dir)
     run_dir.mkdir()
     prov = provenance(p)
-    store = open_store(p, run_dir, prov)    # refuses a store made with another config
+    fresh = p.config.fresh if fresh is None else fresh
+    store = open_store(p, run_dir, prov, fresh)    # refuses a store made with another config
     rundir.write_json(run_dir / rundir.CONFIG, as_dict(p.config))
     rundir.write_json(run_dir / rundir.PROVENANCE, prov)
-    if p.config.fresh:
+    if fresh:
         (run_dir / rundir.CHECKPOINTS).rmtree()
-    wandb_dir = local_dir or run_dir.path or Path.cwd()         # wandb writes local files only
-    monitor = Monitor(config.wandb, wandb_dir, as_dict(p.config), nbeta=p.config.sampler.nbeta, name=run_dir.name)
+    own = monitor is None
+    monitor = open_monitor(p.config, run_dir, local_dir) if own else monitor
     cpu0 = time.process_time()
     report = service.sample(p.problem, store, p.config, run_dir / rundir.CHECKPOINTS, on_poll=monitor.poll,
-                            view=console.progress_view(config.console.progress))
+                            view=console.progress_view(config.console.progress), stop_at=stop_at)
     driver_cpu = time.process_time() - cpu0        # the driver's own CPU while actors sampled (it shares the machine)
-    per_component = monitor.finish(store)
+    per_component = monitor.finish(store) if own else monitor.summarise(store)
     diverged = store.diverged_at()
     n_div = int((diverged >= 0).sum())
     if n_div:
@@ -296,13 +317,17 @@ def run_sampling(config: SpectroConfig, run_dir: rundir.PathLike, p: Prepared,
             "init_loss": p.problem.init_loss, "complete": store.complete(), "components": per_component}
 
 
-def run_susceptibilities(config: SpectroConfig, run_dir: rundir.PathLike) -> dict:
-    """The covariance job; nβ is the one the samples were drawn with (from the store)."""
+def run_susceptibilities(config: SpectroConfig, run_dir: rundir.PathLike, draws: Optional[int] = None) -> dict:
+    """The covariance job; nβ is the one the samples were drawn with (from the store). `draws`: on every chain's
+    first `draws` draws (a round, spectro.rounds); default: those the run's rounds stopped at if it ran in
+    rounds (rounds.json), else all."""
     import time
 
-    from spectro import susceptibilities
+    from spectro import rounds, susceptibilities
 
     run_dir = rundir.location(run_dir)
+    if draws is None and rounds.enabled(config.sampler.until):
+        draws = rounds.final_draws(run_dir)
     store = SampleStore.open(run_dir / rundir.SAMPLES)
     bad = store.verify()                 # never read a corrupted or missing chunk as data
     if bad:
@@ -314,11 +339,12 @@ def run_susceptibilities(config: SpectroConfig, run_dir: rundir.PathLike) -> dic
     e = config.estimator
     t0 = time.perf_counter()
     out = susceptibilities.compute(run_dir, form=e.form, nbeta=nbeta, rhat_threshold=e.rhat_threshold,
-                                   partial=e.partial, tokens_per_block=e.tokens_per_block or None)
+                                   partial=e.partial, tokens_per_block=e.tokens_per_block or None, draws=draws)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     rhat = out.get("rhat_max")
-    log.info("susceptibilities: chi of %d components in %.1f s (%d Ray Data task(s)), R-hat max %s",
-             len(out["locality"]), out["seconds"], out["blocks"], "–" if rhat is None else f"{rhat:.3f}")
+    log.info("susceptibilities: chi of %d components%s in %.1f s (%d Ray Data task(s)), R-hat max %s",
+             len(out["locality"]), f" on {draws} draws" if draws else "", out["seconds"], out["blocks"],
+             "–" if rhat is None else f"{rhat:.3f}")
     if out["not_mixed"]:
         log.warning("chains have not mixed (R-hat > %s) for: %s", e.rhat_threshold, ", ".join(out["not_mixed"]))
     if out["not_local"]:

@@ -50,6 +50,7 @@ SAE_DIR = "sae"
 REPORT = "report.html"
 SUMMARY = "summary.json"
 PLAN = "plan.json"
+ROUNDS = "rounds.json"
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -343,3 +344,17 @@ def write_json(path: PathLike, obj: Any, *, indent: int | None = 2, allow_nan: b
 
 def read_json(path: PathLike) -> Any:
     return json.loads(Location.of(path).read_text())
+
+
+def flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        path = f"{prefix}{k}"
+        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += flat_diff(va, vb, path + ".")
+        elif va != vb:
+            out.append(path)
+    return out

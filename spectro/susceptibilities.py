@@ -26,6 +26,11 @@ Non-obvious choices:
   chi value is an error, never written.
 - A run still in progress is refused unless `partial=True`, which uses each
   chain's committed draws and marks the output `partial` with the progress.
+- `draws=D` estimates on every chain's first D draws: the complete estimate
+  of a run D draws long (not partial; attrs record `draws`), which is what a
+  round of `spectro.rounds` needs. A chain that diverged after draw D enters
+  it. With store.probe=moments only D = the committed draws works (the sums
+  are kept at the committed draws only).
 - R-hat (rank-normalised, split) and bulk ESS come from arviz-stats, on
   phi = sampling_loss - init_loss per (chain, draw).
 - A `store.probe=moments` store holds each chain's sums already: a task reads
@@ -86,19 +91,27 @@ class Selection:
     shard_draws: Optional[np.ndarray] = None   # moments with probe shards: (components, chains, shards) draws used
 
 
-def select_chains(store: SampleStore, partial: bool = _E.partial) -> Selection:
+def select_chains(store: SampleStore, partial: bool = _E.partial, draws: Optional[int] = None) -> Selection:
+    """The chains and draws that enter the estimate. `draws`: use each chain's first `draws` draws only, the
+    complete estimate of a run that long (a round of spectro.rounds; every chain must have them committed, and a
+    chain that diverged after them counts as not diverged); default: the store's n_draws."""
     L = store.layout
     raw = store.read("progress")                                    # with probe shards: (components, chains, shards)
+    if draws is not None:
+        _check_draws(store, raw, draws)
+        raw = np.minimum(raw, draws)
     progress = raw.min(axis=2) if raw.ndim == 3 else raw            # the draws every shard of a chain has
-    running = bool((progress < L.n_draws).any())
+    running = bool((progress < (draws or L.n_draws)).any())
     if not partial and running:
-        done, total = int(progress.sum()), progress.size * L.n_draws
+        done, total = int(progress.sum()), progress.size * (draws or L.n_draws)
         raise StoreError(f"the run in {store.path.parent} is still in progress ({done}/{total} chain-draws "
                          f"committed); finish sampling (rerun the same command), or ask for an explicit "
                          f"partial estimate with partial=true")
     if FULL not in L.components:
         raise StoreError(f"{store.path} has no '{FULL}' run; the estimator centres on it. Resample with it.")
     diverged = store.diverged_at()
+    if draws is not None:
+        diverged = np.where(diverged >= draws, -1, diverged)        # diverged later: fine for its first draws
     use = (diverged < 0) & (progress > 0)
     excluded = [{"component": L.components[c], "chain": int(k), "diverged_at": int(diverged[c, k])}
                 for c, k in zip(*np.nonzero(diverged >= 0))]
@@ -107,6 +120,21 @@ def select_chains(store: SampleStore, partial: bool = _E.partial) -> Selection:
         shard_draws = np.where(use[:, :, None], raw, 0)
     return Selection(use=use, draws=np.where(use, progress, 0), excluded=excluded, partial=running,
                      shard_draws=shard_draws)
+
+
+def _check_draws(store: SampleStore, progress: np.ndarray, draws: int) -> None:
+    """StoreError unless an estimate on the first `draws` draws can be made: 0 < draws <= n_draws, every chain has
+    them, and (store.probe=moments) the sums cover exactly them (the store keeps sums at the committed draws only)."""
+    L = store.layout
+    if not 0 < draws <= L.n_draws:
+        raise StoreError(f"cannot estimate on the first {draws} draws: {store.path} holds 1 to {L.n_draws} draws")
+    if L.probe == "moments" and (progress != draws).any():
+        raise StoreError(f"{store.path} keeps moment sums (store.probe=moments) at each chain's committed draws "
+                         f"only, so it cannot estimate on the first {draws} draws while chains have "
+                         f"{int(progress.min())} to {int(progress.max())}; use store.probe=draws for that")
+    if (progress < draws).any():
+        raise StoreError(f"cannot estimate on the first {draws} draws: some chains of {store.path} have only "
+                         f"{int(progress.min())} committed; sample to {draws} draws first")
 
 
 def require_full(store: SampleStore) -> None:
@@ -287,13 +315,14 @@ def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold
 def compute(run_dir: rundir.PathLike, *, form: str = _E.form, nbeta: float,
             rhat_threshold: float = _E.rhat_threshold,
             partial: bool = _E.partial, tokens_per_block: Optional[int] = None,
-            concurrency: Optional[int] = None) -> dict:
-    """Run the covariance job over `run_dir/samples.zarr`; writes `run_dir/susceptibilities.zarr`."""
+            concurrency: Optional[int] = None, draws: Optional[int] = None) -> dict:
+    """Run the covariance job over `run_dir/samples.zarr`; writes `run_dir/susceptibilities.zarr`. `draws`: on
+    each chain's first `draws` draws (`select_chains`), recorded in the output's attrs; default: all."""
     import ray
 
     run_dir = rundir.location(run_dir)
     store = SampleStore.open(run_dir / rundir.SAMPLES)
-    sel = select_chains(store, partial)
+    sel = select_chains(store, partial, draws)
     L = store.layout
     for e in sel.excluded:
         log.warning("excluding %s chain %d (diverged at draw %d) from the estimates",
@@ -328,16 +357,18 @@ def compute(run_dir: rundir.PathLike, *, form: str = _E.form, nbeta: float,
              "progress": store.progress().tolist() if sel.partial else None,
              **({"shard_draws": sel.shard_draws.tolist()} if sel.partial and sel.shard_draws is not None else {}),
              "components_without_chains": empty, "local_max_phi": LOCAL_MAX_PHI,
-             "local_max_displacement": LOCAL_MAX_DISPLACEMENT}
+             "local_max_displacement": LOCAL_MAX_DISPLACEMENT, **({"draws": int(draws)} if draws else {})}
     out.write_diagnostics(diag, attrs)
     out.commit(run_dir / rundir.SUSCEPTIBILITIES)
     return {"blocks": len(blocks), "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "reliability": None if reliability is None else
-            {k: reliability[k] for k in ("raw_median", "features_median", "features_min", "least_reliable")},
+            {k: reliability[k] for k in ("raw_median", "features_median", "features_min", "least_reliable",
+                                          "components", "features_reliability")},
             "excluded_chains": len(sel.excluded), "partial": sel.partial, "components_without_chains": empty,
             "not_mixed": [L.components[c] for c in np.nonzero(diag["not_mixed"])[0]],
             "not_local": [L.components[c] for c in np.nonzero(diag["not_local"])[0]],
             "rhat_max": _num(np.max(diag["rhat"], initial=-np.inf, where=np.isfinite(diag["rhat"]))),
+            "rhat": {c: _num(diag["rhat"][i]) for i, c in enumerate(L.components)},
             "locality": {c: {"mean_phi": _num(diag["mean_phi"][i]), "displacement": _num(diag["displacement"][i])}
                          for i, c in enumerate(L.components)}}
 

@@ -19,7 +19,12 @@ creates no store, checkpoint or summary. The plan holds:
 - peak memory per actor (model below);
 - predicted wall time of the sampling stage on this machine, from a few
   timed SGLD steps and evaluations of `full` and of one other component in
-  this process (one actor's threads), and on a named GPU (`plan.gpu`).
+  this process (one actor's threads), and on a named GPU (`plan.gpu`);
+- with a `sampler.until` target (spectro.rounds): the round size and the
+  most rounds the draw budget allows; every figure above is for the whole
+  budget, the most the rounds can cost. The draws a reliability target
+  needs are not predicted here: that takes chi's split-half reliability,
+  which a few timed steps do not give; round 1 predicts it (rounds.json).
 
 FLOP model (the one `benchmarks/bench_w2.py` uses; per token, GPT-NeoX with
 hidden H, MLP width I, vocabulary V, context T, n layers):

@@ -23,7 +23,7 @@ from spectro.probes import probe_context_count
 def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> dict:
     """The plan of `config` (a validated SpectroConfig). Loads the model and data unless `prepared` is given;
     `calibrate_draws` (default `plan.calibration_draws`; 0: no calibration) sets the timed steps/evaluations."""
-    from spectro import pipeline
+    from spectro import pipeline, rounds
 
     p = prepared or pipeline.prepare(config)
     s, d, pc = config.sampler, config.data, config.plan
@@ -46,6 +46,10 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
         "memory": actor_memory(config, shape, units),
         "units": [{k: v for k, v in u.items() if k != "tensors"} for u in units],
     }
+    u = s.until
+    if rounds.enabled(u):                # the figures above are for the whole budget: the most the rounds cost
+        plan["rounds"] = {"round_draws": u.round_draws, "max_rounds": len(rounds.round_draws(u, s.num_draws)),
+                          "targets": {"reliability": u.reliability, "rhat": u.rhat}, "max_minutes": u.max_minutes}
     n_draws = pc.calibration_draws if calibrate_draws is None else calibrate_draws
     if n_draws > 0:
         plan["cpu"] = _cpu_timing(p, config, layout, shape, by_name, units, plan["units"], n_draws)
@@ -186,6 +190,10 @@ def format_plan(plan: dict) -> str:
         rows += [(f"store, store.probe={mode}{mark} (logical, all arrays)", _b(st["bytes"])),
                  (f"checkpoints, store.probe={mode}{mark}", _b(st["checkpoint_bytes"]))]
     rows.append((f"peak memory per actor (largest unit: {m['component']})", _b(m["peak_bytes"])))
+    if "rounds" in plan:
+        rows.append(("sampling until reliable (sampler.until)", f"rounds of {plan['rounds']['round_draws']} draws, at "
+                     f"most {plan['rounds']['max_rounds']}: the counts and times here are the whole draw budget; "
+                     f"the draws the target needs are predicted after round 1 (rounds.json)"))
     if "cpu" in plan:
         cpu = plan["cpu"]
         r = cpu["rates"]

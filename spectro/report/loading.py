@@ -80,6 +80,7 @@ class _Run:
         self.run_dir = rundir.location(run_dir)       # a local directory or a URL (storage.uri)
         self.notes: list[str] = []           # missing/odd inputs, shown at the top
         self.config = self.provenance = self.summary = self.clusters = self.modes = None
+        self.rounds = None                   # rounds.json: only a run sampled until reliable has one
         self.sae: Optional[dict] = None      # sae.json; its absence is the SAE section's business, not a note
         self.sae_error: Optional[str] = None
         self.samples = None                  # SampleStore
@@ -100,6 +101,8 @@ class _Run:
         r.summary = _read_json(run_dir / "summary.json", r.notes)
         r.clusters = _read_json(run_dir / "clusters.json", r.notes)
         r.modes = _read_json(run_dir / "modes.json", r.notes)
+        if (run_dir / "rounds.json").exists():
+            r.rounds = _read_json(run_dir / "rounds.json", r.notes)
         r.sae, r.sae_error = _read_sae(run_dir)
         if (run_dir / "samples.zarr").exists():
             from spectro.store import SampleStore

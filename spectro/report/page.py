@@ -24,8 +24,8 @@ from spectro.report.html import _asset, _e, _notice, _script_json, SECTIONS
 from spectro.report.loading import _feature_kind, _features, _labels, _Run
 from spectro.report.sections_answers import answers_box
 from spectro.report.sections_clusters import _control_section, _gallery_section, _map_section, _sae_section
-from spectro.report.sections_run import (_diagnostics_section, _modes_section, _run_section, _traces_section,
-                                         _verdict_box)
+from spectro.report.sections_run import (_diagnostics_section, _modes_section, _rounds_box, _run_section,
+                                         _traces_section, _verdict_box)
 
 log = logging.getLogger("spectro")
 
@@ -84,7 +84,7 @@ def _render(run: _Run, *, max_contexts: int, page_size: int, map_method: str = "
     sections = [_run_section(run), _diagnostics_section(run), _traces_section(run), _modes_section(run),
                 _map_section(run, map_info, kind), _gallery_section(run, gallery), _sae_section(run),
                 _control_section(run, labels, control)]
-    verdict = _verdict_box(run)
+    verdict = _verdict_box(run) + _rounds_box(run)
     verdict += answers_box(run, _Run.load(control) if control is not None and Path(control).is_dir() else None)
     payload = {"page_size": page_size, "gallery": gallery, "map": map_data or None,
                "sources": (gallery or {}).get("sources") or sorted(set(run.source))}

@@ -1,6 +1,6 @@
 """Report sections about the run itself: the verdict box under the title, run
-configuration and provenance, sampling diagnostics per component, per-chain
-traces, and the mode spectrum.
+configuration and provenance, the rounds of a run sampled until reliable,
+sampling diagnostics per component, per-chain traces, and the mode spectrum.
 
 Non-obvious choices:
 - The verdict box shows clusters.json's `verdict`, its reasons, the
@@ -79,6 +79,29 @@ def _verdict_box(run: _Run) -> str:
             + (f'<ul class="reasons">{rs}</ul>' if rs else "")
             + (f'<div class="figs">{fig_html}</div>' if fig_html else "")
             + f'<p class="how">{how}</p></div>')
+
+
+def _rounds_box(run: _Run) -> str:
+    """The box under the verdict of a run sampled in rounds (rounds.json, spectro.rounds): each round's draws,
+    minimum feature reliability, largest R-hat and whether it met the targets, and why the rounds stopped."""
+    doc = run.rounds if isinstance(run.rounds, dict) else None
+    if not doc or not doc.get("rounds"):
+        return ""
+    t = doc.get("targets") or {}
+    named = (("reliability", "feature reliability", "≥"), ("rhat", "R-hat", "≤"))
+    targets = ", ".join(f"{name} {op} {t[key]}" for key, name, op in named if t.get(key) is not None)
+    rows = "".join(
+        f'<tr data-round="{r.get("round")}"><th>{_e(str(r.get("round")))}</th><td>{_e(str(r.get("draws")))}</td>'
+        f'<td>{_f2(r.get("reliability_min"))}</td><td>{_fmt(r.get("rhat_max"), 3)}</td>'
+        f'<td>{"✓" if r.get("met") else "✗"}</td><td>{_fmt(r.get("seconds"), 0)}</td></tr>' for r in doc["rounds"])
+    why = doc.get("stopped_because") or "not finished"
+    head = ("<tr><th>round</th><th>draws</th><th>feature reliability (min)</th><th>R-hat max</th><th>met?</th>"
+            "<th>seconds</th></tr>")
+    return (f'<div class="answers" id="rounds"><h3>Sampling rounds</h3>'
+            f'<p>Sampled in rounds of {_e(str(doc.get("round_draws")))} draws until {_e(targets or "the targets")}; '
+            f'stopped after round {len(doc["rounds"])} ({_e(str(doc.get("draws")))} draws): <b>{_e(why)}</b>. '
+            f'The figures below are the final round\'s.</p>'
+            f'<table class="diag rounds"><thead>{head}</thead><tbody>{rows}</tbody></table></div>')
 
 
 def _run_section(run: _Run) -> str:

@@ -17,11 +17,12 @@ class Progress:
     """Sampling progress read from the store, shown by a view (spectro.console: a bar on a terminal, a plain
     line every 10 s otherwise)."""
 
-    def __init__(self, store: SampleStore, view: Optional[console.ProgressView] = None):
+    def __init__(self, store: SampleStore, view: Optional[console.ProgressView] = None, draws: Optional[int] = None):
         self.store, self.view = store, view or console.progress_view()
         L = store.layout
-        self.total = len(L.components) * L.n_chains * L.n_draws
-        self.start_done = int(store.progress().sum())
+        self.draws = draws or L.n_draws         # the draws this call samples to (a round's end, or the store's size)
+        self.total = len(L.components) * L.n_chains * self.draws
+        self.start_done = self._done()
         self.t0 = self.last = time.monotonic()
         self.view.show(self.start_done, self.total, 0.0, float("inf"))
 
@@ -33,12 +34,16 @@ class Progress:
         now = time.monotonic()
         if not final and now - self.last < self.view.every_s:
             return None
-        done = int(self.store.progress().sum())
+        done = self._done()
         rate = (done - self.start_done) / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         self.view.show(done, self.total, rate, eta, final)
         self.last = now
         return done
+
+    def _done(self) -> int:
+        """Chain-draws committed, counted up to the draws this call samples to."""
+        return int(self.store.progress().clip(max=self.draws).sum())
 
     def close(self) -> None:
         self.view.close()

@@ -87,8 +87,9 @@ class Scheduler:
     replacement. `new_actor()` starts one actor and returns its handle (`units.actor_starter`)."""
 
     def __init__(self, units: list[tuple], new_actor: Callable[[], object], store: SampleStore,
-                 max_unit_failures: int):
+                 max_unit_failures: int, stop_at: Optional[int] = None):
         self.queue = list(units)              # units not yet handed out, next first
+        self.stop_at = stop_at                # every unit runs until its chains have this many draws
         self.new_actor = new_actor
         self.store = store
         self.max_unit_failures = max_unit_failures
@@ -117,7 +118,7 @@ class Scheduler:
         while self.idle and self.queue:
             actor_id = self.idle.pop()
             unit = self.queue.pop(0)
-            self.inflight[self.live[actor_id].run.remote(*unit)] = (actor_id, unit)
+            self.inflight[self.live[actor_id].run.remote(*unit, stop_at=self.stop_at)] = (actor_id, unit)
 
     def wait(self, timeout_s: float) -> list:
         """The refs (a finished unit, or an actor constructed) ready within `timeout_s`: at most one."""
@@ -181,20 +182,24 @@ class Scheduler:
 
 def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoint_dir: rundir.PathLike, *,
            on_poll: Optional[Callable[[SampleStore], None]] = None, poll_s: float = 1.0,
-           max_unit_failures: int = 3, view: Optional[console.ProgressView] = None) -> SamplingReport:
+           max_unit_failures: int = 3, view: Optional[console.ProgressView] = None,
+           stop_at: Optional[int] = None) -> SamplingReport:
     """Run every unit the store lacks on Ray actors; blocks until done. `view` shows the progress
-    (default: spectro.console's choice)."""
+    (default: spectro.console's choice). `stop_at` (a multiple of the draw chunk, at most n_draws; default
+    n_draws): stop every unit once its chains have that many draws; a later call with a larger one continues."""
     t0 = time.perf_counter()
     L = store.layout
+    stop_at = check_stop_at(stop_at, L)
     checkpoint_dir = rundir.location(checkpoint_dir)
     checkpoint_dir.mkdir()
     repaired = repair(store, checkpoint_dir)
-    todo = [u for u in L.shard_units() if not store.unit_done(*u)]
+    todo = [u for u in L.shard_units() if not store.unit_done(*u, draws=stop_at)]
     report = SamplingReport(units_skipped=len(L.shard_units()) - len(todo), units_repaired=repaired)
     if not todo:
         return report
-    scheduler = Scheduler(todo, actor_starter(problem, store, config, checkpoint_dir), store, max_unit_failures)
-    progress = Progress(store, view)
+    scheduler = Scheduler(todo, actor_starter(problem, store, config, checkpoint_dir), store, max_unit_failures,
+                          stop_at=stop_at)
+    progress = Progress(store, view, draws=stop_at)
     try:
         for _ in range(min(config.ray.num_actors, len(todo))):
             scheduler.start_actor()
@@ -215,13 +220,23 @@ def sample(problem: Problem, store: SampleStore, config: SpectroConfig, checkpoi
         progress.close()
         report.units_run, report.actor_failures = scheduler.done, scheduler.actor_failures
         scheduler.stop()
-    return _timed(report, L, config.ray.num_actors, time.perf_counter() - t0)
+    return _timed(report, L, config.ray.num_actors, time.perf_counter() - t0, stop_at)
 
 
-def _timed(report: SamplingReport, L, num_actors: int, seconds: float) -> SamplingReport:
+def check_stop_at(stop_at: Optional[int], L) -> int:
+    """The draws every unit runs to: `stop_at` (a multiple of the draw chunk, at most n_draws), or n_draws."""
+    if stop_at is None:
+        return L.n_draws
+    if not (0 < stop_at <= L.n_draws and (stop_at % L.draw_chunk == 0 or stop_at == L.n_draws)):
+        raise SamplingFailed(f"cannot stop sampling at draw {stop_at}: it must be a multiple of the draw chunk "
+                             f"({L.draw_chunk}, sampler.checkpoint_every) between 1 and the store's {L.n_draws} draws")
+    return int(stop_at)
+
+
+def _timed(report: SamplingReport, L, num_actors: int, seconds: float, stop_at: int) -> SamplingReport:
     """The report with the run's wall time, draw rate and actor utilisation."""
     report.seconds = seconds
-    done = sum(len(u["chains"]) * (L.n_draws - u["resumed_at"]) for u in report.units_run) / L.probe_shards
+    done = sum(len(u["chains"]) * (stop_at - u["resumed_at"]) for u in report.units_run) / L.probe_shards
     report.draws_per_second = done / report.seconds if report.seconds > 0 else 0.0
     report.actor_seconds = sum(u["seconds"] for u in report.units_run)
     report.actor_utilisation = report.actor_seconds / (num_actors * report.seconds) if report.seconds > 0 else 0.0

@@ -24,6 +24,11 @@ Non-obvious choices:
   (inherited from the driver on a local cluster).
 - torch threads per actor = its CPU share, so two actors on two cores do not
   oversubscribe, and results are the same whatever the number of actors.
+- A unit may stop early, at `stop_at` draws (a multiple of the draw chunk):
+  it has then checkpointed exactly as after any chunk, and a later call
+  with a larger `stop_at` continues from that checkpoint as a resume after a
+  crash does. The generators' states are in the checkpoint, so where the
+  rounds cut changes no draw.
 - A unit hands its freed heap pages back to the OS once when it ends, and
   after a draw only if the actor grew past a slack (`device.HeapTrimmer`):
   trimming after every draw made the next draw fault them back in (measured
@@ -35,7 +40,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import ray
@@ -67,8 +72,10 @@ def _next_block(runner: UnitRunner, state, stop: int, heap: HeapTrimmer) -> tupl
 
 
 def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: Sequence[int],
-             sampler: SamplerConfig, run_seed: int, checkpoint_dir: rundir.PathLike, shard: int = 0) -> dict:
-    """Sample one unit (its probe shard's contexts) into the store, resuming from its checkpoint if present."""
+             sampler: SamplerConfig, run_seed: int, checkpoint_dir: rundir.PathLike, shard: int = 0,
+             stop_at: Optional[int] = None) -> dict:
+    """Sample one unit (its probe shard's contexts) into the store, resuming from its checkpoint if present, until
+    its chains have `stop_at` draws committed (default: the store's n_draws; a round of `spectro.rounds`)."""
     component = problem.components(problem.model, [component_name])[0]
     runner = UnitRunner(problem, component, chains, sampler, run_seed,
                         probe_contexts=store.layout.shard_contexts(shard))
@@ -76,7 +83,7 @@ def run_unit(problem: Problem, store: SampleStore, component_name: str, chains: 
     state, moments, history = restore(runner, store, ckpt_file, component_name, chains, shard)
     if store.unit_progress(component_name, chains, shard).min() < state.draw:
         store.set_progress(component_name, chains, state.draw, shard)   # killed after its checkpoint, before this
-    n_draws, chunk = store.layout.n_draws, store.layout.draw_chunk
+    n_draws, chunk = stop_at or store.layout.n_draws, store.layout.draw_chunk
     resumed_at = state.draw
     heap = HeapTrimmer()                 # freed heap pages back to the OS when the process grows (device.py)
     draws, sampling, probe = [], None, None
@@ -143,10 +150,10 @@ class SamplerActor:
         return {**self.settings, "threads": torch.get_num_threads(), "pid": os.getpid(),
                 "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", [])}
 
-    def run(self, component: str, chains: Sequence[int], shard: int = 0) -> dict:
+    def run(self, component: str, chains: Sequence[int], shard: int = 0, stop_at: Optional[int] = None) -> dict:
         t0 = time.perf_counter()
         report = run_unit(self.problem, self.store, component, chains, self.payload.sampler,
-                          self.payload.run_seed, self.payload.checkpoint_dir, shard)
+                          self.payload.run_seed, self.payload.checkpoint_dir, shard, stop_at)
         return {**report, "seconds": time.perf_counter() - t0, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()}
 

@@ -73,15 +73,14 @@ import errno
 import json
 import re
 from dataclasses import asdict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from spectro.config import flat_diff
 from spectro.errors import DiskFullError, StoreError, UnsafePathError
-from spectro.rundir import Location, PathLike
+from spectro.rundir import Location, PathLike, flat_diff
 from spectro.store.layout import (MOMENT_ARRAYS, MOMENT_TOKEN_ARRAYS, PROBE_ARRAYS, PROBE_CHUNK_BYTES,  # noqa: F401
                                   PROBE_MODES, STATE_ARRAYS, TRACE_ARRAYS, UNIT_ARRAYS, Layout, ProbeTable,
                                   probe_arrays)
@@ -468,8 +467,9 @@ class SampleStore:
         p = self.group["progress"][:]
         return p.min(axis=2) if p.ndim == 3 else p
 
-    def unit_done(self, component: str, chains: Sequence[int], shard: int = 0) -> bool:
-        return bool(np.all(self.unit_progress(component, chains, shard) >= self.layout.n_draws))
+    def unit_done(self, component: str, chains: Sequence[int], shard: int = 0, draws: Optional[int] = None) -> bool:
+        """Whether the unit's chains have `draws` (default: all n_draws) draws committed."""
+        return bool(np.all(self.unit_progress(component, chains, shard) >= (draws or self.layout.n_draws)))
 
     def complete(self) -> bool:
         return bool(np.all(self.progress() >= self.layout.n_draws))
