@@ -172,7 +172,7 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
     try:
         if "sample" in stages and "susceptibilities" in stages and rounds.enabled(config.sampler.until):
             prepared = prepared or prepare(config)
-            summary.update(rounds.run_in_rounds(config, run_dir, prepared, local_dir))   # sample, estimate, judge
+            summary.update(run_in_rounds(config, run_dir, prepared, local_dir))   # sample, estimate, judge
             _update_summary(run_dir, summary)
             stages = tuple(s for s in stages if s not in ("sample", "susceptibilities"))
         if "sample" in stages:
@@ -350,4 +350,41 @@ def run_susceptibilities(config: SpectroConfig, run_dir: rundir.PathLike, draws:
     if out["not_local"]:
         log.warning("chains are not local (E[phi] or displacement above the thresholds) for: %s",
                     ", ".join(out["not_local"]))
+    return out
+
+
+def run_in_rounds(config: SpectroConfig, run_dir: rundir.PathLike, p: Prepared,
+                  local_dir: Optional[Path] = None) -> dict:
+    """The sample and susceptibilities stages in rounds until `sampler.until`'s targets are met or a budget is
+    spent (spectro.rounds); returns the summary's "sample" (this invocation's rounds: the last round's entry with
+    the summed seconds), "susceptibilities" (the final round's estimate) and "rounds" entries."""
+    from spectro import rounds
+
+    run_dir = rundir.location(run_dir)
+    monitor = open_monitor(p.config, run_dir, local_dir)      # one wandb run for every round
+    out: dict = {}
+
+    def sample_to(draws: int) -> dict:
+        first = "sample" not in out                            # fresh=true discards the samples once, not each round
+        s = run_sampling(config, run_dir, p, local_dir, stop_at=draws, monitor=monitor,
+                         fresh=p.config.fresh and first)
+        if not first:
+            s.update({k: round(out["sample"][k] + s[k], 2) for k in ("seconds", "driver_cpu_seconds")})
+            s["units_run"] += out["sample"]["units_run"]
+        out["sample"] = s
+        return s
+
+    def estimate(draws: int) -> dict:
+        out["susceptibilities"] = run_susceptibilities(config, run_dir, draws=draws)
+        return out["susceptibilities"]
+
+    try:
+        doc = rounds.run_rounds(config, run_dir, sample_to, estimate, on_round=monitor.log_round)
+    finally:
+        samples = run_dir / rundir.SAMPLES
+        if samples.exists():
+            monitor.finish(SampleStore.open(samples))
+    out["rounds"] = {k: doc[k] for k in ("stopped_because", "draws", "seconds")} | {
+        "n_rounds": len(doc["rounds"]), "path": str(run_dir / rundir.ROUNDS),
+        "reliability_min": doc["rounds"][-1]["reliability_min"], "rhat_max": doc["rounds"][-1]["rhat_max"]}
     return out

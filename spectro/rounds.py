@@ -45,16 +45,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 from spectro import rundir
 from spectro.config import SpectroConfig, UntilConfig
 from spectro.reliability import draws_factor
 from spectro.store import SampleStore
-
-if TYPE_CHECKING:
-    from spectro.pipeline import Prepared
 
 log = logging.getLogger("spectro")
 
@@ -179,43 +175,6 @@ def run_rounds(config: SpectroConfig, run_dir: rundir.PathLike, sample_to: Calla
         estimate(rounds[-1]["draws"])
     log.info("rounds: stopped after round %d of %d draws (%s)", len(rounds), rounds[-1]["draws"], why)
     return _write(run_dir, config, plan, rounds, why)
-
-
-def run_in_rounds(config: SpectroConfig, run_dir: rundir.PathLike, p: Prepared,
-                  local_dir: Optional[Path] = None) -> dict:
-    """The sample and susceptibilities stages in rounds until `sampler.until`'s targets are met or a budget is
-    spent (spectro.rounds); returns the summary's "sample" (this invocation's rounds: the last round's entry with
-    the summed seconds), "susceptibilities" (the final round's estimate) and "rounds" entries."""
-    from spectro.pipeline import open_monitor, run_sampling, run_susceptibilities
-
-    run_dir = rundir.location(run_dir)
-    monitor = open_monitor(p.config, run_dir, local_dir)      # one wandb run for every round
-    out: dict = {}
-
-    def sample_to(draws: int) -> dict:
-        first = "sample" not in out                            # fresh=true discards the samples once, not each round
-        s = run_sampling(config, run_dir, p, local_dir, stop_at=draws, monitor=monitor,
-                         fresh=p.config.fresh and first)
-        if not first:
-            s.update({k: round(out["sample"][k] + s[k], 2) for k in ("seconds", "driver_cpu_seconds")})
-            s["units_run"] += out["sample"]["units_run"]
-        out["sample"] = s
-        return s
-
-    def estimate(draws: int) -> dict:
-        out["susceptibilities"] = run_susceptibilities(config, run_dir, draws=draws)
-        return out["susceptibilities"]
-
-    try:
-        doc = run_rounds(config, run_dir, sample_to, estimate, on_round=monitor.log_round)
-    finally:
-        samples = run_dir / rundir.SAMPLES
-        if samples.exists():
-            monitor.finish(SampleStore.open(samples))
-    out["rounds"] = {k: doc[k] for k in ("stopped_because", "draws", "seconds")} | {
-        "n_rounds": len(doc["rounds"]), "path": str(run_dir / ROUNDS),
-        "reliability_min": doc["rounds"][-1]["reliability_min"], "rhat_max": doc["rounds"][-1]["rhat_max"]}
-    return out
 
 
 def _write(run_dir: rundir.Location, config: SpectroConfig, plan: list[int], rounds: list[dict],
