@@ -94,8 +94,10 @@ def sae_line(r: dict) -> str:
     null = s.get("null") or {}
     q = null.get("matched_fraction_q95", float("nan"))
     fq = null.get("mean_best_f1_q95", float("nan"))
-    return (f"SAE: matched {s['matched_fraction']:.3f} (null q95 {q:.3f}), mean best F1 {s['mean_best_f1']:.3f} "
-            f"(null q95 {fq:.3f})")
+    mf, bf = s.get("matched_fraction"), s.get("mean_best_f1")
+    if mf is None or bf is None:
+        return "SAE: no clusters to match"
+    return f"SAE: matched {mf:.3f} (null q95 {q:.3f}), mean best F1 {bf:.3f} (null q95 {fq:.3f})"
 
 
 def locality_line(r: dict) -> str:
@@ -122,6 +124,8 @@ def answers_line(r: dict) -> str:
 
 def corrected(r: np.ndarray, a: dict, b: dict) -> np.ndarray:
     """r per component divided by sqrt of the two runs' feature reliabilities (NaN where either is <= 0)."""
+    if "reliability_features" not in a["ds"] or "reliability_features" not in b["ds"]:
+        return np.full(r.shape, np.nan)                 # a run without split halves has no reliability
     ra = np.asarray(a["ds"]["reliability_features"].values, dtype=float)
     rb = np.asarray(b["ds"]["reliability_features"].values, dtype=float)
     ia = [a["names"].index(c) for c in a["components"]]
@@ -163,8 +167,10 @@ def main() -> int:
         print(f"A vs control clusters: {cluster_agreement(A['labels'], C['labels'])}")
         cf = column_correlations(feature_matrix(A["chi"]), feature_matrix(C["chi"]))
         cc = corrected(cf, A, C)
-        print(f"A vs control features r median {np.median(cf):.3f} (min {cf.min():.3f}); noise-corrected median "
-              f"{np.nanmedian(cc):.3f} (min {np.nanmin(cc):.3f}, {A['components'][int(np.nanargmin(cc))]})")
+        noise = ("no reliabilities to correct with" if not np.isfinite(cc).any() else
+                 f"noise-corrected median {np.nanmedian(cc):.3f} (min {np.nanmin(cc):.3f}, "
+                 f"{A['components'][int(np.nanargmin(cc))]})")
+        print(f"A vs control features r median {np.median(cf):.3f} (min {cf.min():.3f}); {noise}")
     return 0
 
 
