@@ -19,6 +19,7 @@ import psutil
 import pytest
 import xarray as xr
 from spectro import cli
+from spectro.config import SamplerConfig
 from spectro.store import SampleStore
 from tests.helpers import compose_cfg
 
@@ -157,7 +158,7 @@ def test_main_job_writes_samples_and_susceptibilities(finished_run):
     assert np.isfinite(ds["chi_se"].values).all() and (ds["chi_se"].values > 0).all()
     assert set(ds["token_source"].values) == {"code", "prose"}
     cfg = json.loads((run_dir / "config.json").read_text())
-    assert cfg["sampler"]["nbeta"] == pytest.approx(16 / np.log(16))
+    assert cfg["sampler"]["nbeta"] == SamplerConfig().nbeta          # the schema's default, as resolved and stored
     # clusters and report (stage=all)
     clusters = json.loads((run_dir / "clusters.json").read_text())
     assert len(clusters["labels"]) == N_TOKENS and clusters["components"] == ["l0h1", "l2.mlp"]
