@@ -239,57 +239,17 @@ def read_labelled_file(path: str | Path, tokenizer: "tokenizers.Tokenizer", seq_
     if not p.is_file():
         raise DataError(f"probe file {p} does not exist; set data.probe.file to a JSON Lines file (spectro.probes)")
     rows, sources, names, labels = [], [], [], {}
-    lines = p.read_text(encoding="utf-8").split("\n")
-    for no, line in enumerate(lines, start=1):
+    for no, line in enumerate(p.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise _file_error(p, no, f"is not valid JSON ({err.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise _file_error(p, no, 'needs a "text" string, e.g. {"text": "...", "spans": [[0, 4, "name"]]}')
-        unknown = sorted(set(rec) - {"text", "spans", "tokens", "source"})
-        if unknown:
-            raise _file_error(p, no, f"has unknown keys {unknown}; a line holds text, spans, tokens and source")
+        rec = _record(p, no, line)
         enc = tokenizer.encode(rec["text"], add_special_tokens=False)
         if len(enc.ids) < seq_len:
             raise _file_error(p, no, f"has {len(enc.ids)} tokens; a probe context needs data.seq_len = {seq_len} "
                                      f"(longer texts are cut to it)")
         row = len(rows)
-        mark = lambda name, tok: labels.setdefault(name, {}).setdefault(row, set()).add(tok)  # noqa: E731
-        for item in rec.get("spans") or []:
-            _check_item(p, no, item, 3, "spans", "[start, end, label] with character offsets")
-            start, end, name = item
-            if not 0 <= start < end <= len(rec["text"]):
-                raise _file_error(p, no, f"span [{start}, {end}) {name!r} is outside the text "
-                                         f"({len(rec['text'])} characters) or empty")
-            inside = []
-            for t, (a, b) in enumerate(enc.offsets):
-                if a < end and b > start:
-                    if a < start or b > end:
-                        raise _file_error(p, no, f"span [{start}, {end}) {name!r} cuts token {t} "
-                                                 f"({enc.tokens[t]!r} at characters [{a}, {b})); move the span's "
-                                                 "ends to token boundaries")
-                    inside.append(t)
-            if not inside:
-                raise _file_error(p, no, f"span [{start}, {end}) {name!r} covers no token")
-            if max(inside) >= seq_len:
-                raise _file_error(p, no, f"span [{start}, {end}) {name!r} reaches token {max(inside)}, beyond the "
-                                         f"first data.seq_len = {seq_len} tokens that are probed")
-            for t in inside:
-                mark(name, t)
-        for item in rec.get("tokens") or []:
-            _check_item(p, no, item, 2, "tokens", "[token index, label]")
-            t, name = item
-            if not 0 <= t < seq_len:
-                raise _file_error(p, no, f"token index {t} ({name!r}) is outside the probed tokens 1..{seq_len - 1}")
-            mark(name, t)
-        for name, by_row in labels.items():
-            if 0 in by_row.get(row, ()):
-                raise _file_error(p, no, f"label {name!r} is on token 0, which has no context and is not probed")
-            if name in RULE_TEXT:
-                raise _file_error(p, no, f"label {name!r} is the name of a built-in rule; rename it")
+        for name, tokens in _line_labels(p, no, rec, enc, seq_len).items():
+            labels.setdefault(name, {})[row] = tokens
         rows.append(enc.ids[:seq_len])
         sources.append(str(rec.get("source", "file")))
         names.append(f"{p.name}:{no}")
@@ -305,6 +265,61 @@ def read_labelled_file(path: str | Path, tokenizer: "tokenizers.Tokenizer", seq_
     ctx = ContextSet(input_ids=torch.tensor(rows, dtype=torch.int64), sources=tuple(sources), doc_names=tuple(names),
                      offsets=(0,) * n)
     return ctx, out
+
+
+def _record(p: Path, no: int, line: str) -> dict:
+    """One line of a labelled file, parsed and checked for its keys."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise _file_error(p, no, f"is not valid JSON ({err.msg})") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+        raise _file_error(p, no, 'needs a "text" string, e.g. {"text": "...", "spans": [[0, 4, "name"]]}')
+    unknown = sorted(set(rec) - {"text", "spans", "tokens", "source"})
+    if unknown:
+        raise _file_error(p, no, f"has unknown keys {unknown}; a line holds text, spans, tokens and source")
+    return rec
+
+
+def _line_labels(p: Path, no: int, rec: dict, enc, seq_len: int) -> dict[str, set[int]]:
+    """{label: token indices} of one line's spans and tokens, each checked against the tokenized text."""
+    marks: dict[str, set[int]] = {}
+    for item in rec.get("spans") or []:
+        _check_item(p, no, item, 3, "spans", "[start, end, label] with character offsets")
+        start, end, name = item
+        marks.setdefault(name, set()).update(_span_tokens(p, no, rec["text"], enc, start, end, name, seq_len))
+    for item in rec.get("tokens") or []:
+        _check_item(p, no, item, 2, "tokens", "[token index, label]")
+        t, name = item
+        if not 0 <= t < seq_len:
+            raise _file_error(p, no, f"token index {t} ({name!r}) is outside the probed tokens 1..{seq_len - 1}")
+        marks.setdefault(name, set()).add(t)
+    for name, tokens in marks.items():
+        if 0 in tokens:
+            raise _file_error(p, no, f"label {name!r} is on token 0, which has no context and is not probed")
+        if name in RULE_TEXT:
+            raise _file_error(p, no, f"label {name!r} is the name of a built-in rule; rename it")
+    return marks
+
+
+def _span_tokens(p: Path, no: int, text: str, enc, start: int, end: int, name: str, seq_len: int) -> list[int]:
+    """The tokens a character span [start, end) covers exactly; a span that cuts a token is an error."""
+    if not 0 <= start < end <= len(text):
+        raise _file_error(p, no, f"span [{start}, {end}) {name!r} is outside the text ({len(text)} characters) "
+                                 "or empty")
+    inside = []
+    for t, (a, b) in enumerate(enc.offsets):
+        if a < end and b > start:
+            if a < start or b > end:
+                raise _file_error(p, no, f"span [{start}, {end}) {name!r} cuts token {t} ({enc.tokens[t]!r} at "
+                                         f"characters [{a}, {b})); move the span's ends to token boundaries")
+            inside.append(t)
+    if not inside:
+        raise _file_error(p, no, f"span [{start}, {end}) {name!r} covers no token")
+    if max(inside) >= seq_len:
+        raise _file_error(p, no, f"span [{start}, {end}) {name!r} reaches token {max(inside)}, beyond the "
+                                 f"first data.seq_len = {seq_len} tokens that are probed")
+    return inside
 
 
 def _check_item(path: Path, line: int, item, size: int, key: str, form: str) -> None:

@@ -195,6 +195,29 @@ def _map_data(run: _Run, fn: Optional[np.ndarray], labels: Optional[np.ndarray],
     return data, info
 
 
+def _picked(run: _Run, members: np.ndarray, fn: Optional[np.ndarray], max_contexts: int) -> list[int]:
+    """A card's example tokens: members nearest the cluster's centre (by the unit features `fn`, if given),
+    distinct token texts first, then the rest, at most `max_contexts`."""
+    if fn is not None:
+        centre = fn[members].mean(axis=0)
+        ranked = members[np.argsort(-(fn[members] @ centre), kind="stable")]
+    else:
+        ranked = members
+    picked, seen = [], set()
+    for i in ranked:                        # distinct token texts first
+        if len(picked) >= max_contexts:
+            break
+        if run.text[i] not in seen:
+            seen.add(run.text[i])
+            picked.append(int(i))
+    for i in ranked:
+        if len(picked) >= max_contexts:
+            break
+        if int(i) not in picked:
+            picked.append(int(i))
+    return picked
+
+
 def _gallery_data(run: _Run, names: list[str], f: Optional[np.ndarray], fn: Optional[np.ndarray],
                   labels: Optional[np.ndarray], max_contexts: int, kind: str) -> Optional[dict]:
     """Cards' data. Profiles are the members' mean feature row (what the clustering saw), or clusters.json's
@@ -235,26 +258,7 @@ def _gallery_data(run: _Run, names: list[str], f: Optional[np.ndarray], fn: Opti
         texts = [t for t, _ in counts.most_common(SEARCH_TEXTS_PER_CLUSTER)] or [str(t[0]) for t in top]
         examples = []
         if members is not None and members.size and ctx is not None:
-            if fn is not None:
-                centre = fn[members].mean(axis=0)
-                score = fn[members] @ centre
-                ranked = members[np.argsort(-score, kind="stable")]
-            else:
-                ranked = members
-            picked, seen = [], set()
-            for i in ranked:                        # distinct token texts first
-                if len(picked) >= max_contexts:
-                    break
-                t = run.text[i]
-                if t not in seen:
-                    seen.add(t)
-                    picked.append(int(i))
-            for i in ranked:
-                if len(picked) >= max_contexts:
-                    break
-                if int(i) not in picked:
-                    picked.append(int(i))
-            for i in picked:
+            for i in _picked(run, members, fn, max_contexts):
                 left, tok, right = ctx.snippet(i)
                 examples.append([left, tok, right, sources.index(run.source[i]) if run.source else -1,
                                  int(run.context[i]), int(run.position[i])])

@@ -185,6 +185,25 @@ def _bar_svg(values: Sequence[float], labels: Sequence[str], *, width: int = 520
     return "".join(parts)
 
 
+def _segments(values: np.ndarray, stride: int, xy) -> list[list[str]]:
+    """The "x,y" points of one chain's trace every `stride` draws (and its last), split where it is not finite."""
+    n_draw = values.shape[0]
+    idx = np.arange(0, n_draw, stride)
+    if n_draw - 1 not in idx:
+        idx = np.append(idx, n_draw - 1)
+    pts, segs = [], []
+    for d in idx:
+        v = values[d]
+        if np.isfinite(v):
+            pts.append("%.1f,%.1f" % xy(d, v))
+        elif pts:
+            segs.append(pts)
+            pts = []
+    if pts:
+        segs.append(pts)
+    return segs
+
+
 def _sparkline(phi: np.ndarray, diverged: np.ndarray, *, width: int = 300, height: int = 90) -> str:
     """phi (chain, draw): one polyline per chain on a shared y-range."""
     n_chain, n_draw = phi.shape
@@ -216,19 +235,7 @@ def _sparkline(phi: np.ndarray, diverged: np.ndarray, *, width: int = 300, heigh
     for k in order:
         div = int(diverged[k])
         colour = DIVERGED_COLOUR if div >= 0 else CHAIN_COLOURS[k % len(CHAIN_COLOURS)]
-        idx = np.arange(0, n_draw, stride)
-        if n_draw - 1 not in idx:
-            idx = np.append(idx, n_draw - 1)
-        pts, segs = [], []
-        for d in idx:
-            v = phi[k, d]
-            if np.isfinite(v):
-                pts.append("%.1f,%.1f" % xy(d, v))
-            elif pts:
-                segs.append(pts)
-                pts = []
-        if pts:
-            segs.append(pts)
+        segs = _segments(phi[k], stride, xy)
         cls = "line diverged" if div >= 0 else "line"
         title = f"chain {k}" + (f" (diverged at draw {div})" if div >= 0 else "")
         for seg in segs:

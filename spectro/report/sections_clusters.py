@@ -145,7 +145,16 @@ def _sae_section(run: _Run) -> str:
                                  f"loss recovered {_fmt(q.get('loss_recovered'))}"),
     ])
     order = sorted(cl, key=lambda c: (-(c.get("f1") or 0.0), c.get("id", 0)))
+    unexplained = [c for c in order if not c.get("matched")]
+    unexp = (f'<h3>Clusters no feature explains ({len(unexplained)})</h3><p class="small">'
+             + (", ".join(f'#{_e(str(c.get("id")))} (F1 {_fmt(c.get("f1"), 2)})' for c in unexplained) or "none")
+             + "</p>")
+    return _section("sae", head + _sae_table(order) + unexp + "<h3>Clusters beside their best features</h3>"
+                    + _sae_pairs(run, order), lead)
 
+
+def _sae_table(order: list[dict]) -> str:
+    """Per cluster (best F1 first): size, top tokens, its best feature, F1, precision, recall, matched."""
     def chips(c: dict) -> str:
         return "".join(f'<span class="chip"><span class="tok">{_vis(str(t[0]))}</span><span class="cnt">'
                        f'{_e(str(t[1]))}</span></span>' for t in (c.get("top_tokens") or [])[:5]
@@ -157,9 +166,13 @@ def _sae_section(run: _Run) -> str:
         f'<td>f{_e(str(c.get("feature")))}</td><td>{_fmt(c.get("f1"))}</td><td>{_fmt(c.get("precision"))}</td>'
         f'<td>{_fmt(c.get("recall"))}</td><td>{_e(str(c.get("feature_active")))}</td>'
         f'<td>{"matched" if c.get("matched") else "–"}</td></tr>' for c in order)
-    table = ('<table class="diag sae"><thead><tr><th>cluster</th><th>size</th><th>top tokens</th><th>best feature</th>'
-             '<th>F1</th><th>precision</th><th>recall</th><th>feature active on</th><th></th></tr></thead>'
-             f'<tbody>{rows}</tbody></table>')
+    return ('<table class="diag sae"><thead><tr><th>cluster</th><th>size</th><th>top tokens</th><th>best feature</th>'
+            '<th>F1</th><th>precision</th><th>recall</th><th>feature active on</th><th></th></tr></thead>'
+            f'<tbody>{rows}</tbody></table>')
+
+
+def _sae_pairs(run: _Run, order: list[dict]) -> str:
+    """The best-matched clusters' contexts beside their feature's top activations (at most SAE_DETAILS_MAX)."""
     details = []
     for j, c in enumerate(order[:SAE_DETAILS_MAX]):
         details.append(
@@ -172,12 +185,7 @@ def _sae_section(run: _Run) -> str:
             f'{_sae_examples(run, c.get("feature_top") or [], True)}</div></div></details>')
     more = (f'<p class="muted small">Contexts are shown for the {SAE_DETAILS_MAX} best-matched clusters; '
             'sae.json has all of them.</p>' if len(order) > SAE_DETAILS_MAX else "")
-    unexplained = [c for c in order if not c.get("matched")]
-    unexp = (f'<h3>Clusters no feature explains ({len(unexplained)})</h3><p class="small">'
-             + (", ".join(f'#{_e(str(c.get("id")))} (F1 {_fmt(c.get("f1"), 2)})' for c in unexplained) or "none")
-             + "</p>")
-    return _section("sae", head + table + unexp + "<h3>Clusters beside their best features</h3>"
-                    + "".join(details) + more, lead)
+    return "".join(details) + more
 
 
 _CONTROL_ROWS = ("nβ", "chains × draws", "clusters", "clustered share (not noise)",
@@ -236,6 +244,23 @@ def _control_section(run: _Run, labels: Optional[np.ndarray], control: Optional[
     if why:
         return _section("control", _notice(f"Control refused: {why}. Labels of different tokens cannot be compared; "
                                            "run the control with the same model and data config."), lead)
+    body = _control_notices(run, ctl)
+    ctl_labels = _labels(ctl, ctl.n_tokens) if ctl.clusters is not None else None
+    if labels is not None and ctl_labels is not None:
+        body += _control_agreement(run, labels, ctl_labels)
+    else:
+        which = "this run" if labels is None else "the control"
+        body += _notice(f"No ARI: {which} has no usable cluster labels (clusters.json); run its clusters stage.")
+    cols = [_run_figures(run, labels), _run_figures(ctl, ctl_labels)]
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{cols[0][i]}</td><td>{cols[1][i]}</td></tr>"
+                   for i, k in enumerate(_CONTROL_ROWS))
+    body += ('<table class="diag control"><thead><tr><th></th><th>this run</th><th>control (nβ = 0)</th></tr></thead>'
+             f"<tbody>{rows}</tbody></table>")
+    return _section("control", body, lead)
+
+
+def _control_notices(run: _Run, ctl: _Run) -> str:
+    """Warnings about the control: not sampled at nβ = 0, the same sampler seed as this run, its own notes."""
     body = ""
     sampler = (ctl.config or {}).get("sampler") if isinstance(ctl.config, dict) else None
     nb = ctl.sus.attrs.get("nbeta") if ctl.sus is not None else None
@@ -250,40 +275,34 @@ def _control_section(run: _Run, labels: Optional[np.ndarray], control: Optional[
                         "another sampler.seed for a fair comparison.")
     if ctl.notes:
         body += _notice("Control: " + "; ".join(ctl.notes) + ".")
-    ctl_labels = _labels(ctl, ctl.n_tokens) if ctl.clusters is not None else None
+    return body
+
+
+def _control_agreement(run: _Run, labels: np.ndarray, ctl_labels: np.ndarray) -> str:
+    """ARI of this run's clusters with the control's, beside the ARI of this run's halves, and what it means."""
     _, _, stab = _trust(run)
     half = _num((stab or {}).get("ari"))
-    if labels is not None and ctl_labels is not None:
-        a = agreement(labels, ctl_labels)
-        x = _num(a["ari"])
-        agree = (f'<div class="figs"><div class="fig" data-fig="ari-control"><span class="k">ARI, this run vs control'
-                 f'</span><span class="v">{_fmt(a["ari"])}</span><span class="s">on the {a["tokens_in_both"]:,} tokens '
-                 f'both cluster; {_fmt(a["ari_all_tokens"])} on all tokens (noise as one more label)</span></div>'
-                 f'<div class="fig" data-fig="ari-halves"><span class="k">ARI, this run\'s two halves</span>'
-                 f'<span class="v">{_fmt(half)}</span><span class="s">cluster stability (verdict above)</span></div>'
-                 '</div>')
-        if math.isfinite(x) and math.isfinite(half):
-            if x < half:
-                msg = ("The control agrees with this run less than this run's halves agree with each other: the "
-                       "clusters depend on the loss, not only on the weights' geometry and the probe set.")
-                agree += f'<p class="callout ok">{msg}</p>'
-            else:
-                msg = ("The control agrees with this run at least as well as this run's own halves do: these "
-                       "clusters may come from the geometry of the weights and the probe set rather than from the "
-                       "loss. (Each half has half the draws, which lowers its ARI; with reliable runs both figures "
-                       "are higher and this comparison is sharper.)")
-                agree += f'<p class="callout bad">{msg}</p>'
-        elif not math.isfinite(x):
-            agree += '<p class="muted small">No token is in a cluster in both runs: no ARI on clustered tokens.</p>'
+    a = agreement(labels, ctl_labels)
+    x = _num(a["ari"])
+    agree = (f'<div class="figs"><div class="fig" data-fig="ari-control"><span class="k">ARI, this run vs control'
+             f'</span><span class="v">{_fmt(a["ari"])}</span><span class="s">on the {a["tokens_in_both"]:,} tokens '
+             f'both cluster; {_fmt(a["ari_all_tokens"])} on all tokens (noise as one more label)</span></div>'
+             f'<div class="fig" data-fig="ari-halves"><span class="k">ARI, this run\'s two halves</span>'
+             f'<span class="v">{_fmt(half)}</span><span class="s">cluster stability (verdict above)</span></div>'
+             '</div>')
+    if math.isfinite(x) and math.isfinite(half):
+        if x < half:
+            msg = ("The control agrees with this run less than this run's halves agree with each other: the "
+                   "clusters depend on the loss, not only on the weights' geometry and the probe set.")
+            agree += f'<p class="callout ok">{msg}</p>'
         else:
-            agree += '<p class="muted small">This run has no split-half ARI to set the control\'s beside.</p>'
-        body += agree
+            msg = ("The control agrees with this run at least as well as this run's own halves do: these "
+                   "clusters may come from the geometry of the weights and the probe set rather than from the "
+                   "loss. (Each half has half the draws, which lowers its ARI; with reliable runs both figures "
+                   "are higher and this comparison is sharper.)")
+            agree += f'<p class="callout bad">{msg}</p>'
+    elif not math.isfinite(x):
+        agree += '<p class="muted small">No token is in a cluster in both runs: no ARI on clustered tokens.</p>'
     else:
-        which = "this run" if labels is None else "the control"
-        body += _notice(f"No ARI: {which} has no usable cluster labels (clusters.json); run its clusters stage.")
-    cols = [_run_figures(run, labels), _run_figures(ctl, ctl_labels)]
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{cols[0][i]}</td><td>{cols[1][i]}</td></tr>"
-                   for i, k in enumerate(_CONTROL_ROWS))
-    body += ('<table class="diag control"><thead><tr><th></th><th>this run</th><th>control (nβ = 0)</th></tr></thead>'
-             f"<tbody>{rows}</tbody></table>")
-    return _section("control", body, lead)
+        agree += '<p class="muted small">This run has no split-half ARI to set the control\'s beside.</p>'
+    return agree

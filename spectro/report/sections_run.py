@@ -160,20 +160,42 @@ def _diagnostics_section(run: _Run) -> str:
         return _section("diagnostics", _notice("susceptibilities.zarr not found: no diagnostics; run the "
                                                "susceptibilities stage."))
     comps = [str(c) for c in s["component"].values.tolist()]
+    not_local = s["not_local"].values if "not_local" in s else np.zeros(len(comps), bool)
+    not_mixed = s["not_mixed"].values if "not_mixed" in s else np.zeros(len(comps), bool)
+    _, rel, _ = _trust(run)
+    rel_raw, rel_feat = _per_component_reliability(run, comps, rel)
+    target = _target(rel)
+    table = _diagnostics_table(run, comps, not_local, not_mixed, rel_raw, rel_feat, target)
+    lead_llc = ("LLC = nβ·E[φ] reads as a local learning coefficient only where the chains stay local (E[φ] and "
+                "displacement below the thresholds; otherwise flagged).")
+    bits = [f"{len(comps)} components", f"estimator form <code>{_e(str(s.attrs.get('form', '–')))}</code>",
+            f"nβ = {_fmt(s.attrs.get('nbeta'), 3)}"]
+    thr = s.attrs.get("rhat_threshold")
+    if thr is not None:
+        bits.append(f"flagged “not mixed” where R-hat &gt; {_fmt(thr, 2)}")
+    lead = "; ".join(bits) + ". " + lead_llc
+    if np.isfinite(rel_raw).any() or np.isfinite(rel_feat).any():
+        lead += (" Reliability: the predicted correlation over tokens between this run's values and an independent "
+                 f"run's (split halves of the chains, Spearman-Brown), of raw χ and of the clustering features; "
+                 f"below {_fmt(target, 2)} in red.")
+    sample = (run.summary or {}).get("sample") if isinstance(run.summary, dict) else None
+    if isinstance(sample, dict) and "seconds" in sample:
+        lead += (f" Sampling took {_fmt(sample.get('seconds'), 1)} s "
+                 f"({_fmt(sample.get('draws_per_second'), 2)} draws/s).")
+    return _section("diagnostics", _diagnostics_notices(s, comps, not_local, not_mixed) + table, lead)
+
+
+def _diagnostics_table(run: _Run, comps: list[str], not_local, not_mixed, rel_raw, rel_feat, target) -> str:
+    """One row per component: LLC, E[φ], displacement, R-hat, ESS, divergences, chains, reliability, status."""
+    s = run.sus
 
     def col(name, dtype=float):
         return s[name].values if name in s else np.full(len(comps), np.nan if dtype is float else -1)
 
     llc_m, llc_s, rhat, ess = col("llc_mean"), col("llc_std"), col("rhat"), col("ess_bulk")
     phi, disp = col("mean_phi"), col("displacement")
-    not_local = s["not_local"].values if "not_local" in s else np.zeros(len(comps), bool)
     used, ndiv = col("n_chains_used", int), col("n_diverged", int)
-    not_mixed = s["not_mixed"].values if "not_mixed" in s else np.zeros(len(comps), bool)
-    _, rel, _ = _trust(run)
-    rel_raw, rel_feat = _per_component_reliability(run, comps, rel)
-    target = _target(rel)
     n_chains = run.samples.layout.n_chains if run.samples is not None else None
-    thr = s.attrs.get("rhat_threshold")
     rows = []
     for i, c in enumerate(comps):
         flag = bool(not_mixed[i]) or bool(not_local[i])
@@ -192,26 +214,18 @@ def _diagnostics_section(run: _Run) -> str:
             f'<td class="num{" bad" if int(ndiv[i]) > 0 else ""}">{int(ndiv[i])}</td>'
             f'<td class="num">{chains}</td>{_rel_cell(rel_raw[i], target)}{_rel_cell(rel_feat[i], target)}'
             f'<td>{status}</td></tr>')
-    table = ('<table class="diag"><thead><tr><th>component</th><th>LLC mean ± std</th>'
-             '<th title="mean loss rise of the sampled models, nats">E[φ]</th>'
-             '<th title="RMS(w - w*) / RMS(w*) over the component\'s sampled weights">displacement</th><th>R-hat</th>'
-             '<th>bulk ESS</th><th>divergences</th><th>chains used</th>'
-             '<th title="split-half reliability of raw chi: predicted correlation with an independent run">'
-             'reliability χ</th><th title="split-half reliability of the clustering features">'
-             'reliability features</th><th>status</th></tr></thead>'
-             f'<tbody>{"".join(rows)}</tbody></table>')
-    n_flag = int(np.sum(not_mixed))
-    lead_llc = ("LLC = nβ·E[φ] reads as a local learning coefficient only where the chains stay local (E[φ] and "
-                "displacement below the thresholds; otherwise flagged).")
-    bits = [f"{len(comps)} components", f"estimator form <code>{_e(str(s.attrs.get('form', '–')))}</code>",
-            f"nβ = {_fmt(s.attrs.get('nbeta'), 3)}"]
-    if thr is not None:
-        bits.append(f"flagged “not mixed” where R-hat &gt; {_fmt(thr, 2)}")
-    lead = "; ".join(bits) + ". " + lead_llc
-    if np.isfinite(rel_raw).any() or np.isfinite(rel_feat).any():
-        lead += (" Reliability: the predicted correlation over tokens between this run's values and an independent "
-                 f"run's (split halves of the chains, Spearman-Brown), of raw χ and of the clustering features; "
-                 f"below {_fmt(target, 2)} in red.")
+    return ('<table class="diag"><thead><tr><th>component</th><th>LLC mean ± std</th>'
+            '<th title="mean loss rise of the sampled models, nats">E[φ]</th>'
+            '<th title="RMS(w - w*) / RMS(w*) over the component\'s sampled weights">displacement</th><th>R-hat</th>'
+            '<th>bulk ESS</th><th>divergences</th><th>chains used</th>'
+            '<th title="split-half reliability of raw chi: predicted correlation with an independent run">'
+            'reliability χ</th><th title="split-half reliability of the clustering features">'
+            'reliability features</th><th>status</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')
+
+
+def _diagnostics_notices(s, comps: list[str], not_local, not_mixed) -> str:
+    """The warnings above the table: components not local, not mixed, excluded chains, a partial estimate."""
     extra = ""
     n_far = int(np.sum(not_local))
     if n_far:
@@ -220,8 +234,8 @@ def _diagnostics_section(run: _Run) -> str:
                          f"more than {_fmt(s.attrs.get('local_max_phi', 0.5), 2)} nats on average or moved more "
                          f"than {_fmt(s.attrs.get('local_max_displacement', 0.5), 2)} of their weights' size from "
                          "w*, so nβ·E[φ] there is not a local learning coefficient and χ mixes in the response of "
-                         "a "
-                         "different, worse model (raise sampler.gamma; docs/method.md, Locality).")
+                         "a different, worse model (raise sampler.gamma; docs/method.md, Locality).")
+    n_flag = int(np.sum(not_mixed))
     if n_flag:
         extra += _notice(f"{n_flag} of {len(comps)} components have chains that have not mixed; their "
                          "susceptibilities are less reliable (longer chains, more burn-in or a smaller step help).")
@@ -231,11 +245,7 @@ def _diagnostics_section(run: _Run) -> str:
                          + ", ".join(map(str, excluded)))
     if s.attrs.get("partial"):
         extra += _notice("partial estimate: computed from an incomplete sample store.")
-    sample = (run.summary or {}).get("sample") if isinstance(run.summary, dict) else None
-    if isinstance(sample, dict) and "seconds" in sample:
-        lead += (f" Sampling took {_fmt(sample.get('seconds'), 1)} s "
-                 f"({_fmt(sample.get('draws_per_second'), 2)} draws/s).")
-    return _section("diagnostics", extra + table, lead)
+    return extra
 
 
 def _traces_section(run: _Run) -> str:
