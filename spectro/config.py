@@ -186,6 +186,7 @@ class PlanConfig:
     gpu: Optional[str] = None           # also predict on this GPU: h100 | h200 | a100 | l4
     calibration_draws: int = 3          # timed SGLD steps and evaluations per calibrated component; 0: no timing
     calibrate_on: Optional[str] = None  # the component timed besides `full`; null: the median one by step FLOPs
+    pilot: bool = False                 # with a sampler.until target: sample round 1 for real, predict the rounds
 
 
 @dataclass
@@ -461,6 +462,9 @@ def _check_run(c: SpectroConfig) -> None:
              "e.g. plan.gpu=h100, or leave it out for this machine only")
     _require(c.plan.calibration_draws >= 0, "plan.calibration_draws", c.plan.calibration_draws, "must be >= 0",
              "e.g. plan.calibration_draws=3, or 0 to skip the timing")
+    _require(not c.plan.pilot or s.until.reliability is not None or s.until.rhat is not None, "plan.pilot",
+             c.plan.pilot, "needs a sampler.until target (the pilot is its round 1)",
+             "e.g. sampler.until.reliability=0.8 sampler.until.round_draws=10")
     _require(c.ray.num_actors >= 1, "ray.num_actors", c.ray.num_actors, "must be >= 1", "e.g. ray.num_actors=2")
     _require(c.ray.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", c.ray.num_cpus_per_actor, "must be > 0", "e.g. 1")
     _require(c.ray.num_gpus_per_actor is None or c.ray.num_gpus_per_actor >= 0, "ray.num_gpus_per_actor",

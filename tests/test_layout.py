@@ -62,7 +62,7 @@ LAYERS = {
     "spectro.pipeline": 9, "spectro.rounds": 9, "spectro.cli": 9, "spectro.__main__": 9,
     "spectro.service": 9, "spectro.service.checkpoints": 9, "spectro.service.units": 9, "spectro.service.progress": 9,
     "spectro.service.repair": 9, "spectro.service.scheduler": 9, "spectro.service.ray_runtime": 9,
-    "spectro.plan": 9, "spectro.plan.work": 9, "spectro.plan.timing": 9, "spectro.plan.make": 9,
+    "spectro.plan": 9, "spectro.plan.work": 9, "spectro.plan.timing": 9, "spectro.plan.make": 9, "spectro.plan.pilot": 9,
 }
 
 MAX_LINES = 500

@@ -133,6 +133,7 @@ def test_default_config_has_no_rounds():
     (["sampler.until.rhat=0.9", "sampler.until.round_draws=10"], r"sampler.until.rhat must be > 1"),
     (["sampler.until.max_minutes=0"], r"sampler.until.max_minutes must be > 0"),
     (["sampler.until.round_draws=-10"], r"sampler.until.round_draws must be a positive multiple"),
+    (["plan.pilot=true"], r"plan.pilot needs a sampler.until target"),
 ])
 def test_bad_until_values_raise_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -277,3 +278,27 @@ def test_a_run_stopped_after_round_one_resumes_bit_identical(out_of_reach, tmp_p
     a, b = chi(full_dir)[0], chi(run_dir)[0]
     assert a.tobytes() == b.tobytes()
     shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_plans_pilot_is_the_runs_round_one(out_of_reach, tmp_path):
+    """stage=plan with plan.pilot=true samples and estimates round 1 in a scratch directory: its figures are the
+    real run's round 1 (same seed, same draws), its prediction the rounds' own rule, and it writes only plan.json."""
+    _, doc, _ = out_of_reach
+    plan_dir = tmp_path / "plan"
+    cmd = [sys.executable, str(ROOT / "jobs" / "run.py"), f"hydra.run.dir={plan_dir}", *SMALL, *OUT_OF_REACH,
+           "stage=plan", "plan.pilot=true", "plan.calibration_draws=0"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in plan_dir.iterdir() if not p.name.startswith(".")) == ["plan.json", "spectro.log"]
+    pilot = json.loads((plan_dir / "plan.json").read_text())["rounds"]["pilot"]
+    first = doc["rounds"][0]
+    assert pilot["draws"] == first["draws"] == 3
+    assert pilot["reliability_min"] == pytest.approx(first["reliability_min"], abs=1e-5)
+    assert pilot["rhat_max"] == pytest.approx(first["rhat_max"], abs=1e-5) if first["rhat_max"] is not None \
+        else pilot["rhat_max"] is None
+    assert not pilot["met"]
+    assert pilot["predicted_draws"] == rounds.predicted_draws(first["reliability_min"], 3, 0.9999)
+    assert "pilot: round 1 sampled and estimated" in proc.stdout

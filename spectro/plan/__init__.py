@@ -23,8 +23,10 @@ creates no store, checkpoint or summary. The plan holds:
 - with a `sampler.until` target (spectro.rounds): the round size and the
   most rounds the draw budget allows; every figure above is for the whole
   budget, the most the rounds can cost. The draws a reliability target
-  needs are not predicted here: that takes chi's split-half reliability,
-  which a few timed steps do not give; round 1 predicts it (rounds.json).
+  needs take chi's split-half reliability, which a few timed steps do not
+  give: with `plan.pilot=true` the plan samples and estimates round 1 in a
+  scratch directory (spectro.plan.pilot) and predicts them from it, as the
+  run itself does after round 1 (rounds.json).
 
 FLOP model (the one `benchmarks/bench_w2.py` uses; per token, GPT-NeoX with
 hidden H, MLP width I, vocabulary V, context T, n layers):

@@ -50,6 +50,9 @@ def make_plan(config, prepared=None, calibrate_draws: Optional[int] = None) -> d
     if rounds.enabled(u):                # the figures above are for the whole budget: the most the rounds cost
         plan["rounds"] = {"round_draws": u.round_draws, "max_rounds": len(rounds.round_draws(u, s.num_draws)),
                           "targets": {"reliability": u.reliability, "rhat": u.rhat}, "max_minutes": u.max_minutes}
+        if pc.pilot:                     # round 1 for real: the draws the targets need (spectro.plan.pilot)
+            from spectro.plan.pilot import pilot_rounds
+            plan["rounds"]["pilot"] = pilot_rounds(config, p)
     n_draws = pc.calibration_draws if calibrate_draws is None else calibrate_draws
     if n_draws > 0:
         plan["cpu"] = _cpu_timing(p, config, layout, shape, by_name, units, plan["units"], n_draws)
@@ -194,6 +197,15 @@ def format_plan(plan: dict) -> str:
         rows.append(("sampling until reliable (sampler.until)", f"rounds of {plan['rounds']['round_draws']} draws, at "
                      f"most {plan['rounds']['max_rounds']}: the counts and times here are the whole draw budget; "
                      f"the draws the target needs are predicted after round 1 (rounds.json)"))
+        pilot = plan["rounds"].get("pilot")
+        if pilot:
+            need = pilot["predicted_draws"]
+            rows.append(("pilot: round 1 sampled and estimated",
+                         f"feature reliability min {pilot['reliability_min']}, R-hat max {pilot['rhat_max']} after "
+                         f"{pilot['draws']} draws ({pilot['seconds']:.0f} s): "
+                         + ("targets met" if pilot["met"] else "draws needed unknown" if need is None else
+                            f"about {need} draws ({pilot['predicted_rounds']} rounds)"
+                            + ("" if pilot["within_budget"] else ", beyond sampler.num_draws"))))
     if "cpu" in plan:
         cpu = plan["cpu"]
         r = cpu["rates"]
