@@ -152,7 +152,6 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
     (sae only with `sae.enabled`); a single stage runs alone on an existing run
     directory (`sample` and `sae` need the model).
     """
-    import os
 
     from spectro import rounds, service
 
@@ -165,9 +164,7 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
     stages = ("sample", "susceptibilities", "clusters", "sae", "report") if config.stage == "all" else (config.stage,)
     if config.stage == "all" and not config.sae.enabled:
         stages = tuple(s for s in stages if s != "sae")
-    need = int(np.ceil(config.ray.num_actors * config.ray.num_cpus_per_actor))
-    started = service.ensure_ray(config.ray.address,
-                                 num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
+    started = start_ray(config)
     summary: dict = {"run_dir": str(run_dir)}
     try:
         if "sample" in stages and "susceptibilities" in stages and rounds.enabled(config.sampler.until):
@@ -197,6 +194,17 @@ def run(config: SpectroConfig, run_dir: Path, prepared: Optional[Prepared] = Non
         summary["report"] = run_report(config, run_dir)
         _update_summary(run_dir, summary)
     return summary
+
+
+def start_ray(config: SpectroConfig) -> bool:
+    """Join `ray.address`, or start a local instance with CPUs for every actor; True if this call started it."""
+    import os
+
+    from spectro import service
+
+    need = int(np.ceil(config.ray.num_actors * config.ray.num_cpus_per_actor))
+    return service.ensure_ray(config.ray.address,
+                              num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
 
 
 def _update_summary(run_dir: rundir.Location, summary: dict) -> None:

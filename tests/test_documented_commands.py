@@ -631,7 +631,8 @@ def test_documented_python_runs(block, world, request, tmp_path):
         code = re.sub(r"http://127\.0\.0\.1:\d+", endpoint, code)
     path = tmp_path / "snippet.py"
     path.write_text(with_claims(code), encoding="utf-8")
-    world.shell(f"python {path}").check()
+    result = world.shell(f"python {path}")           # each `expr  # <literal>` line became an assert
+    assert result.returncode == 0, f"{block.file}:{block.line} failed:\n{result.output[-4000:]}"
 
 
 def upload(request, run: Path, url: str) -> None:

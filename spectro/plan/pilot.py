@@ -26,8 +26,6 @@ from spectro.config import SpectroConfig, UntilConfig
 def pilot_rounds(config: SpectroConfig, prepared) -> dict:
     """Sample and estimate round 1 of `config`'s run (a `pipeline.Prepared` of it); return its figures and the
     predicted draws and rounds (None where the figures cannot tell)."""
-    import os
-
     from spectro import pipeline, rounds, service
 
     u = config.sampler.until
@@ -36,10 +34,8 @@ def pilot_rounds(config: SpectroConfig, prepared) -> dict:
                                 wandb=dataclasses.replace(config.wandb, mode="disabled"), fresh=False,
                                 storage=dataclasses.replace(config.storage, uri=None))
     p = dataclasses.replace(prepared, config=pilot)
-    need = int(math.ceil(config.ray.num_actors * config.ray.num_cpus_per_actor))
     t0 = time.perf_counter()
-    started = service.ensure_ray(config.ray.address,
-                                 num_cpus=None if config.ray.address else max(os.cpu_count() or 1, need))
+    started = pipeline.start_ray(config)
     try:
         with tempfile.TemporaryDirectory(prefix="spectro-pilot-") as tmp:
             run_dir = Path(tmp) / "pilot"
