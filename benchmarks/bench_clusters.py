@@ -23,6 +23,8 @@ grid on the tune seeds, as the defaults were chosen.
     python benchmarks/bench_clusters.py --knn-recall --sizes 100000 --tune-seeds --held-out 100
     python benchmarks/bench_clusters.py --real                   # the committed chi of the embedded default
     python benchmarks/bench_clusters.py --knn-compare --sizes 100000 --tune-seeds --held-out 0
+    python benchmarks/bench_clusters.py --noise 0.9 --methods conductance leiden   # a noisier family
+    python benchmarks/bench_clusters.py --noise-rules --methods conductance        # labelling background noise
 
 `--real` clusters tests/reference/embedded_chi.npz (every component but `full`) with each
 config and prints the number of clusters, the noise share, the cluster sizes, and role
@@ -125,8 +127,37 @@ def knn_recall(X: np.ndarray, nbr: np.ndarray, rng: np.random.Generator, n_query
     return float(np.mean(hits))
 
 
-def run_seed(n: int, seed: int, configs: dict, recall: bool) -> list[dict]:
-    chi, groups = hard_planted(n, seed, n_groups=planted_groups(n))
+NOISE_RULES = {"edge share": (0.4, 0.5, 0.6, 0.7), "kNN share": (0.5, 0.6, 0.7), "centroid cosine": (0.3, 0.4, 0.5)}
+
+
+def noise_rules(g: dict, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Labels with a post-hoc rule's weak members turned to noise, per rule and threshold: the share of a
+    member's edge weight inside its cluster ("edge share"), the share of its k nearest neighbours in its
+    cluster ("kNN share"), the cosine of its feature row with its cluster's mean direction ("centroid cosine")."""
+    W, X, nbr = g["W"], g["X"], g["nbr"]
+    n = labels.size
+    rows = np.repeat(np.arange(n), np.diff(W.indptr))
+    inside = (labels[rows] == labels[W.indices]) & (labels[rows] >= 0)
+    deg = np.maximum(np.bincount(rows, weights=W.data, minlength=n), 1e-12)
+    score = {"edge share": np.bincount(rows, weights=W.data * inside, minlength=n) / deg,
+             "kNN share": ((labels[nbr] == labels[:, None]) & (labels[:, None] >= 0)).mean(axis=1),
+             "centroid cosine": np.zeros(n)}
+    for c in range(int(labels.max()) + 1):
+        m = labels == c
+        mean = X[m].mean(axis=0)
+        score["centroid cosine"][m] = X[m] @ (mean / max(np.linalg.norm(mean), 1e-12))
+    out = {}
+    for rule, thresholds in NOISE_RULES.items():
+        for t in thresholds:
+            lab = labels.copy()
+            lab[score[rule] < t] = -1
+            out[f"+ {rule} < {t}"] = lab
+    return out
+
+
+def run_seed(n: int, seed: int, configs: dict, recall: bool, noise: float | None = None,
+             rules: bool = False) -> list[dict]:
+    chi, groups = hard_planted(n, seed, n_groups=planted_groups(n), **({} if noise is None else {"noise": noise}))
     graphs, rows = {}, []
     for name, cfg in configs.items():
         p = ClusterParams(**cfg)
@@ -147,6 +178,9 @@ def run_seed(n: int, seed: int, configs: dict, recall: bool) -> list[dict]:
                "peak MB": max(g["features MB"], g["graph MB"], m.mb)}
         rows.append(row)
         print(f"  {name:>16} seed {seed:3d}: " + "  ".join(_fmt(k, row[k]) for k in COLUMNS), flush=True)
+        if rules and p.method == "conductance":
+            for rule, lab in noise_rules(g, labels).items():
+                rows.append({**row, "config": f"{name} {rule}", **score(groups, lab)})
     return rows
 
 
@@ -171,7 +205,7 @@ def summary(rows: list[dict], title: str) -> None:
     print("| config | N | seeds | groups | " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * (4 + len(COLUMNS)))
     for (name, n), rs in itertools.groupby(sorted(rows, key=lambda r: (r["n"], list(CONFIGS).index(r["config"])
-                                                                       if r["config"] in CONFIGS else 99)),
+                                                                       if r["config"] in CONFIGS else 99, r["config"])),
                                            key=lambda r: (r["config"], r["n"])):
         rs = list(rs)
         med = {k: float(np.median([r[k] for r in rs])) for k in COLUMNS}
@@ -301,6 +335,9 @@ def main() -> None:
     ap.add_argument("--knn-recall", action="store_true", help="also print the kNN's recall against exact")
     ap.add_argument("--real", action="store_true", help="cluster the committed chi of the embedded default")
     ap.add_argument("--knn-compare", action="store_true", help="time the kNN libraries and their recall")
+    ap.add_argument("--noise", type=float, default=None, help="the planted family's noise level (default: its own)")
+    ap.add_argument("--noise-rules", action="store_true",
+                    help="also turn weak members of the conductance clusters to noise by post-hoc rules")
     args = ap.parse_args()
     if args.knn_compare:
         for n in args.sizes:
@@ -321,10 +358,10 @@ def main() -> None:
     for n in args.sizes:
         for seed in args.tune_seeds:
             print(f"== {n} tokens, seed {seed} (tune)", flush=True)
-            tune += run_seed(n, seed, configs, args.knn_recall)
+            tune += run_seed(n, seed, configs, args.knn_recall, args.noise, args.noise_rules)
         for seed in args.held_out:
             print(f"== {n} tokens, seed {seed} (held out)", flush=True)
-            held += run_seed(n, seed, configs, args.knn_recall)
+            held += run_seed(n, seed, configs, args.knn_recall, args.noise, args.noise_rules)
     summary(tune, "Tune seeds")
     summary(held, "Held-out seeds")
 

@@ -224,16 +224,28 @@ def _answers(answers: dict) -> list[str]:
     if not answers:
         return []
     width = max(len(label) for label in answers)
-    lines = ["known answers (labelled probe tokens): the best cluster's F1, readout AUC, top separating component"]
+    lines = ["known answers (labelled probe tokens): the best cluster's F1, a supervised linear readout's AUC and F1, "
+                 "top separating component"]
     for label, a in answers.items():
         top = a.get("top_component") or "–"
         named = [str(n).replace("_", " ").removesuffix("s") for n in a.get("top_component_named") or []]
         if named:
             top += f" ({', '.join(named)})"
         lines.append(f"  {label:<{width}}  {a.get('n_tokens', '–'):>5} tokens  F1 {_f(a.get('f1'))} (ceiling "
-                     f"{_f(a.get('ceiling'))}, chance {_f(a.get('shuffled_f1'))})  AUC {_f(a.get('readout_auc'))}  "
-                     f"{top}")
+                     f"{_f(a.get('ceiling'))}, chance {_f(a.get('shuffled_f1'))})  readout AUC "
+                     f"{_f(a.get('readout_auc'))}{_half(a)} F1 {_f(a.get('readout_f1'))}{_loss(a)}  {top}")
     return lines
+
+
+def _half(a: dict) -> str:
+    half = a.get("readout_auc_half")
+    return f" (half the draws {_f(half)})" if half is not None else ""
+
+
+def _loss(a: dict) -> str:
+    if a.get("loss_auc") is None:
+        return ""
+    return f" (token loss alone: AUC {_f(a.get('loss_auc'))} F1 {_f(a.get('loss_f1'))})"
 
 
 def _largest(values: dict, key: str) -> Optional[tuple[float, str]]:

@@ -21,6 +21,16 @@ tokens:
   clustering features to the label, with contexts kept whole within folds
   (tokens of one context never split between training and testing): a
   clustering-free ceiling that says whether the information is in chi at all.
+  With it, the readout's F1 (`readout_f1`: the best F1 over thresholds of the
+  held-out scores, so a supervised ceiling on what one cluster could reach
+  from these features), and the same AUC from each half of the draws
+  (`readout_auc_half`, their mean): if half the draws read the label as well
+  as all of them, more draws will not make it readable; the limit is in what
+  chi measures, not in its noise.
+- **loss alone**: the same readout from each token's own loss (its mean under
+  the `full` draws, `token_loss`): `loss_auc`, `loss_f1`. A label the model
+  predicts well (induction) is partly readable from how easy its tokens are;
+  what chi adds beyond that is the gap between the two readouts.
 
 Non-obvious choices:
 - Effect sizes use raw chi, one column at a time: a component's own response
@@ -85,10 +95,10 @@ def effect_sizes(chi: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return np.divide(a.mean(axis=0) - b.mean(axis=0), pooled, out=np.zeros(chi.shape[1]), where=pooled > 0)
 
 
-def readout_auc(features: np.ndarray, positive: np.ndarray, groups: np.ndarray, seed: int) -> float | None:
-    """Cross-validated AUC of a logistic readout of the label from the features, contexts whole within folds."""
+def readout_scores(features: np.ndarray, positive: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray | None:
+    """Out-of-fold scores of a logistic readout of the label from the features, contexts whole within
+    folds; None when the label's contexts are too few for two folds."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -105,14 +115,51 @@ def readout_auc(features: np.ndarray, positive: np.ndarray, groups: np.ndarray, 
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
         model.fit(features[train], positive[train])
         score[test] = model.decision_function(features[test])
-    return float(roc_auc_score(positive, score))
+    return score
+
+
+def readout_auc(features: np.ndarray, positive: np.ndarray, groups: np.ndarray, seed: int) -> float | None:
+    """Cross-validated AUC of the logistic readout (`readout_scores`)."""
+    from sklearn.metrics import roc_auc_score
+
+    score = readout_scores(features, positive, groups, seed)
+    return None if score is None else float(roc_auc_score(positive, score))
+
+
+def best_f1(score: np.ndarray, positive: np.ndarray) -> float:
+    """The best F1 of `score >= t` against the positive tokens over all thresholds t."""
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, _ = precision_recall_curve(positive, score)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
+                   where=precision + recall > 0)
+    return float(f1.max())
+
+
+def readout(features: np.ndarray, positive: np.ndarray, groups: np.ndarray, seed: int,
+            halves: Sequence[np.ndarray] = ()) -> dict:
+    """readout_auc, readout_f1 and, given the halves' features, readout_auc_half (module notes)."""
+    from sklearn.metrics import roc_auc_score
+
+    score = readout_scores(features, positive, groups, seed)
+    if score is None:
+        return {"readout_auc": None, "readout_f1": None, "readout_auc_half": None}
+    half = [readout_auc(h, positive, groups, seed) for h in halves]
+    half = [a for a in half if a is not None]
+    return {"readout_auc": float(roc_auc_score(positive, score)), "readout_f1": best_f1(score, positive),
+            "readout_auc_half": float(np.mean(half)) if half else None}
 
 
 def known_answers(labels: np.ndarray, label_names: Sequence[str], label_rules: Sequence[str],
                   member: np.ndarray, chi: np.ndarray, features: np.ndarray, components: Sequence[str],
                   token_context: np.ndarray, named_heads: dict[str, list[str]] | None = None,
-                  seed: int = 0) -> dict:
-    """Per label: best cluster, chance level, separating components and the readout AUC (module doc)."""
+                  seed: int = 0, features_half: Sequence[np.ndarray] = (),
+                  token_loss: np.ndarray | None = None) -> dict:
+    """Per label: best cluster, chance level, separating components and the readouts (module doc).
+
+    features_half: the clustering features of each half of the draws (optional, for readout_auc_half);
+    token_loss: (tokens,) each token's own loss (optional, for loss_auc and loss_f1)."""
+    loss = None if token_loss is None or not np.isfinite(token_loss).all() else np.asarray(token_loss)[:, None]
     named = named_heads or {}
     marks = {}
     for kind, heads in named.items():
@@ -132,8 +179,11 @@ def known_answers(labels: np.ndarray, label_names: Sequence[str], label_rules: S
             "shuffled_f1": shuffled_f1(member, pos, seed + j),
             "components": [{"component": components[i], "effect_size": float(d[i]),
                             "named": marks.get(components[i], [])} for i in order],
-            "readout_auc": readout_auc(features, pos, token_context, seed + j),
+            **readout(features, pos, token_context, seed + j, features_half),
         })
+        if loss is not None:
+            r = readout(loss, pos, token_context, seed + j)
+            entry.update({"loss_auc": r["readout_auc"], "loss_f1": r["readout_f1"]})
         out.append(entry)
     return {"labels": out, "named_heads": named}
 
@@ -145,5 +195,7 @@ def headline(doc: dict | None, label: str = "induction") -> dict | None:
             b, top = e["best_cluster"] or {}, e["components"][0]
             return {"label": label, "f1": b.get("f1"), "ceiling": b.get("ceiling"), "shuffled_f1": e["shuffled_f1"],
                     "top_component": top["component"], "top_component_named": top["named"],
-                    "readout_auc": e["readout_auc"], "n_tokens": e["n_tokens"]}
+                    "readout_auc": e["readout_auc"], "readout_f1": e.get("readout_f1"),
+                    "readout_auc_half": e.get("readout_auc_half"), "loss_auc": e.get("loss_auc"),
+                    "loss_f1": e.get("loss_f1"), "n_tokens": e["n_tokens"]}
     return None

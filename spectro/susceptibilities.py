@@ -177,13 +177,14 @@ def plan_blocks(store: SampleStore, tokens_per_block: Optional[int] = None) -> l
 
 
 def block_estimate(store: SampleStore, sel: Selection, t0: int, t1: int, form: str):
-    """chi, chi_se (tokens, components), chi_per_chain (chains, tokens, components) and chi_half
-    (2, tokens, components) for tokens [t0, t1)."""
+    """chi, chi_se (tokens, components), chi_per_chain (chains, tokens, components), chi_half
+    (2, tokens, components) and token_loss (tokens,) for tokens [t0, t1). token_loss is each token's loss
+    averaged over the used `full` draws: init + E[phi] - E[D], since D = sampling loss - token loss."""
     L = store.layout
     if L.probe == "moments" and L.shard_of(t0) != L.shard_of(t1 - 1):     # each shard's tokens on its own draws
         cuts = sorted({t0, t1} | {a for a, _ in map(L.shard_tokens, range(L.probe_shards)) if t0 < a < t1})
         parts = [block_estimate(store, sel, a, b, form) for a, b in zip(cuts, cuts[1:])]
-        return tuple(np.concatenate([p[i] for p in parts], axis=0 if i < 2 else 1) for i in range(4))
+        return tuple(np.concatenate([p[i] for p in parts], axis=1 if i in (2, 3) else 0) for i in range(5))
     C, N, T = len(L.components), L.n_chains, t1 - t0
     moments = [[ChainMoments(T) for _ in range(N)] for _ in range(C)]
     if L.probe == "moments":
@@ -208,7 +209,12 @@ def block_estimate(store: SampleStore, sel: Selection, t0: int, t1: int, form: s
         se[:, ci] = est.chi_se
         per_chain[chains, :, ci] = est.chi_per_chain
         half[:, :, ci] = est.chi_half
-    return chi, se, per_chain, half
+    token_loss = np.full(T, np.nan)
+    if full:
+        n = sum(m.n for m in full)
+        if n:
+            token_loss = store.init_loss + (sum(m.s_phi for m in full) - sum(m.s_D for m in full)) / n   # (tokens,)
+    return chi, se, per_chain, half, token_loss
 
 
 def _reduce_draws(store: SampleStore, sel: Selection, t0: int, t1: int, moments: list) -> None:
@@ -264,8 +270,8 @@ def _reduce_batch(batch: dict, samples_path: str, out_path: str, sel: Selection,
     out = SusceptibilityStore.open_block_writer(out_path)
     t0s, t1s, finite = [], [], []
     for t0, t1 in zip(batch["t0"], batch["t1"]):
-        chi, se, per_chain, half = block_estimate(store, sel, int(t0), int(t1), form)
-        out.write_block(int(t0), int(t1), chi, se, per_chain, half)
+        chi, se, per_chain, half, token_loss = block_estimate(store, sel, int(t0), int(t1), form)
+        out.write_block(int(t0), int(t1), chi, se, per_chain, half, token_loss)
         t0s.append(int(t0))
         t1s.append(int(t1))
         finite.append(int(np.isfinite(chi).sum()))
@@ -390,5 +396,5 @@ def run_reliability(out: SusceptibilityStore, components: list[str]) -> dict | N
 def online_estimate(store: SampleStore, form: str = _E.form) -> dict:
     """Running chi from the chunks committed so far, in the driver (for monitoring small runs)."""
     sel = select_chains(store, partial=True)
-    chi, se, _, _ = block_estimate(store, sel, 0, store.layout.n_tokens, form)
+    chi, se = block_estimate(store, sel, 0, store.layout.n_tokens, form)[:2]
     return {"chi": chi, "chi_se": se, "draws": sel.draws, "partial": sel.partial}

@@ -61,22 +61,25 @@ def trust_figures(run_dir: rundir.Location, ds, clustered: list[str], labels: np
     """reliability, stability, verdict and known_answers of one clustering of the run in `ds`."""
     names = [str(c) for c in ds["component"].values]
     rel = stab = None
+    half_features = []
     if "chi_half" in ds:
         keep = [names.index(c) for c in clustered]
         half = np.asarray(ds["chi_half"].values, dtype=np.float64)[:, :, keep]        # (2, tokens, clustered)
         rel = split_half(half, clustered, params.features)
+        half_features = [feature_matrix(h, params.features) for h in half]
         t1 = time.perf_counter()
         stab = stability(half, params)
         if stab is not None:
             stab["seconds"] = round(time.perf_counter() - t1, 2)
     not_mixed = [c for c, bad in zip(names, ds["not_mixed"].values) if bool(bad)] if "not_mixed" in ds else []
-    answers = _known_answers(run_dir, ds, names, clustered, np.asarray(labels), params)
+    answers = _known_answers(run_dir, ds, names, clustered, np.asarray(labels), params,
+                             half_features)
     return {"reliability": rel, "stability": stab, "verdict": verdict(rel, stab, not_mixed),
             "known_answers": answers}
 
 
 def _known_answers(run_dir: rundir.Location, ds, names: list[str], clustered: list[str], member: np.ndarray,
-                   params: ClusterParams) -> Optional[dict]:
+                   params: ClusterParams, features_half: list) -> Optional[dict]:
     """spectro.known_answers on the run's labelled probe tokens; None when the probe set has no labels."""
     if "token_labels" not in ds:
         return None
@@ -89,7 +92,9 @@ def _known_answers(run_dir: rundir.Location, ds, names: list[str], clustered: li
     named = {k: mech[k] for k in ("induction_heads", "previous_token_heads") if k in mech}
     return known_answers(np.asarray(ds["token_labels"].values, dtype=bool), label_names,
                          [rules.get(n, "") for n in label_names], member, chi, feature_matrix(chi, params.features),
-                         clustered, np.asarray(ds["token_context"].values), named, seed=params.seed)
+                         clustered, np.asarray(ds["token_context"].values), named, seed=params.seed,
+                         features_half=features_half,
+                         token_loss=np.asarray(ds["token_loss"].values) if "token_loss" in ds else None)
 
 
 def answers_summary(answers: Optional[dict]) -> Optional[dict]:

@@ -254,7 +254,7 @@ def test_a_fully_diverged_component_is_reported_not_averaged(problem, tmp_path):
     store = store_with(tmp_path, problem, {"l0h1": [0, 1, 2, 3], "l1.mlp": [1]})
     sel = select_chains(store)
     assert [(e["component"], e["chain"]) for e in sel.excluded] == [("l0h1", k) for k in range(4)] + [("l1.mlp", 1)]
-    chi, se, per_chain, _ = block_estimate(store, sel, 0, store.layout.n_tokens, "peer")
+    chi, se, per_chain = block_estimate(store, sel, 0, store.layout.n_tokens, "peer")[:3]
     assert np.isnan(chi[:, 1]).all()                     # no chain left: NaN, and said so below
     assert np.isfinite(chi[:, [0, 2]]).all() and np.isfinite(se[:, [0, 2]]).all()
     assert np.isnan(per_chain[1, :, 2]).all() and np.isfinite(per_chain[[0, 2, 3], :, 2]).all()

@@ -156,7 +156,8 @@ SUMMARY = {
     "clusters": {"reliability": {"features_median": 0.91, "features_min": 0.85, "least_reliable": "l2h2"},
                  "stability": {"ari": 0.66},
                  "known_answers": {"induction": {"f1": 0.5, "ceiling": 0.9, "shuffled_f1": 0.1, "readout_auc": 0.8,
-                                                 "top_component": "l1h2", "top_component_named": ["induction_heads"],
+                                                 "readout_f1": 0.42, "readout_auc_half": 0.78, "loss_auc": 0.7,
+                                                 "loss_f1": 0.3, "top_component": "l1h2", "top_component_named": ["induction_heads"],
                                                  "n_tokens": 100}}},
     "verdict": {"ok": True, "text": "clusters reproducible", "reasons": ["feature reliability 0.91 >= 0.8"]},
     "report": {"path": "/runs/x/report.html"},
@@ -166,7 +167,8 @@ SUMMARY = {
 def test_the_short_summary_ends_with_the_verdict_and_the_paths():
     lines = console.summary_lines(SUMMARY, "/runs/x/summary.json", "/runs/x/spectro.log")
     text = "\n".join(lines)
-    assert "  induction    100 tokens  F1 0.50 (ceiling 0.90, chance 0.10)  AUC 0.80  l1h2 (induction head)" in text
+    assert ("  induction    100 tokens  F1 0.50 (ceiling 0.90, chance 0.10)  readout AUC 0.80 (half the draws 0.78) F1 0.42 "
+            "(token loss alone: AUC 0.70 F1 0.30)  l1h2 (induction head)") in text
     assert "feature reliability median 0.91, min 0.85 (l2h2); cluster stability ARI 0.66; R-hat max 1.234" in text
     assert "E[phi] max 0.61 nats (full), displacement max 0.31 (l0h1); not local: full" in text
     verdict = lines.index("verdict: clusters reproducible")

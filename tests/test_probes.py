@@ -11,7 +11,7 @@ import pytest
 from spectro import probes
 from spectro.data import embedded_corpus, make_contexts
 from spectro.errors import DataError
-from spectro.known_answers import best_cluster, effect_sizes, known_answers, readout_auc
+from spectro.known_answers import best_cluster, best_f1, effect_sizes, known_answers, readout_auc
 from spectro.model import load_model
 
 
@@ -188,7 +188,49 @@ def test_known_answers_find_a_planted_label_and_name_its_component():
     assert e["shuffled_f1"] < 0.35
     assert e["components"][0]["component"] == "c2" and e["components"][0]["named"] == ["induction"]
     assert e["components"][0]["effect_size"] == pytest.approx(effect_sizes(chi, positive)[2])
-    assert e["readout_auc"] > 0.95
+    assert e["readout_auc"] > 0.95 and e["readout_f1"] > 0.8
+    assert e["readout_auc_half"] is None                                 # no halves given
     # a label with no signal reads at chance
     noise = rng.random(T) < 0.2
     assert abs(readout_auc(chi, noise, context, 0) - 0.5) < 0.1
+
+
+def test_readout_f1_is_the_best_threshold_and_halves_show_whether_draws_limit_it():
+    # by hand: scores 4 > 3 > 2 > 1 with positives at 4 and 2; thresholds 4, 3, 2, 1 give F1 2/3, 1/2, 4/5, 2/3
+    assert best_f1(np.array([4.0, 3.0, 2.0, 1.0]), np.array([True, False, True, False])) == pytest.approx(0.8)
+    rng = np.random.default_rng(1)
+    n_ctx, per = 80, 20
+    T = n_ctx * per
+    context = np.repeat(np.arange(n_ctx), per)
+    positive = rng.random(T) < 0.2
+    signal = np.where(positive, 1.0, 0.0)[:, None] * np.array([1.5, 0, 0, 0])
+    clean = signal + rng.normal(size=(T, 4))
+    # each half of the draws: the same signal with twice the noise variance of the whole
+    halves = [signal + rng.normal(size=(T, 4)) * 2.0 for _ in range(2)]
+    doc = known_answers(positive[:, None], ["p"], ["test"], np.zeros(T, dtype=np.int64), clean, clean,
+                        ["a", "b", "c", "d"], context, features_half=halves)
+    (e,) = doc["labels"]
+    assert e["readout_auc_half"] < e["readout_auc"] - 0.05              # noise-limited: the halves read it worse
+    assert 0.3 < e["readout_f1"] < 0.9
+    assert "loss_auc" not in e                                           # no token loss given
+
+
+def test_token_loss_alone_reads_a_label_of_easy_tokens_and_not_a_label_of_chi():
+    rng = np.random.default_rng(2)
+    n_ctx, per = 80, 20
+    T = n_ctx * per
+    context = np.repeat(np.arange(n_ctx), per)
+    easy = rng.random(T) < 0.2                                           # predicted well: low loss
+    marked = rng.random(T) < 0.2                                         # marked in chi only
+    loss = np.where(easy, 0.5, 3.0) + rng.normal(size=T) * 0.3
+    chi = rng.normal(size=(T, 4))
+    chi[marked, 1] += 2.0
+    doc = known_answers(np.c_[easy, marked], ["easy", "marked"], ["", ""], np.zeros(T, dtype=np.int64), chi, chi,
+                        list("abcd"), context, token_loss=loss)
+    by = {e["label"]: e for e in doc["labels"]}
+    assert by["easy"]["loss_auc"] > 0.95 and by["easy"]["loss_f1"] > 0.9
+    assert abs(by["marked"]["loss_auc"] - 0.5) < 0.1 and by["marked"]["readout_auc"] > 0.85
+    # a token loss with NaN (an estimate without full draws) is not used
+    doc = known_answers(easy[:, None], ["easy"], [""], np.zeros(T, dtype=np.int64), chi, chi, list("abcd"), context,
+                        token_loss=np.full(T, np.nan))
+    assert "loss_auc" not in doc["labels"][0]

@@ -67,6 +67,10 @@ def test_pipeline_recovers_closed_form_covariances(regression_run, form):
     # w0 alone responds differently from the full posterior: columns differ by many SEs
     diff = ds["chi"].sel(component="full").values - ds["chi"].sel(component="w0").values
     assert np.max(np.abs(diff) / ds["chi_se"].sel(component="w0").values) > 5
+    # each token's loss under the full posterior: the mean of full's probe losses over every draw
+    store = SampleStore.open(run / "samples.zarr")
+    probe = store.read("probe_loss")[0].astype(np.float64)                   # (chains, draws, tokens)
+    np.testing.assert_allclose(ds["token_loss"].values, probe.mean(axis=(0, 1)), rtol=1e-10, atol=1e-12)
 
 
 def test_diagnostics_match_arviz_and_llc_definition(regression_run):

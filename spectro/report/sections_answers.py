@@ -32,6 +32,18 @@ def _components(entry: dict) -> str:
     return ", ".join(out) or "–"
 
 
+def _half(e: dict) -> str:
+    half = e.get("readout_auc_half")
+    return f' <span class="muted">(half the draws {_f2(half)})</span>' if half is not None else ""
+
+
+def _loss(e: dict) -> str:
+    if e.get("loss_auc") is None:
+        return ""
+    return (f' <span class="muted">(token loss alone: AUC {_f2(e.get("loss_auc"))}, '
+            f'F1 {_f2(e.get("loss_f1"))})</span>')
+
+
 def _pair(mine: Optional[float], theirs: Optional[float], control: bool) -> str:
     return f"{_f2(mine)} / {_f2(theirs)}" if control else _f2(mine)
 
@@ -47,7 +59,7 @@ def answers_box(run: _Run, control: Optional[_Run] = None) -> str:
     for label, e in mine.items():
         if "best_cluster" not in e:
             rows.append(f'<tr><th title="{_e(e.get("rule", ""))}">{_e(label)}</th><td>{e["n_tokens"]:,}</td>'
-                        f'<td colspan="4" class="muted">too few tokens for figures</td></tr>')
+                        f'<td colspan="5" class="muted">too few tokens for figures</td></tr>')
             continue
         b, o = e.get("best_cluster") or {}, theirs.get(label, {})
         ob = o.get("best_cluster") or {}
@@ -57,7 +69,8 @@ def answers_box(run: _Run, control: Optional[_Run] = None) -> str:
             f'<td>{_pair(b.get("f1"), ob.get("f1"), ctl)} <span class="muted">(ceiling {_f2(b.get("ceiling"))}, '
             f'cluster {b.get("cluster", "–")} of {b.get("size", "–")})</span></td>'
             f'<td>{_pair(e.get("shuffled_f1"), o.get("shuffled_f1"), ctl)}</td>'
-            f'<td>{_pair(e.get("readout_auc"), o.get("readout_auc"), ctl)}</td>'
+            f'<td>{_pair(e.get("readout_auc"), o.get("readout_auc"), ctl)}{_half(e)}</td>'
+            f'<td>{_pair(e.get("readout_f1"), o.get("readout_f1"), ctl)}{_loss(e)}</td>'
             f'<td>{_components(e)}</td></tr>')
     heads = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v) or 'none'}" for k, v in named.items())
     how = ("<b>How to read this.</b> Each label marks tokens whose role is known without susceptibilities (hover a "
@@ -65,10 +78,14 @@ def answers_box(run: _Run, control: Optional[_Run] = None) -> str:
            "the best F1 a cluster of that size could reach, chance the same figure with the clusters shuffled. "
            "Readout AUC: a cross-validated linear readout of the label from the clustering features (0.5 is "
            "chance): high AUC with low F1 means the information is in χ but the clustering does not isolate it. "
+           "Readout F1: the best F1 that supervised readout reaches on held-out contexts, a ceiling for any "
+           "cluster built from these features; if half the draws read the label as well as all of them, more "
+           "draws will not raise it. Token loss alone: the same readout from each token's own loss; what χ adds "
+           "beyond how easy a token is, is the gap to it. "
            "Separating components: effect size (Cohen's d) of χ between the label's tokens and the rest"
            + (f"; heads named by the model's own ablation: {_e(heads)}" if heads else "") + ".")
     head = ("<tr><th>label</th><th>tokens</th><th>best cluster F1" + (" (this run / control)" if ctl else "")
-            + "</th><th>chance F1</th><th>readout AUC</th><th>separating components</th></tr>")
+            + "</th><th>chance F1</th><th>readout AUC</th><th>readout F1</th><th>separating components</th></tr>")
     return (f'<div class="answers" id="known-answers"><h3>Known answers</h3>'
             f'<table class="diag answers"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
             f'<p class="how">{how}</p></div>')

@@ -1,5 +1,6 @@
 """The susceptibilities store, `susceptibilities.zarr`: chi, its standard errors,
-per-chain and split-half estimates, diagnostics and reliability per component,
+per-chain and split-half estimates, each probe token's mean loss under the
+`full` posterior (`token_loss`), diagnostics and reliability per component,
 written block by block by the susceptibilities job, and its reader
 (`read_susceptibilities`, an xarray Dataset).
 
@@ -63,6 +64,9 @@ class SusceptibilityStore:
                            fill_value=np.nan, dimension_names=("half", "token", "component"),
                            compressors=_compressors())
         a.attrs["coordinates"] = coords
+        a = g.create_array("token_loss", shape=(T,), chunks=(token_chunk,), dtype="float64", fill_value=np.nan,
+                           dimension_names=("token",), compressors=_compressors())
+        a.attrs["coordinates"] = coords
         comp = g.create_array("component", shape=(C,), dtype=str, dimension_names=("component",))
         comp[:] = np.array(L.components, dtype=object)
         tok = g.create_array("token", shape=(T,), dtype="int64", dimension_names=("token",), compressors=_compressors())
@@ -83,12 +87,15 @@ class SusceptibilityStore:
         return cls(tmp, g)
 
     def write_block(self, t0: int, t1: int, chi: np.ndarray, chi_se: np.ndarray, chi_per_chain: np.ndarray,
-                    chi_half: np.ndarray) -> None:
-        """chi, chi_se (t1-t0, C); chi_per_chain (chains, t1-t0, C); chi_half (2, t1-t0, C)."""
+                    chi_half: np.ndarray, token_loss: np.ndarray | None = None) -> None:
+        """chi, chi_se (t1-t0, C); chi_per_chain (chains, t1-t0, C); chi_half (2, t1-t0, C); token_loss
+        (t1-t0,), each token's loss averaged over the `full` draws (left NaN when not given)."""
         self.group["chi"][t0:t1] = chi
         self.group["chi_se"][t0:t1] = chi_se
         self.group["chi_per_chain"][:, t0:t1] = chi_per_chain
         self.group["chi_half"][:, t0:t1] = chi_half
+        if token_loss is not None:
+            self.group["token_loss"][t0:t1] = token_loss
 
     def write_reliability(self, rel: dict) -> None:
         """Per-component split-half reliability (raw chi and features) as arrays over `component`; NaN for
