@@ -126,12 +126,22 @@ def verdict(reliability: Optional[dict], stability: Optional[dict] = None, not_m
             reasons.append(f"clusters of the two halves agree (ARI {ari:.2f} >= {MIN_STABILITY})")
         else:
             ok = False
-            reasons.append(f"clusters of the two halves disagree (ARI {ari:.2f} < {MIN_STABILITY})")
+            halves = stability.get("n_clusters_halves") or []
+            if halves and min(halves) <= 1:
+                reasons.append(f"a half of the draws finds no cluster structure (the halves find "
+                               f"{' and '.join(map(str, halves))} clusters; ARI {ari:.2f} < {MIN_STABILITY})")
+            else:
+                reasons.append(f"clusters of the two halves disagree (ARI {ari:.2f} < {MIN_STABILITY})")
     if not_mixed:
         ok = False
         reasons.append(f"R-hat above threshold for {len(not_mixed)} component(s): {', '.join(list(not_mixed)[:6])}")
     if stability is None:
         text = "chi reliable" if ok else "not reliable: run longer chains"
+    elif ok:
+        text = "clusters reproducible"
+    elif np.isfinite(med) and med >= reliability["target"] and not not_mixed:
+        # more draws will not help much here: the features are reliable, their cluster structure is not
+        text = "clusters not reproducible: the features are reliable, but no cluster structure is stable"
     else:
-        text = "clusters reproducible" if ok else "clusters not reproducible: run longer chains"
+        text = "clusters not reproducible: run longer chains"
     return {"ok": ok, "text": text, "reasons": reasons}

@@ -66,7 +66,8 @@ def trust_figures(run_dir: rundir.Location, ds, clustered: list[str], labels: np
         keep = [names.index(c) for c in clustered]
         half = np.asarray(ds["chi_half"].values, dtype=np.float64)[:, :, keep]        # (2, tokens, clustered)
         rel = split_half(half, clustered, params.features)
-        half_features = [feature_matrix(h, params.features) for h in half]
+        if np.isfinite(half).all():             # halves with too few units are NaN: no half readout then
+            half_features = [feature_matrix(h, params.features) for h in half]
         t1 = time.perf_counter()
         stab = stability(half, params)
         if stab is not None:

@@ -170,6 +170,12 @@ def test_verdict_reads_the_figures():
     assert verdict(rel, {"ari": 0.7})["ok"] and verdict(rel, {"ari": 0.7})["text"] == "clusters reproducible"
     bad = verdict({"features_median": 0.5, "target": 0.8, "draws_factor_for_target": 4.0}, {"ari": 0.7})
     assert not bad["ok"] and "run longer chains" in bad["text"] and "4.0x the draws" in bad["reasons"][0]
-    assert not verdict(rel, {"ari": 0.2})["ok"]
+    weak = verdict(rel, {"ari": 0.2})
+    assert not weak["ok"] and weak["text"] == ("clusters not reproducible: the features are reliable, but no cluster "
+                                               "structure is stable")
+    assert weak["reasons"][1] == "clusters of the two halves disagree (ARI 0.20 < 0.5)"
+    flat = verdict(rel, {"ari": 0.0, "n_clusters_halves": [1, 2]})
+    assert flat["reasons"][1] == "a half of the draws finds no cluster structure (the halves find 1 and 2 clusters; " \
+                                 "ARI 0.00 < 0.5)"
     assert not verdict(rel, None, not_mixed=["l0h1"])["ok"]
     assert not verdict(None)["ok"]
