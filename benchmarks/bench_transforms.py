@@ -37,7 +37,7 @@ from spectro.clusters import ClusterParams
 from spectro.clusters.clustering import agreement, cluster_graph
 from spectro.clusters.graph import token_graph
 from spectro.config import ClusterConfig
-from spectro.features import standardize
+from spectro.features import feature_matrix, standardize
 from spectro.known_answers import best_cluster, readout
 from spectro.store import read_susceptibilities
 
@@ -66,11 +66,9 @@ def layer_of(name: str) -> str:
 
 def transform(chi: np.ndarray, kind: str, names: list[str]) -> np.ndarray:
     """(tokens, components) features of one transform (module notes)."""
+    if kind in ("zscore", "centred"):                                     # the library's own kinds
+        return feature_matrix(chi, kind)
     z = standardize(chi)                                                   # (tokens, components)
-    if kind == "zscore":
-        return z
-    if kind == "centred":
-        return z - z.mean(axis=1, keepdims=True)
     if kind == "layer":
         out, blocks = z.copy(), np.array([layer_of(n) for n in names])
         for b in np.unique(blocks):

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from spectro.features import feature_matrix  # noqa: E402
-from spectro.known_answers import best_cluster  # noqa: E402
+from spectro.known_answers import MIN_POSITIVES, best_cluster  # noqa: E402
 from spectro.reliability import column_correlations  # noqa: E402
 from spectro.roles import role_agreement, token_roles  # noqa: E402
 from spectro.store import read_susceptibilities  # noqa: E402
@@ -226,7 +226,7 @@ def main() -> int:
         med = with_interval(float(np.median(cf)), lambda rows: np.median(column_correlations(fa[rows], fc[rows])), ctx, nb)
         print(f"A vs control features r median {med} (min {cf.min():.3f}); {noise}")
         for label, pos in A["positives"].items():
-            if pos.sum() < 10:
+            if pos.sum() < MIN_POSITIVES:
                 continue
             gap = best_f1_of(A["labels"], pos) - best_f1_of(C["labels"], pos)
             diff = with_interval(gap, lambda rows: best_f1_of(A["labels"][rows], pos[rows])

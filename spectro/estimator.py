@@ -118,6 +118,13 @@ def mean_D(chains: list[ChainMoments]) -> np.ndarray:
     return p.s_D / p.n
 
 
+def mean_loss(chains: list[ChainMoments], init_loss: float) -> np.ndarray:
+    """E[token loss] pooled over chains and draws: (tokens,). D = sampling loss - token loss and
+    phi = sampling loss - init_loss, so the token loss is init_loss + E[phi] - E[D]; NaN without draws."""
+    p = _pool(chains)
+    return np.full(p.n_tokens, np.nan) if p.n == 0 else init_loss + (p.s_phi - p.s_D) / p.n
+
+
 def _chi(m: ChainMoments, full_mean_D: np.ndarray, form: str) -> np.ndarray:
     e_phiD = m.s_phiD / m.n
     e_phi = m.s_phi / m.n

@@ -69,7 +69,7 @@ import numpy as np
 from spectro import console, rundir
 from spectro.config import EstimatorConfig
 from spectro.errors import DivergenceError, StoreError
-from spectro.estimator import ChainMoments, susceptibility
+from spectro.estimator import ChainMoments, mean_loss, susceptibility
 from spectro.reliability import split_half
 from spectro.store import SampleStore, SusceptibilityStore
 
@@ -179,7 +179,7 @@ def plan_blocks(store: SampleStore, tokens_per_block: Optional[int] = None) -> l
 def block_estimate(store: SampleStore, sel: Selection, t0: int, t1: int, form: str):
     """chi, chi_se (tokens, components), chi_per_chain (chains, tokens, components), chi_half
     (2, tokens, components) and token_loss (tokens,) for tokens [t0, t1). token_loss is each token's loss
-    averaged over the used `full` draws: init + E[phi] - E[D], since D = sampling loss - token loss."""
+    averaged over the used `full` draws (`spectro.estimator.mean_loss`)."""
     L = store.layout
     if L.probe == "moments" and L.shard_of(t0) != L.shard_of(t1 - 1):     # each shard's tokens on its own draws
         cuts = sorted({t0, t1} | {a for a, _ in map(L.shard_tokens, range(L.probe_shards)) if t0 < a < t1})
@@ -209,11 +209,7 @@ def block_estimate(store: SampleStore, sel: Selection, t0: int, t1: int, form: s
         se[:, ci] = est.chi_se
         per_chain[chains, :, ci] = est.chi_per_chain
         half[:, :, ci] = est.chi_half
-    token_loss = np.full(T, np.nan)
-    if full:
-        n = sum(m.n for m in full)
-        if n:
-            token_loss = store.init_loss + (sum(m.s_phi for m in full) - sum(m.s_D for m in full)) / n   # (tokens,)
+    token_loss = mean_loss(full, store.init_loss) if full else np.full(T, np.nan)     # (tokens,)
     return chi, se, per_chain, half, token_loss
 
 
