@@ -71,7 +71,8 @@ class DataConfig:
 @dataclass
 class UntilConfig:
     """Sample in rounds until the features are reliable (spectro.rounds); no target: one run of num_draws."""
-    reliability: Optional[float] = None  # target for every component's feature reliability (its split-half minimum)
+    reliability: Optional[float] = None  # target for the features' split-half reliability, summarised by `over`
+    over: str = "median"                # "median" over components (the verdict's figure) | "min" (every component)
     rhat: Optional[float] = None        # target for the largest R-hat over components
     round_draws: int = 0                # draws added per round: a positive multiple of checkpoint_every with a target
     max_minutes: Optional[float] = None  # wall-time budget: no round starts after it is spent
@@ -332,6 +333,8 @@ def _check_until(s: SamplerConfig) -> None:
         v = getattr(u, key)
         _require(v is None or (_finite(v) and ok(v)), f"sampler.until.{key}", v, f"must be {rule} or null",
                  f"e.g. sampler.until.{key}={example}")
+    _require(u.over in ("median", "min"), "sampler.until.over", u.over, "must be 'median' or 'min'",
+             "median: the verdict's figure; min: every component must reach the target")
     rule = f"a positive multiple of sampler.checkpoint_every ({s.checkpoint_every}) up to sampler.num_draws"
     _require(u.round_draws >= 0 and (u.reliability is None and u.rhat is None or 0 < u.round_draws <= s.num_draws
              and u.round_draws % s.checkpoint_every == 0), "sampler.until.round_draws", u.round_draws,

@@ -82,13 +82,14 @@ class Monitor:
 
     def log_round(self, record: dict) -> None:
         """One round of `spectro.rounds`: per component its feature reliability and R-hat at the round's draws,
-        as `<component>/round_reliability` and `<component>/round_rhat` (and the round's min and max)."""
+        as `<component>/round_reliability` and `<component>/round_rhat` (and the round's median and min
+        reliability and largest R-hat)."""
         if not self.enabled:
             return
         row = {"draw": record["draws"], "round": record["round"]}
         for comp, f in record["components"].items():
             row.update({f"{comp}/round_{k}": v for k, v in f.items() if v is not None})
-        row.update({f"rounds/{k}": record[k] for k in ("reliability_min", "rhat_max") if record.get(k) is not None})
+        row.update({f"rounds/{k}": record[k] for k in ("reliability_median", "reliability_min", "rhat_max") if record.get(k) is not None})
         self.run.log(row)
 
     def summarise(self, store: SampleStore) -> dict:

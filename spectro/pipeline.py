@@ -394,5 +394,5 @@ def run_in_rounds(config: SpectroConfig, run_dir: rundir.PathLike, p: Prepared,
             monitor.finish(SampleStore.open(samples))
     out["rounds"] = {k: doc[k] for k in ("stopped_because", "draws", "seconds")} | {
         "n_rounds": len(doc["rounds"]), "path": str(run_dir / rundir.ROUNDS),
-        "reliability_min": doc["rounds"][-1]["reliability_min"], "rhat_max": doc["rounds"][-1]["rhat_max"]}
+        **{k: doc["rounds"][-1][k] for k in ("reliability_median", "reliability_min", "rhat_max")}}
     return out

@@ -23,9 +23,9 @@ from tests.helpers import compose_cfg
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _record(rel_min=None, rhat_max=None, draws=10):
+def _record(rel_min=None, rhat_max=None, draws=10, rel_median=None):
     return {"round": 1, "draws": draws, "seconds": 1.0, "components": {}, "reliability_min": rel_min,
-            "reliability_median": rel_min, "rhat_max": rhat_max}
+            "reliability_median": rel_min if rel_median is None else rel_median, "rhat_max": rhat_max}
 
 
 def test_judge_needs_every_target_set():
@@ -37,6 +37,20 @@ def test_judge_needs_every_target_set():
     assert rounds.judge(_record(0.5, 1.05), UntilConfig(rhat=1.1, round_draws=10))
     assert not rounds.judge(_record(0.9, None), UntilConfig(rhat=1.1, round_draws=10))
     assert rounds.judge(_record(0.8, None), UntilConfig(reliability=0.8, round_draws=10))
+
+
+def test_the_reliability_target_is_on_the_median_unless_every_component_is_asked():
+    """Default: the median over components (the verdict's figure); until.over=min: every component. The predicted
+    draws follow the judged figure."""
+    spread = _record(0.4, 1.05, rel_median=0.85)                    # one noisy component, the rest reliable
+    median, every = UntilConfig(reliability=0.8, round_draws=10), UntilConfig(reliability=0.8, over="min",
+                                                                               round_draws=10)
+    assert median.over == "median" and rounds.judge(spread, median) and not rounds.judge(spread, every)
+    assert rounds._judged(spread, median)["predicted_draws"] == 10
+    assert rounds._judged(spread, every)["predicted_draws"] == rounds.predicted_draws(0.4, 10, 0.8) == 60
+    with pytest.raises(ConfigError, match="sampler.until.over must be 'median' or 'min'"):
+        to_config(compose_cfg(["sampler.until.reliability=0.8", "sampler.until.round_draws=10",
+                               "sampler.until.over=mean"]))
 
 
 def test_predicted_draws_inverts_spearman_brown():
@@ -101,7 +115,7 @@ def test_the_rounds_loop_stops_at_the_first_round_that_meets_the_target(tmp_path
     doc = rounds.run_rounds(config, tmp_path, sample_to, estimate, on_round=seen.append)
     assert calls == [("sample", 10), ("estimate", 10), ("sample", 20), ("estimate", 20)]
     assert doc["stopped_because"] == "target met" and doc["draws"] == 20 and [r["met"] for r in seen] == [False, True]
-    assert doc["rounds"][0]["predicted_draws"] == rounds.predicted_draws(0.5, 10, 0.7) == 24
+    assert doc["rounds"][0]["predicted_draws"] == rounds.predicted_draws(0.525, 10, 0.7) == 22   # the median
     assert doc["rounds"][1]["components"]["b"] == {"reliability": 0.77, "rhat": 1.03}
     assert json.loads((tmp_path / "rounds.json").read_text()) == doc
 
@@ -247,7 +261,7 @@ def test_a_target_out_of_reach_stops_at_the_draw_budget(out_of_reach):
 @pytest.mark.slow
 def test_a_target_met_at_a_later_round_stops_there(out_of_reach, tmp_path):
     _, doc, _ = out_of_reach
-    rel = [r["reliability_min"] for r in doc["rounds"]]
+    rel = [r["reliability_median"] for r in doc["rounds"]]               # the figure the default target is on
     # the first round whose reliability passes every earlier one: a target between them is met there first
     later = [k for k in range(1, len(rel)) if rel[k] is not None and all(x is not None for x in rel[:k])
              and rel[k] > max(rel[:k])]
@@ -300,5 +314,6 @@ def test_the_plans_pilot_is_the_runs_round_one(out_of_reach, tmp_path):
     assert pilot["rhat_max"] == pytest.approx(first["rhat_max"], abs=1e-5) if first["rhat_max"] is not None \
         else pilot["rhat_max"] is None
     assert not pilot["met"]
-    assert pilot["predicted_draws"] == rounds.predicted_draws(first["reliability_min"], 3, 0.9999)
+    assert pilot["reliability_median"] == pytest.approx(first["reliability_median"], abs=1e-5)
+    assert pilot["predicted_draws"] == rounds.predicted_draws(first["reliability_median"], 3, 0.9999)
     assert "pilot: round 1 sampled and estimated" in proc.stdout

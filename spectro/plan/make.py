@@ -201,7 +201,8 @@ def format_plan(plan: dict) -> str:
         if pilot:
             need = pilot["predicted_draws"]
             rows.append(("pilot: round 1 sampled and estimated",
-                         f"feature reliability min {pilot['reliability_min']}, R-hat max {pilot['rhat_max']} after "
+                         f"feature reliability median {pilot['reliability_median']} (min {pilot['reliability_min']}), "
+                         f"R-hat max {pilot['rhat_max']} after "
                          f"{pilot['draws']} draws ({pilot['seconds']:.0f} s): "
                          + ("targets met" if pilot["met"] else "draws needed unknown" if need is None else
                             f"about {need} draws ({pilot['predicted_rounds']} rounds)"

@@ -50,7 +50,7 @@ def pilot_rounds(config: SpectroConfig, prepared) -> dict:
     record["met"] = rounds.judge(record, u)
     draws = u.round_draws if record["met"] else None
     if draws is None and u.reliability is not None:
-        draws = rounds.predicted_draws(record["reliability_min"], u.round_draws, u.reliability)
+        draws = rounds.predicted_draws(rounds.judged_reliability(record, u), u.round_draws, u.reliability)
     record["predicted_draws"] = draws
     record["predicted_rounds"] = None if draws is None else int(math.ceil(draws / u.round_draws))
     record["within_budget"] = None if draws is None else draws <= config.sampler.num_draws

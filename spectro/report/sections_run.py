@@ -83,19 +83,22 @@ def _verdict_box(run: _Run) -> str:
 
 def _rounds_box(run: _Run) -> str:
     """The box under the verdict of a run sampled in rounds (rounds.json, spectro.rounds): each round's draws,
-    minimum feature reliability, largest R-hat and whether it met the targets, and why the rounds stopped."""
+    median and minimum feature reliability, largest R-hat and whether it met the targets, and why the rounds stopped."""
     doc = run.rounds if isinstance(run.rounds, dict) else None
     if not doc or not doc.get("rounds"):
         return ""
     t = doc.get("targets") or {}
-    named = (("reliability", "feature reliability", "≥"), ("rhat", "R-hat", "≤"))
+    over = t.get("over") or "min"                      # rounds.json written before `over` existed: the min
+    named = (("reliability", f"feature reliability ({over})", "≥"), ("rhat", "R-hat", "≤"))
     targets = ", ".join(f"{name} {op} {t[key]}" for key, name, op in named if t.get(key) is not None)
     rows = "".join(
         f'<tr data-round="{r.get("round")}"><th>{_e(str(r.get("round")))}</th><td>{_e(str(r.get("draws")))}</td>'
-        f'<td>{_f2(r.get("reliability_min"))}</td><td>{_fmt(r.get("rhat_max"), 3)}</td>'
+        f'<td>{_f2(r.get("reliability_median"))}</td><td>{_f2(r.get("reliability_min"))}</td>'
+        f'<td>{_fmt(r.get("rhat_max"), 3)}</td>'
         f'<td>{"✓" if r.get("met") else "✗"}</td><td>{_fmt(r.get("seconds"), 0)}</td></tr>' for r in doc["rounds"])
     why = doc.get("stopped_because") or "not finished"
-    head = ("<tr><th>round</th><th>draws</th><th>feature reliability (min)</th><th>R-hat max</th><th>met?</th>"
+    head = ("<tr><th>round</th><th>draws</th><th>feature reliability (median)</th><th>(min)</th>"
+            "<th>R-hat max</th><th>met?</th>"
             "<th>seconds</th></tr>")
     return (f'<div class="answers" id="rounds"><h3>Sampling rounds</h3>'
             f'<p>Sampled in rounds of {_e(str(doc.get("round_draws")))} draws until {_e(targets or "the targets")}; '
