@@ -25,7 +25,10 @@ grid on the tune seeds, as the defaults were chosen.
     python benchmarks/bench_clusters.py --knn-compare --sizes 100000 --tune-seeds --held-out 0
     python benchmarks/bench_clusters.py --noise 0.9 --methods conductance leiden   # a noisier family
     python benchmarks/bench_clusters.py --noise-rules --methods conductance        # labelling background noise
+    python benchmarks/bench_clusters.py --ceiling --methods conductance leiden    # vs a supervised readout
 
+`--ceiling` adds supervised, cross-validated readouts of the true groups on the same features
+(`ceiling`: logistic regression and an MLP): not clusterings, what features this noisy allow.
 `--real` clusters tests/reference/embedded_chi.npz (every component but `full`) with each
 config and prints the number of clusters, the noise share, the cluster sizes, and role
 purity and NMI against the same clusters with shuffled roles (`spectro.roles`, 20 shuffles).
@@ -155,8 +158,38 @@ def noise_rules(g: dict, labels: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def ceiling(X: np.ndarray, groups: np.ndarray, seed: int, bg_noise: float = 0.8) -> dict[str, np.ndarray]:
+    """What *supervised* readouts of the features reach on the planted groups: a multinomial logistic
+    regression and a one-hidden-layer MLP (256 units), both scikit-learn, with the background as one more
+    class, trained on the true groups and predicted out of fold (3 stratified folds). Each gives labels three
+    ways: its most probable class ("argmax": background -> noise), the most probable group for every token
+    ("no noise"), and the most probable group with the tokens whose background probability is highest
+    labelled noise until a share `bg_noise` of the background is ("bg noise 0.8"). No clustering sees labels;
+    these say what features this noisy allow."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neural_network import MLPClassifier
+
+    out = {}
+    models = {"logistic": LogisticRegression(C=10.0, max_iter=2000),
+              "MLP": MLPClassifier((256,), max_iter=300, random_state=seed)}
+    for name, model in models.items():
+        folds = StratifiedKFold(3, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            proba = cross_val_predict(model, X, groups + 1, cv=folds, method="predict_proba")  # (tokens, 1+groups)
+        best, p_bg = proba[:, 1:].argmax(axis=1), proba[:, 0]
+        cut = np.quantile(p_bg[groups < 0], 1.0 - bg_noise)
+        out |= {f"ceiling {name}: argmax": proba.argmax(axis=1) - 1, f"ceiling {name}: no noise": best,
+                f"ceiling {name}: bg noise {bg_noise}": np.where(p_bg >= cut, -1, best)}
+    return out
+
+
 def run_seed(n: int, seed: int, configs: dict, recall: bool, noise: float | None = None,
-             rules: bool = False) -> list[dict]:
+             rules: bool = False, with_ceiling: bool = False) -> list[dict]:
     chi, groups = hard_planted(n, seed, n_groups=planted_groups(n), **({} if noise is None else {"noise": noise}))
     graphs, rows = {}, []
     for name, cfg in configs.items():
@@ -181,6 +214,13 @@ def run_seed(n: int, seed: int, configs: dict, recall: bool, noise: float | None
         if rules and p.method == "conductance":
             for rule, lab in noise_rules(g, labels).items():
                 rows.append({**row, "config": f"{name} {rule}", **score(groups, lab)})
+    if with_ceiling:
+        X = next(iter(graphs.values()))["X"] if graphs else features(chi, ClusterParams().features)
+        for name, lab in ceiling(X, groups, seed).items():
+            row = {"config": name, "n": n, "seed": seed, **score(groups, lab), "features s": 0.0, "graph s": 0.0,
+                   "cluster s": 0.0, "peak MB": 0.0}
+            rows.append(row)
+            print(f"  {name:>16} seed {seed:3d}: " + "  ".join(_fmt(k, row[k]) for k in COLUMNS[:6]), flush=True)
     return rows
 
 
@@ -338,6 +378,8 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=None, help="the planted family's noise level (default: its own)")
     ap.add_argument("--noise-rules", action="store_true",
                     help="also turn weak members of the conductance clusters to noise by post-hoc rules")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also print a supervised readout of the true groups (what the features allow at best)")
     args = ap.parse_args()
     if args.knn_compare:
         for n in args.sizes:
@@ -358,10 +400,10 @@ def main() -> None:
     for n in args.sizes:
         for seed in args.tune_seeds:
             print(f"== {n} tokens, seed {seed} (tune)", flush=True)
-            tune += run_seed(n, seed, configs, args.knn_recall, args.noise, args.noise_rules)
+            tune += run_seed(n, seed, configs, args.knn_recall, args.noise, args.noise_rules, args.ceiling)
         for seed in args.held_out:
             print(f"== {n} tokens, seed {seed} (held out)", flush=True)
-            held += run_seed(n, seed, configs, args.knn_recall, args.noise, args.noise_rules)
+            held += run_seed(n, seed, configs, args.knn_recall, args.noise, args.noise_rules, args.ceiling)
     summary(tune, "Tune seeds")
     summary(held, "Held-out seeds")
 

@@ -129,6 +129,7 @@ class ClusterConfig:
     seed: int = 0
     exact_knn_below: int = 50000        # exact kNN below this many tokens, approximate (faiss IVF) above
     outlier_ratio: float = 0.0          # noise if mean kNN similarity < ratio x densest neighbour's; 0: off
+    scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # Leiden, the scales table; []: off
 
 
 @dataclass
@@ -234,20 +235,15 @@ class SpectroConfig:
     fresh: bool = False                 # True: discard an existing run directory's samples
 
 
-# Keys whose change does not alter any stored number, so a resumed run may differ in them.
-# `store` is listed although its probe mode changes what is stored: the store's layout records that mode and
-# reopening a store with the other one is refused there with its own message (spectro.store.samples); leaving it
-# out of the fingerprint keeps stores made before the option existed resumable.
-# `sampler.probe_shards` likewise: it changes no stored number, only the chunking and units, and the layout records
-# it (a resume with another value is refused there).
+# Keys whose change alters no stored number, so a resumed run may differ in them. `store` (its probe mode) and
+# `sampler.probe_shards` are recorded in the store's layout, which refuses a resume with another value with its own
+# message (spectro.store.samples); leaving them out of the fingerprint keeps older stores resumable.
 # `sampler.until` only says where sampling stops: a run stopped by one target or budget continues with another.
 RESUME_NEUTRAL_KEYS = ("ray", "wandb", "fresh", "device", "stage", "estimator", "clustering", "report", "sae", "plan",
                        "store", "storage", "console", "sampler.probe_shards", "sampler.until")
 CONSOLE_PROGRESS = ("auto", "bar", "plain")
 CONSOLE_SUMMARY = ("short", "full")
 STAGES = ("all", "sample", "susceptibilities", "clusters", "sae", "report", "plan")
-
-
 DEFAULTS_NAME = "spectro_defaults"      # the ConfigStore entry conf/config.yaml starts from
 
 
@@ -333,8 +329,7 @@ def _check_until(s: SamplerConfig) -> None:
         v = getattr(u, key)
         _require(v is None or (_finite(v) and ok(v)), f"sampler.until.{key}", v, f"must be {rule} or null",
                  f"e.g. sampler.until.{key}={example}")
-    _require(u.over in ("median", "min"), "sampler.until.over", u.over, "must be 'median' or 'min'",
-             "median: the verdict's figure; min: every component must reach the target")
+    _require(u.over in ("median", "min"), "sampler.until.over", u.over, "must be 'median' or 'min'", "pick one")
     rule = f"a positive multiple of sampler.checkpoint_every ({s.checkpoint_every}) up to sampler.num_draws"
     _require(u.round_draws >= 0 and (u.reliability is None and u.rhat is None or 0 < u.round_draws <= s.num_draws
              and u.round_draws % s.checkpoint_every == 0), "sampler.until.round_draws", u.round_draws,
@@ -401,6 +396,8 @@ def _check_clustering(c: SpectroConfig) -> None:
     _require(k.resolution > 0, "clustering.resolution", k.resolution, "must be > 0", "e.g. 1.0")
     _require(0 <= k.outlier_ratio < 1, "clustering.outlier_ratio", k.outlier_ratio, "must be in [0, 1)",
              "e.g. clustering.outlier_ratio=0.7, or 0 to turn the outlier step off")
+    _require(all(_finite(r) and r > 0 for r in k.scales) and len(set(k.scales)) == len(k.scales), "clustering.scales",
+             k.scales, "must be distinct positive Leiden resolutions", "e.g. clustering.scales=[1,2,4,8]; [] for none")
     _require(k.n_clusters >= 0, "clustering.n_clusters", k.n_clusters, "must be >= 0", "0 picks by eigengap")
 
 

@@ -266,6 +266,11 @@ def _figures(summary: dict) -> list[str]:
     if sus.get("rhat_max") is not None:
         parts.append(f"R-hat max {_f(sus['rhat_max'], 3)}")
     lines = ["figures: " + "; ".join(parts)] if parts else []
+    sc = clusters.get("scales")
+    if sc and sc.get("halves_ari") is not None:        # structure at several scales (spectro.clusters.scales)
+        lines.append(f"scales: {'finest stable' if sc['stable'] else 'none stable, the most stable'} is "
+                     f"resolution {sc['resolution']:g} ({sc['n_clusters']} clusters, halves ARI "
+                     f"{_f(sc['halves_ari'])}) of {', '.join(f'{r:g}' for r in sc['resolutions'])}")
     locality = sus.get("locality") or {}
     phi, disp = _largest(locality, "mean_phi"), _largest(locality, "displacement")
     if phi or disp:

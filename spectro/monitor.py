@@ -89,7 +89,8 @@ class Monitor:
         row = {"draw": record["draws"], "round": record["round"]}
         for comp, f in record["components"].items():
             row.update({f"{comp}/round_{k}": v for k, v in f.items() if v is not None})
-        row.update({f"rounds/{k}": record[k] for k in ("reliability_median", "reliability_min", "rhat_max") if record.get(k) is not None})
+        row.update({f"rounds/{k}": record[k] for k in ("reliability_median", "reliability_min", "rhat_max")
+                    if record.get(k) is not None})
         self.run.log(row)
 
     def summarise(self, store: SampleStore) -> dict:

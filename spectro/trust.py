@@ -7,7 +7,10 @@ writes clusters.json once, with the figures that say how far to trust it:
 - the stability of the clusters across halves of the chains (spectro.stability);
 - the plain verdict built from both and from the components that have not mixed;
 - the known answers: the clusters and chi checked against the probe tokens'
-  labels (spectro.known_answers), when the probe set has labels.
+  labels (spectro.known_answers), when the probe set has labels;
+- the structure at several scales (`clustering.scales`, spectro.clusters.scales):
+  Leiden at each resolution, with its halves' stability, the finest scale
+  whose halves agree, and each label's best cluster at every scale.
 
     from spectro.trust import clusters_stage
     summary = clusters_stage(run_dir, ClusterParams.from_config(config.clustering))
@@ -23,8 +26,9 @@ import numpy as np
 
 from spectro import console, rundir
 from spectro.clusters import ClusterInput, ClusterParams, Clustering, cluster_run
+from spectro.clusters.scales import resolution_path
 from spectro.features import feature_matrix
-from spectro.known_answers import headline, known_answers
+from spectro.known_answers import best_cluster, headline, known_answers
 from spectro.reliability import split_half, verdict
 from spectro.stability import stability
 from spectro.store import read_susceptibilities
@@ -51,7 +55,8 @@ def clusters_stage(run_dir: rundir.PathLike, params: ClusterParams) -> dict:
                                                                                "least_reliable")},
                 "stability": None if stab is None else {k: stab[k] for k in ("ari", "ari_all_tokens",
                                                                              "n_clusters_halves")},
-                "verdict": v, "known_answers": answers_summary(figures["known_answers"])})
+                "verdict": v, "known_answers": answers_summary(figures["known_answers"]),
+                "scales": scales_summary(figures["scales"])})
     log.info("verdict: %s (%s)", v["text"], "; ".join(v["reasons"]), extra=console.FILE_ONLY)   # the end repeats it
     return out
 
@@ -76,7 +81,43 @@ def trust_figures(run_dir: rundir.Location, ds, clustered: list[str], labels: np
     answers = _known_answers(run_dir, ds, names, clustered, np.asarray(labels), params,
                              half_features)
     return {"reliability": rel, "stability": stab, "verdict": verdict(rel, stab, not_mixed),
-            "known_answers": answers}
+            "known_answers": answers, "scales": _scales(ds, names, clustered, params)}
+
+
+def _scales(ds, names: list[str], clustered: list[str], params: ClusterParams) -> Optional[dict]:
+    """The resolution path of the run's chi (spectro.clusters.scales) without the per-token labels, each scale
+    with the best cluster per probe label (F1 and the size ceiling); None with `clustering.scales` empty."""
+    if not params.scales:
+        return None
+    t0 = time.perf_counter()
+    keep = [names.index(c) for c in clustered]
+    chi = np.asarray(ds["chi"].values, dtype=np.float64)[:, keep]                      # (tokens, clustered)
+    half = np.asarray(ds["chi_half"].values, dtype=np.float64)[:, :, keep] if "chi_half" in ds else None
+    if half is not None and not np.isfinite(half).all():
+        half = None                                 # halves with too few units: no stability
+    path = resolution_path(chi, half, params, resolutions=params.scales)
+    positives = {}
+    if "token_labels" in ds:
+        flags = np.asarray(ds["token_labels"].values, dtype=bool)                      # (tokens, labels)
+        positives = {str(n): flags[:, j] for j, n in enumerate(ds["label"].values) if flags[:, j].any()}
+    for sc in path["scales"]:
+        labels = sc.pop("labels")
+        sc["known_answers"] = {}
+        for name, pos in positives.items():
+            b = best_cluster(labels, pos)
+            if b:
+                sc["known_answers"][name] = {"f1": b["f1"], "ceiling": b["ceiling"], "size": b["size"]}
+    path["seconds"] = round(time.perf_counter() - t0, 2)
+    return path
+
+
+def scales_summary(path: Optional[dict]) -> Optional[dict]:
+    """The chosen scale of the path (the finest whose halves agree; else the most stable) for summary.json."""
+    if not path or not path["scales"]:
+        return None
+    sc = path["scales"][path["chosen"]]
+    return {"stable": path["stable"], "resolution": sc["resolution"], "n_clusters": sc["n_clusters"],
+            "halves_ari": sc.get("halves_ari"), "resolutions": [s["resolution"] for s in path["scales"]]}
 
 
 def _known_answers(run_dir: rundir.Location, ds, names: list[str], clustered: list[str], member: np.ndarray,

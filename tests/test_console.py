@@ -155,6 +155,8 @@ SUMMARY = {
                                       "l0h1": {"mean_phi": 0.05, "displacement": 0.31}}},
     "clusters": {"reliability": {"features_median": 0.91, "features_min": 0.85, "least_reliable": "l2h2"},
                  "stability": {"ari": 0.66},
+                 "scales": {"stable": False, "resolution": 1.0, "n_clusters": 9, "halves_ari": 0.3,
+                            "resolutions": [1.0, 2.0, 4.0, 8.0]},
                  "known_answers": {"induction": {"f1": 0.5, "ceiling": 0.9, "shuffled_f1": 0.1, "readout_auc": 0.8,
                                                  "readout_f1": 0.42, "readout_auc_half": 0.78, "loss_auc": 0.7,
                                                  "loss_f1": 0.3, "top_component": "l1h2", "top_component_named": ["induction_heads"],
@@ -171,6 +173,7 @@ def test_the_short_summary_ends_with_the_verdict_and_the_paths():
             "(token loss alone: AUC 0.70 F1 0.30)  l1h2 (induction head)") in text
     assert "feature reliability median 0.91, min 0.85 (l2h2); cluster stability ARI 0.66; R-hat max 1.234" in text
     assert "E[phi] max 0.61 nats (full), displacement max 0.31 (l0h1); not local: full" in text
+    assert "scales: none stable, the most stable is resolution 1 (9 clusters, halves ARI 0.30) of 1, 2, 4, 8" in text
     verdict = lines.index("verdict: clusters reproducible")
     assert lines[verdict + 1] == "  - feature reliability 0.91 >= 0.8"
     assert lines[-3:] == ["report:  /runs/x/report.html",

@@ -347,6 +347,29 @@ def test_verdict_box_shows_the_runs_figures(report, run_dir):
 
 
 
+def test_scales_box_shows_the_runs_resolution_path(report, run_dir):
+    """clusters.json carries the structure at several scales (clustering.scales), with each scale's halves'
+    agreement and the chosen scale; the page shows one row per resolution with the chosen one marked, and
+    summary.json the chosen scale."""
+    _, page = report
+    path = json.loads((run_dir / "clusters.json").read_text())["scales"]
+    sc = path["scales"]
+    assert [s["resolution"] for s in sc] == [1.0, 2.0, 4.0, 8.0] and 0 <= path["chosen"] < 4
+    assert all(s["halves_ari"] is None or -1 <= s["halves_ari"] <= 1 for s in sc)
+    assert all(len(s["n_clusters_halves"]) == 2 and 0 <= s["clustered_share"] <= 1 for s in sc)
+    ok = [i for i, s in enumerate(sc) if (s["halves_ari"] or -1) >= 0.5 and s["clustered_share"] >= 0.5]
+    assert path["stable"] is bool(ok)
+    box = page[page.index('id="scales"'):]
+    box = box[:box.index("</div>")]
+    rows = re.findall(r'<tr data-resolution="([^"]+)"( class=chosen)?>(.*?)</tr>', box)
+    assert [r[0] for r in rows] == ["1", "2", "4", "8"]
+    assert [i for i, r in enumerate(rows) if r[1]] == [path["chosen"]]
+    for (_, _, cells), s in zip(rows, sc):
+        assert f"<td>{s['n_clusters']}</td>" in cells
+    summary = json.loads((run_dir / "summary.json").read_text())["clusters"]["scales"]
+    assert summary["resolution"] == sc[path["chosen"]]["resolution"] and summary["stable"] is path["stable"]
+
+
 def test_verdict_box_colours(run_dir, tmp_path):
     """Green when the verdict is ok, red when not, amber when the run has figures but no verdict."""
     from spectro.report import write_report

@@ -39,3 +39,31 @@ def test_no_halves_or_nonfinite_halves_give_none():
     assert stability(chi[:1], ClusterParams()) is None
     chi[1, 0, 0] = np.nan
     assert stability(chi, ClusterParams()) is None
+
+
+def test_the_resolution_path_picks_the_finest_scale_whose_halves_agree():
+    """Halves of one planted matrix: coarse scales agree across halves, far finer ones split the groups by noise
+    or leave most tokens in communities below min_size; the chosen scale is the finest that agrees and clusters
+    at least half the tokens. Unrelated halves: no scale is stable and the path says so."""
+    from spectro.clusters.scales import MIN_CLUSTERED, resolution_path
+
+    chi, groups = planted_partition(1200, np.random.default_rng(5), n_groups=8, noise=0.2)
+    rng = np.random.default_rng(6)
+    scale = np.abs(chi).mean()
+    halves = np.stack([chi + 0.3 * scale * rng.standard_normal(chi.shape) for _ in range(2)])
+    params = ClusterParams(min_size=5)
+    path = resolution_path(chi, halves, params, resolutions=(0.5, 1.0, 16.0, 64.0))
+    sc = path["scales"]
+    assert path["stable"] is True and sc[0]["halves_ari"] > 0.5 and sc[2]["halves_ari"] < 0.5, sc
+    assert sc[3]["clustered_share"] < MIN_CLUSTERED                    # the finest: most tokens in tiny communities
+    ok = [i for i, s in enumerate(sc) if s["halves_ari"] >= 0.5 and s["clustered_share"] >= MIN_CLUSTERED]
+    assert path["chosen"] == max(ok, key=lambda i: sc[i]["n_clusters"]) == 1
+    grouped = groups >= 0
+    assert adjusted_rand_score(groups[grouped], sc[1]["labels"][grouped]) > 0.8      # the planted groups
+    assert sc[2]["n_clusters"] > 3 * sc[1]["n_clusters"]
+
+    unrelated = np.stack([halves[0], halves[1][rng.permutation(chi.shape[0])]])
+    lost = resolution_path(chi, unrelated, params, resolutions=(0.5, 1.0, 16.0))
+    assert lost["stable"] is False and all(s["halves_ari"] < 0.5 for s in lost["scales"])
+    assert lost["chosen"] == int(np.argmax([s["halves_ari"] for s in lost["scales"]]))
+    assert resolution_path(chi, None, params, resolutions=(0.5, 16.0))["stable"] is None

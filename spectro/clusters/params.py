@@ -38,11 +38,12 @@ class ClusterParams:
     seed: int = DEFAULTS.seed
     exact_knn_below: int = DEFAULTS.exact_knn_below
     outlier_ratio: float = DEFAULTS.outlier_ratio
+    scales: tuple[float, ...] = tuple(DEFAULTS.scales)   # resolutions of the scales table (spectro.clusters.scales)
 
     @classmethod
     def from_config(cls, config: ClusterConfig) -> "ClusterParams":
         """The params of a config's `clustering` section."""
-        return cls(**dataclasses.asdict(config))
+        return cls(**{**dataclasses.asdict(config), "scales": tuple(config.scales)})
 
     def __post_init__(self):
         def integer(name, lo):
@@ -76,4 +77,10 @@ class ClusterParams:
         integer("seed", 0)
         integer("exact_knn_below", 0)
         number("outlier_ratio", 0.0, 1.0, lo_open=False)
+        scales = self.scales
+        if not isinstance(scales, (tuple, list)) or not all(
+                isinstance(r, (int, float, np.number)) and not isinstance(r, bool) and np.isfinite(r) and r > 0
+                for r in scales) or len(set(scales)) != len(scales):
+            raise ConfigError(f"ClusterParams.scales must be distinct positive resolutions, got {scales!r}")
+        object.__setattr__(self, "scales", tuple(float(r) for r in scales))
 

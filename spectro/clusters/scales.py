@@ -4,7 +4,7 @@ scale a run reports picked by that stability.
 
     path = resolution_path(chi, chi_half, params, resolutions=(0.5, 1, 2, 4, 8))
     path["scales"]      # per resolution: clusters, clustered share, halves' ARI
-    path["chosen"]      # the finest scale whose halves agree at ARI >= min_stability
+    path["chosen"]      # the finest scale whose halves agree at ARI >= min_stability (and that clusters half)
 
 Leiden (igraph + leidenalg, the RB configuration model) on the run's kNN
 graph is the clustering at each scale: its resolution parameter is a
@@ -20,8 +20,11 @@ Non-obvious choices:
   `min_size` are noise at every scale, as in `spectro.clusters.cluster`.
 - The chosen scale is the one with the most clusters among those whose
   halves agree at ARI >= `min_stability` (on the tokens both halves
-  cluster): as fine as the data supports. If no scale is that stable, the
-  most stable one is chosen and the path says so (`stable: false`).
+  cluster) and that cluster at least `MIN_CLUSTERED` of the tokens: as fine
+  as the data supports. The share matters at fine resolutions, where most
+  communities fall below `min_size` and the few tokens left clustered can
+  agree across halves by their small number alone. If no scale qualifies,
+  the most stable one is chosen and the path says so (`stable: false`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from spectro.clusters.params import ClusterParams
 
 RESOLUTIONS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 MIN_STABILITY = 0.5        # the verdict's stability threshold (spectro.reliability)
+MIN_CLUSTERED = 0.5        # a chosen scale clusters at least this share of the tokens
 
 
 def _graph_of(chi: np.ndarray, params: ClusterParams):
@@ -64,7 +68,8 @@ def resolution_path(chi: np.ndarray, chi_half: Optional[np.ndarray], params: Clu
             entry.update({f"halves_{k}": v for k, v in agreement(*lab).items()})
             entry["n_clusters_halves"] = [int(x.max()) + 1 if (x >= 0).any() else 0 for x in lab]
         scales.append(entry)
-    stable = [i for i, s in enumerate(scales) if (s.get("halves_ari") or -1.0) >= min_stability]
+    stable = [i for i, s in enumerate(scales)
+              if (s.get("halves_ari") or -1.0) >= min_stability and s["clustered_share"] >= MIN_CLUSTERED]
     if halves is None:
         chosen, ok = int(np.argmax([s["n_clusters"] for s in scales])), None
     elif stable:

@@ -22,7 +22,7 @@ from spectro.config import ReportConfig
 from spectro.report.analysis import _gallery_data, _map_data
 from spectro.report.html import _asset, _e, _notice, _script_json, SECTIONS
 from spectro.report.loading import _feature_kind, _features, _labels, _Run
-from spectro.report.sections_answers import answers_box
+from spectro.report.sections_answers import answers_box, scales_box
 from spectro.report.sections_clusters import _control_section, _gallery_section, _map_section, _sae_section
 from spectro.report.sections_run import (_diagnostics_section, _modes_section, _rounds_box, _run_section,
                                          _traces_section, _verdict_box)
@@ -86,6 +86,7 @@ def _render(run: _Run, *, max_contexts: int, page_size: int, map_method: str = "
                 _control_section(run, labels, control)]
     verdict = _verdict_box(run) + _rounds_box(run)
     verdict += answers_box(run, _Run.load(control) if control is not None and Path(control).is_dir() else None)
+    verdict += scales_box(run)
     payload = {"page_size": page_size, "gallery": gallery, "map": map_data or None,
                "sources": (gallery or {}).get("sources") or sorted(set(run.source))}
     model = ((run.provenance or {}).get("model") or {})

@@ -1,5 +1,6 @@
 """The known-answers box under the verdict: for every label of the probe set,
-did the clusters find it (spectro.known_answers)?
+did the clusters find it (spectro.known_answers)? And the box after it: the
+structure at several scales, each with its stability (spectro.clusters.scales).
 
 Non-obvious choices:
 - One row per label: the best cluster's F1 beside the ceiling its size allows
@@ -88,4 +89,37 @@ def answers_box(run: _Run, control: Optional[_Run] = None) -> str:
             + "</th><th>chance F1</th><th>readout AUC</th><th>readout F1</th><th>separating components</th></tr>")
     return (f'<div class="answers" id="known-answers"><h3>Known answers</h3>'
             f'<table class="diag answers"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+            f'<p class="how">{how}</p></div>')
+
+
+def scales_box(run: _Run) -> str:
+    """The structure at several scales (clusters.json "scales", spectro.clusters.scales): per Leiden resolution the
+    clusters, the share clustered, the agreement of the two halves' clusterings, and each label's best cluster;
+    the chosen scale marked. Empty when the run has no scales table."""
+    path = (run.clusters or {}).get("scales") if isinstance(run.clusters, dict) else None
+    if not path or not path.get("scales"):
+        return ""
+    labels = sorted({k for sc in path["scales"] for k in sc.get("known_answers", {})})
+    rows = []
+    for i, sc in enumerate(path["scales"]):
+        chosen = i == path.get("chosen")
+        cells = "".join(
+            f'<td>{_f2(a.get("f1"))} <span class="muted">({_f2(a.get("ceiling"))})</span></td>'
+            if (a := sc.get("known_answers", {}).get(name)) else "<td>–</td>" for name in labels)
+        rows.append(f'<tr data-resolution="{sc["resolution"]:g}"{" class=chosen" if chosen else ""}>'
+                    f'<th>{sc["resolution"]:g}{" ◀" if chosen else ""}</th><td>{sc["n_clusters"]}</td>'
+                    f'<td>{sc["clustered_share"]:.0%}</td><td>{_f2(sc.get("halves_ari"))}</td>{cells}</tr>')
+    stable = path.get("stable")
+    what = ("the finest scale whose halves agree at ARI ≥ " + f'{path.get("min_stability")} (◀)' if stable else
+            "no scale's halves agree at ARI ≥ " + f'{path.get("min_stability")}: ◀ marks the most stable'
+            if stable is False else "no halves to measure stability: ◀ marks the finest scale")
+    head = ("<tr><th>resolution</th><th>clusters</th><th>clustered</th><th>halves' ARI</th>"
+            + "".join(f"<th>{_e(n)} F1 (ceiling)</th>" for n in labels) + "</tr>")
+    how = ("<b>How to read this.</b> Leiden on the run's kNN graph at each resolution (larger: finer clusters), "
+           "each scale clustered again on each half of the chains; halves' ARI is their agreement on the tokens "
+           "both cluster, the stability of that scale. Structure finer than the last stable scale is noise in χ. "
+           "Per label, the best cluster's F1 at that scale and the ceiling its size allows. The clusters above "
+           f"are the run's own method ({_e(str((run.clusters or {}).get('method')))}); this table is {what}.")
+    return (f'<div class="answers" id="scales"><h3>Structure at several scales</h3>'
+            f'<table class="diag scales"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
             f'<p class="how">{how}</p></div>')
