@@ -85,8 +85,9 @@ def trust_figures(run_dir: rundir.Location, ds, clustered: list[str], labels: np
 
 
 def _scales(ds, names: list[str], clustered: list[str], params: ClusterParams) -> Optional[dict]:
-    """The resolution path of the run's chi (spectro.clusters.scales) without the per-token labels, each scale
-    with the best cluster per probe label (F1 and the size ceiling); None with `clustering.scales` empty."""
+    """The resolution path of the run's chi (spectro.clusters.scales), each scale with its per-token labels (the
+    SAE stage matches features at every scale) and the best cluster per probe label (F1 and the size ceiling);
+    None with `clustering.scales` empty."""
     if not params.scales:
         return None
     t0 = time.perf_counter()
@@ -101,7 +102,8 @@ def _scales(ds, names: list[str], clustered: list[str], params: ClusterParams) -
         flags = np.asarray(ds["token_labels"].values, dtype=bool)                      # (tokens, labels)
         positives = {str(n): flags[:, j] for j, n in enumerate(ds["label"].values) if flags[:, j].any()}
     for sc in path["scales"]:
-        labels = sc.pop("labels")
+        labels = sc["labels"]
+        sc["labels"] = labels.astype(np.int64).tolist()
         sc["known_answers"] = {}
         for name, pos in positives.items():
             b = best_cluster(labels, pos)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -252,6 +253,25 @@ def test_sae_on_the_embedded_model_reconstructs_and_splices(tmp_path):
     assert torch.equal(back.encode(xh[0]), sae.encode(xh[0]))
 
 
+def test_matches_at_several_scales_find_features_the_coarse_clusters_are_too_large_for():
+    """The SAE stage matches every scale of clusters.json's resolution path: one cluster of all tokens cannot match
+    features active on an eighth of them (its size ceiling is below the threshold), the finer scale's clusters,
+    one per feature, match every one, above the null."""
+    from spectro.config import SAEConfig
+    from spectro.sae.stage import _match_scales
+
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 8, 800)                                     # (tokens,)
+    A = sp.csr_matrix(np.eye(8, dtype=np.float32)[groups])              # feature f active exactly on group f
+    path = {"scales": [{"resolution": 1.0, "halves_ari": 0.9, "labels": [0] * 800},
+                       {"resolution": 4.0, "halves_ari": 0.7, "labels": groups.tolist()}]}
+    coarse, fine = _match_scales(A, {"scales": path}, SAEConfig(n_null=50))
+    assert (coarse["n_clusters"], coarse["n_can_match"], coarse["n_matched"]) == (1, 0, 0)
+    assert (fine["n_clusters"], fine["n_can_match"], fine["n_matched"]) == (8, 8, 8)
+    assert fine["matched_fraction"] == 1.0 > fine["null_q95"] and fine["p_value"] < 0.05
+    assert _match_scales(A, {"scales": None}, SAEConfig(n_null=5)) is None
+
+
 def test_report_section_from_sae_json(tmp_path):
     """The report's SAE section renders sae.json (even in a run dir with nothing else) and escapes its text."""
     from spectro.report import write_report
@@ -262,10 +282,15 @@ def test_report_section_from_sae_json(tmp_path):
         c.update(feature_top=[[0, 1.5]], examples=[0], top_tokens=[["<b>x", 2]])
     doc = {"architecture": "topk", "d_sae": 2, "k": 1, "source": "trained", "hook_name": "blocks.2.hook_resid_post",
            "position": "predicting", "quality": {"fve_probe": 0.8, "loss_clean": 3.0, "loss_spliced": 3.2,
-                                                 "loss_increase": 0.2}, **m}
+                                                 "loss_increase": 0.2}, **m,
+           "scales": [{"resolution": 2.0, "halves_ari": 0.41, "n_clusters": 2, "n_can_match": 2, "n_matched": 1,
+                       "matched_fraction": 0.5, "mean_best_f1": 0.8, "null_q95": 0.25, "p_value": 0.04}]}
     (tmp_path / "sae.json").write_text(json.dumps(doc))
     page = write_report(tmp_path).read_text(encoding="utf-8")
     sec = page.split('<section id="sae">')[1].split("</section>")[0]
     assert "<b>1 of 2 = 0.500</b>" in sec and "blocks.2.hook_resid_post" in sec
     assert "Clusters no feature explains (1)" in sec and "#1 (F1 0.67)" in sec
     assert "<b>x" not in sec and "&lt;b&gt;x" in sec
+    row = re.search(r'<tr data-resolution="2">(.*?)</tr>', sec).group(1)
+    assert "Matches at several scales" in sec and re.findall(r"<td>(.*?)</td>", row) == [
+        "2", "0.41", "2", "2", "1", "0.500", "0.250", "0.040", '0.800 <span class="muted">(null 95% –)</span>']

@@ -149,8 +149,28 @@ def _sae_section(run: _Run) -> str:
     unexp = (f'<h3>Clusters no feature explains ({len(unexplained)})</h3><p class="small">'
              + (", ".join(f'#{_e(str(c.get("id")))} (F1 {_fmt(c.get("f1"), 2)})' for c in unexplained) or "none")
              + "</p>")
-    return _section("sae", head + _sae_table(order) + unexp + "<h3>Clusters beside their best features</h3>"
-                    + _sae_pairs(run, order), lead)
+    return _section("sae", head + _sae_scales(s.get("scales")) + _sae_table(order) + unexp
+                    + "<h3>Clusters beside their best features</h3>" + _sae_pairs(run, order), lead)
+
+
+def _sae_scales(scales) -> str:
+    """The match at every scale of the run's resolution path (sae.json "scales"): finer scales have clusters small
+    enough for a feature to match; a scale counts when its matched fraction is above its null's 95% quantile."""
+    if not scales:
+        return ""
+    rows = "".join(
+        f'<tr data-resolution="{sc["resolution"]:g}"><td>{sc["resolution"]:g}</td><td>{_fmt(sc.get("halves_ari"), 2)}'
+        f'</td><td>{sc["n_clusters"]}</td><td>{sc["n_can_match"]}</td><td>{sc["n_matched"]}</td>'
+        f'<td>{_fmt(sc.get("matched_fraction"))}</td><td>{_fmt(sc.get("null_q95"))}</td>'
+        f'<td>{_fmt(sc.get("p_value"))}</td><td>{_fmt(sc.get("mean_best_f1"))} '
+        f'<span class="muted">(null 95% {_fmt(sc.get("null_mean_best_f1_q95"))})</span></td></tr>' for sc in scales)
+    return ('<h3>Matches at several scales</h3><p class="small">The Leiden scales of the known-answers table, each '
+            'matched like the run\'s clusters: the clusters whose size lets a feature reach the threshold, the '
+            'clusters matched, and the null of random clusters of the same sizes.</p>'
+            '<table class="diag sae-scales"><thead><tr><th>resolution</th><th>halves\' ARI</th><th>clusters</th>'
+            '<th>could match</th><th>matched</th><th>matched fraction</th><th>null 95%</th><th>p</th>'
+            '<th>mean best F1</th></tr></thead>'
+            f'<tbody>{rows}</tbody></table>')
 
 
 def _sae_table(order: list[dict]) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ def sae_stage(run_dir: rundir.PathLike, settings: SAEConfig, model: torch.nn.Mod
                **spliced_losses(model, probe_ids, sae, a.site, a.layer, X.double().mean(dim=0).float())}
     active = probe_features(sae, probe_acts, token_context, token_position, a.position, a.active_threshold)
     match = _match(active, labels, clusters, token_text, a)
+    match["scales"] = _match_scales(active, clusters, a)
     n_active_feat = np.asarray((active != 0).sum(axis=0)).ravel()     # (features,)
     doc = {"site": a.site, "layer": a.layer, "hook_name": hook_name(a.site, a.layer), "position": a.position,
            "source": str(a.load) if a.load else "trained", "path": str(Path(a.load).resolve()) if a.load
@@ -63,7 +64,29 @@ def sae_stage(run_dir: rundir.PathLike, settings: SAEConfig, model: torch.nn.Mod
     return {"path": str(run_dir / "sae.json"), "fve_probe": quality["fve_probe"],
             "loss_increase": quality["loss_increase"], "n_clusters": match["n_clusters"],
             "matched_fraction": match["matched_fraction"], "null_mean": null.get("matched_fraction_mean"),
-            "p_value": null.get("p_value"), "seconds": doc["seconds"], "cpu_seconds": doc["cpu_seconds"]}
+            "p_value": null.get("p_value"), "seconds": doc["seconds"], "cpu_seconds": doc["cpu_seconds"],
+            "scales": [{k: sc[k] for k in ("resolution", "n_clusters", "n_can_match", "n_matched", "null_q95")}
+                       for sc in match["scales"] or []] or None}
+
+
+def _match_scales(active, clusters: dict, a: SAEConfig) -> Optional[list[dict]]:
+    """The match at every scale of clusters.json's resolution path (spectro.clusters.scales): per resolution
+    the clusters, how many of them could match (their size ceiling reaches the threshold), the matched
+    fraction and its null. Finer scales have smaller clusters, so this is where a match becomes possible."""
+    path = clusters.get("scales") or {}
+    out = []
+    for sc in path.get("scales") or []:
+        if "labels" not in sc:
+            continue
+        m = match_clusters(active, np.asarray(sc["labels"], dtype=np.int64), a.match_threshold, a.n_null, a.seed)
+        null = m["null"] or {}
+        out.append({"resolution": sc["resolution"], "halves_ari": sc.get("halves_ari"),
+                    "n_clusters": m["n_clusters"], "n_can_match": m.get("n_can_match", 0),
+                    "n_matched": m.get("n_matched", 0), "matched_fraction": m["matched_fraction"],
+                    "mean_best_f1": m.get("mean_best_f1"), "null_q95": null.get("matched_fraction_q95"),
+                    "p_value": null.get("p_value"), "null_mean_best_f1_q95": null.get("mean_best_f1_q95"),
+                    "p_value_mean_best_f1": null.get("p_value_mean_best_f1")})
+    return out or None
 
 
 def _load(a: SAEConfig, model: torch.nn.Module) -> SAE:
