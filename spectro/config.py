@@ -130,6 +130,7 @@ class ClusterConfig:
     exact_knn_below: int = 50000        # exact kNN below this many tokens, approximate (faiss IVF) above
     outlier_ratio: float = 0.0          # noise if mean kNN similarity < ratio x densest neighbour's; 0: off
     scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # Leiden, the scales table; []: off
+    scales_max_tokens: int = 200000     # no scales table above this many probe tokens (its cost); 0: no limit
 
 
 @dataclass
@@ -274,7 +275,7 @@ def to_config(cfg: DictConfig | dict | SpectroConfig | None = None) -> SpectroCo
 
 def _require(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
     if not ok:
-        raise ConfigError(f"{key} {rule} (got {value!r}); {fix}")
+        raise ConfigError(f"{key} {rule} (got {value!r})" + (f"; {fix}" if fix else ""))
 
 
 def _finite(x: Any) -> bool:
@@ -382,15 +383,13 @@ def _check_components_and_estimator(c: SpectroConfig) -> None:
 def _check_clustering(c: SpectroConfig) -> None:
     """The clustering's method and its parameters."""
     k = c.clustering
-    _require(k.method in ("conductance", "leiden", "spectral"), "clustering.method", k.method,
-             "must be conductance, leiden or spectral", "pick one of those")
-    _require(k.features in ("centred", "zscore"), "clustering.features", k.features,
-             "must be centred or zscore", "pick one of those")
+    _require(k.method in ("conductance", "leiden", "spectral"), "clustering.method", k.method, "must be "
+             "conductance, leiden or spectral", "pick one of those")
+    _require(k.features in ("centred", "zscore"), "clustering.features", k.features, "must be centred or zscore", "")
     _require(k.k >= 2, "clustering.k", k.k, "must be >= 2", "e.g. clustering.k=10")
     _require(0 < k.alpha < 1, "clustering.alpha", k.alpha, "must be in (0, 1)", "e.g. clustering.alpha=0.15")
     _require(k.epsilon > 0, "clustering.epsilon", k.epsilon, "must be > 0", "e.g. clustering.epsilon=1e-4")
-    _require(0 < k.max_conductance <= 1, "clustering.max_conductance", k.max_conductance, "must be in (0, 1]",
-             "e.g. clustering.max_conductance=0.4")
+    _require(0 < k.max_conductance <= 1, "clustering.max_conductance", k.max_conductance, "must be in (0, 1]", "")
     _require(k.min_size >= 1, "clustering.min_size", k.min_size, "must be >= 1", "e.g. clustering.min_size=20")
     _require(k.max_size >= 0, "clustering.max_size", k.max_size, "must be >= 0", "0 means no limit")
     _require(k.resolution > 0, "clustering.resolution", k.resolution, "must be > 0", "e.g. 1.0")
@@ -398,6 +397,7 @@ def _check_clustering(c: SpectroConfig) -> None:
              "e.g. clustering.outlier_ratio=0.7, or 0 to turn the outlier step off")
     _require(all(_finite(r) and r > 0 for r in k.scales) and len(set(k.scales)) == len(k.scales), "clustering.scales",
              k.scales, "must be distinct positive Leiden resolutions", "e.g. clustering.scales=[1,2,4,8]; [] for none")
+    _require(k.scales_max_tokens >= 0, "clustering.scales_max_tokens", k.scales_max_tokens, "must be >= 0", "0: none")
     _require(k.n_clusters >= 0, "clustering.n_clusters", k.n_clusters, "must be >= 0", "0 picks by eigengap")
 
 

@@ -90,6 +90,11 @@ def _scales(ds, names: list[str], clustered: list[str], params: ClusterParams) -
     None with `clustering.scales` empty."""
     if not params.scales:
         return None
+    n = int(ds.sizes["token"])
+    if params.scales_max_tokens and n > params.scales_max_tokens:
+        log.info("scales: skipped at %d probe tokens (clustering.scales_max_tokens=%d; each scale clusters the run "
+                 "and both halves with Leiden); raise it or set 0 for the table", n, params.scales_max_tokens)
+        return None
     t0 = time.perf_counter()
     keep = [names.index(c) for c in clustered]
     chi = np.asarray(ds["chi"].values, dtype=np.float64)[:, keep]                      # (tokens, clustered)

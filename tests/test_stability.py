@@ -67,3 +67,25 @@ def test_the_resolution_path_picks_the_finest_scale_whose_halves_agree():
     assert lost["stable"] is False and all(s["halves_ari"] < 0.5 for s in lost["scales"])
     assert lost["chosen"] == int(np.argmax([s["halves_ari"] for s in lost["scales"]]))
     assert resolution_path(chi, None, params, resolutions=(0.5, 16.0))["stable"] is None
+
+
+def test_the_scales_table_of_a_run_and_its_size_limit():
+    """The clusters stage's scales table (spectro.trust._scales) from a run's arrays: every scale with its labels
+    and each probe label's best cluster; skipped above clustering.scales_max_tokens."""
+    import xarray as xr
+
+    from spectro.trust import _scales
+
+    chi, groups = planted_partition(600, np.random.default_rng(7), n_groups=6, noise=0.2)
+    rng = np.random.default_rng(8)
+    halves = np.stack([chi + 0.05 * np.abs(chi).mean() * rng.standard_normal(chi.shape) for _ in range(2)])
+    names = [f"c{j}" for j in range(chi.shape[1])]
+    ds = xr.Dataset({"chi": (("token", "component"), chi), "chi_half": (("half", "token", "component"), halves),
+                     "token_labels": (("token", "label"), (groups == 0)[:, None])},
+                    coords={"component": names, "label": ["group0"]})
+    path = _scales(ds, names, names, ClusterParams(scales=(0.5, 1.0)))
+    assert [s["resolution"] for s in path["scales"]] == [0.5, 1.0] and path["stable"] is True
+    for s in path["scales"]:
+        assert len(s["labels"]) == 600 and s["known_answers"]["group0"]["f1"] > 0.9
+    assert _scales(ds, names, names, ClusterParams(scales=(0.5,), scales_max_tokens=599)) is None
+    assert _scales(ds, names, names, ClusterParams(scales=())) is None

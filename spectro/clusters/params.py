@@ -39,6 +39,7 @@ class ClusterParams:
     exact_knn_below: int = DEFAULTS.exact_knn_below
     outlier_ratio: float = DEFAULTS.outlier_ratio
     scales: tuple[float, ...] = tuple(DEFAULTS.scales)   # resolutions of the scales table (spectro.clusters.scales)
+    scales_max_tokens: int = DEFAULTS.scales_max_tokens
 
     @classmethod
     def from_config(cls, config: ClusterConfig) -> "ClusterParams":
@@ -77,6 +78,7 @@ class ClusterParams:
         integer("seed", 0)
         integer("exact_knn_below", 0)
         number("outlier_ratio", 0.0, 1.0, lo_open=False)
+        integer("scales_max_tokens", 0)
         scales = self.scales
         if not isinstance(scales, (tuple, list)) or not all(
                 isinstance(r, (int, float, np.number)) and not isinstance(r, bool) and np.isfinite(r) and r > 0
