@@ -358,7 +358,7 @@ def parse_grid(items: list[str]) -> list[dict]:
         if key not in fields or not values:
             raise SystemExit(f"--grid takes key=v1,v2 with a ClusterParams field as key; got {item!r}")
         default = getattr(ClusterParams(), key)
-        cast = type(default) if not isinstance(default, bool) else bool
+        cast = float if default is None else type(default) if not isinstance(default, bool) else bool
         axes.append([(key, cast(v)) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)]
 

@@ -129,6 +129,7 @@ class ClusterConfig:
     seed: int = 0
     exact_knn_below: int = 50000        # exact kNN below this many tokens, approximate (faiss IVF) above
     outlier_ratio: float = 0.0          # noise if mean kNN similarity < ratio x densest neighbour's; 0: off
+    attach_share: Optional[float] = None  # a free token joins a cluster holding this share of its edges; null: (1-φ)/2
     scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # Leiden, the scales table; []: off
     scales_max_tokens: int = 200000     # no scales table above this many probe tokens (its cost); 0: no limit
 
@@ -372,8 +373,8 @@ def _check_components_and_estimator(c: SpectroConfig) -> None:
     _require(len(comps) > 0, "components", comps, "must name at least one component", "e.g. components=[all]")
     dup = sorted({n for n in comps if comps.count(n) > 1})
     _require(not dup, "components", comps, f"lists {dup} more than once", "list each component once")
-    _require(c.estimator.form in ("peer", "covariance"), "estimator.form", c.estimator.form,
-             "must be 'peer' or 'covariance'", "pick one of those")
+    e = c.estimator
+    _require(e.form in ("peer", "covariance"), "estimator.form", e.form, "must be 'peer' or 'covariance'", "")
     _require(c.estimator.rhat_threshold > 1, "estimator.rhat_threshold", c.estimator.rhat_threshold,
              "must be > 1", "e.g. estimator.rhat_threshold=1.1")
     _require(c.estimator.tokens_per_block >= 0, "estimator.tokens_per_block", c.estimator.tokens_per_block,
@@ -397,6 +398,8 @@ def _check_clustering(c: SpectroConfig) -> None:
              "e.g. clustering.outlier_ratio=0.7, or 0 to turn the outlier step off")
     _require(all(_finite(r) and r > 0 for r in k.scales) and len(set(k.scales)) == len(k.scales), "clustering.scales",
              k.scales, "must be distinct positive Leiden resolutions", "e.g. clustering.scales=[1,2,4,8]; [] for none")
+    _require(k.attach_share is None or 0 < k.attach_share < 1, "clustering.attach_share", k.attach_share,
+             "must be in (0, 1) or null", "null: (1 - max_conductance) / 2")
     _require(k.scales_max_tokens >= 0, "clustering.scales_max_tokens", k.scales_max_tokens, "must be >= 0", "0: none")
     _require(k.n_clusters >= 0, "clustering.n_clusters", k.n_clusters, "must be >= 0", "0 picks by eigengap")
 
@@ -404,8 +407,7 @@ def _check_clustering(c: SpectroConfig) -> None:
 def _check_sae(c: SpectroConfig) -> None:
     """The SAE check's settings."""
     a = c.sae
-    _require(a.site in ("resid_post", "mlp_out"), "sae.site", a.site, "must be resid_post or mlp_out",
-             "pick one of those")
+    _require(a.site in ("resid_post", "mlp_out"), "sae.site", a.site, "must be resid_post or mlp_out", "")
     _require(a.layer >= 0, "sae.layer", a.layer, "must be >= 0", "e.g. sae.layer=2")
     for key in ("expansion", "k", "steps", "batch_size", "dead_after", "top_contexts"):
         v = getattr(a, key)
@@ -415,8 +417,7 @@ def _check_sae(c: SpectroConfig) -> None:
     _require(_finite(a.lr) and a.lr > 0, "sae.lr", a.lr, "must be a positive finite number", "e.g. sae.lr=1e-3")
     _require(a.aux_k >= 0 and a.n_null >= 0, "sae", {"aux_k": a.aux_k, "n_null": a.n_null},
              "needs aux_k >= 0 and n_null >= 0", "e.g. sae.aux_k=128 sae.n_null=200")
-    _require(a.position in ("predicting", "token"), "sae.position", a.position,
-             "must be 'predicting' or 'token'", "pick one of those")
+    _require(a.position in ("predicting", "token"), "sae.position", a.position, "must be 'predicting' or 'token'", "")
     _require(_finite(a.active_threshold) and a.active_threshold >= 0, "sae.active_threshold", a.active_threshold,
              "must be >= 0", "e.g. sae.active_threshold=0")
     _require(_finite(a.match_threshold) and 0 < a.match_threshold <= 1, "sae.match_threshold", a.match_threshold,
@@ -429,8 +430,7 @@ def _check_outputs(c: SpectroConfig) -> None:
     """The report, the probe store mode and the storage location."""
     _require(c.report.max_contexts >= 1 and c.report.page_size >= 1, "report", dataclasses.asdict(c.report),
              "needs max_contexts >= 1 and page_size >= 1", "e.g. report.page_size=25")
-    _require(c.report.map in ("umap", "pca"), "report.map", c.report.map, "must be 'umap' or 'pca'",
-             "pick one of those")
+    _require(c.report.map in ("umap", "pca"), "report.map", c.report.map, "must be 'umap' or 'pca'", "")
     _require(c.report.control is None or (bool(str(c.report.control).strip()) and Path(c.report.control).is_dir()),
              "report.control", c.report.control, "must be an existing run directory or null",
              "run the control first (experiment=control hydra.run.dir=...) and pass its directory")

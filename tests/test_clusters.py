@@ -265,6 +265,19 @@ def test_the_outlier_step_labels_isotropic_noise(planted):
     assert adjusted_rand_index(groups[grouped], result.labels[grouped]) >= 0.8
 
 
+def test_a_lower_attach_share_labels_fewer_tokens_noise(planted):
+    """clustering.attach_share: the default is (1 - max_conductance)/2; a lower share attaches more free tokens
+    (the noise is a subset of the default's), a share out of (0, 1) is refused."""
+    chi, _ = planted
+    default = cluster(chi, ClusterParams()).labels
+    same = cluster(chi, ClusterParams(attach_share=0.3)).labels                  # (1 - 0.4) / 2
+    loose = cluster(chi, ClusterParams(attach_share=0.1)).labels
+    assert np.array_equal(default, same)
+    assert (loose < 0).sum() < (default < 0).sum() and not ((loose < 0) & (default >= 0)).any()
+    with pytest.raises(ConfigError, match="attach_share"):
+        ClusterParams(attach_share=1.5)
+
+
 def test_max_size_and_min_size_are_respected(planted):
     chi, _ = planted
     result = cluster(chi[:1500], ClusterParams(max_size=60, min_size=20, max_conductance=0.6))

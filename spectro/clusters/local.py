@@ -57,7 +57,9 @@ Non-obvious choices:
   Without it the tokens at the rim of a cluster, whose neighbours were still
   free when the cluster was accepted, stay noise: on the planted families
   about twice as many grouped tokens (docs/clustering.md). The cluster's
-  own (1 - phi_c)/2 instead of the threshold's attaches almost nothing. Whatever is still free is noise (-1).
+  own (1 - phi_c)/2 instead of the threshold's attaches almost nothing. `attach_share` sets the share
+  directly: lower attaches more tokens (fewer grouped tokens noise, but fewer background tokens too;
+  measured in docs/clustering.md). Whatever is still free is noise (-1).
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def conductance_clusters(W: sp.csr_matrix, params: ClusterParams, exclude: np.nd
                 info.append({"conductance": phi, "seed": int(seed), "size": int(members.size)})
         candidate = deferred & free
     if info:
-        _attach(W, deg, labels, free, len(info), (1.0 - params.max_conductance) / 2.0, max_size)
+        share = (1.0 - params.max_conductance) / 2.0 if params.attach_share is None else params.attach_share
+        _attach(W, deg, labels, free, len(info), share, max_size)
         for c, size in enumerate(np.bincount(labels[labels >= 0], minlength=len(info))):
             info[c]["size"] = int(size)
     return labels, info
