@@ -87,6 +87,8 @@ SUBSTITUTIONS = {
     "runs/seed0": ("<real>", "a finished run: the smoke run"),
     "runs/seed1": ("<control>", "a second finished run on the same probe tokens: the control run"),
     "runs/control": ("<control>", "the nβ = 0 control: the control run"),
+    "runs/until0": ("<real>", "a finished run sampled until reliable: the smoke run"),
+    "runs/until1": ("<control>", "a second such run on the same probe tokens: the control run"),
     "RUN_DIR": ("<real>", "a finished run: the smoke run"),
     "multirun/<date>/<time>": ("<multirun>", "a sweep directory: jobs 0 and 1 are the smoke and the control run "
                                              "(tests/test_sweep.py runs a real multirun through the summary)"),
