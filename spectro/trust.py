@@ -105,7 +105,7 @@ def _scales(ds, names: list[str], clustered: list[str], params: ClusterParams) -
     positives = {}
     if "token_labels" in ds:
         flags = np.asarray(ds["token_labels"].values, dtype=bool)                      # (tokens, labels)
-        positives = {str(n): flags[:, j] for j, n in enumerate(ds["label"].values) if flags[:, j].any()}
+        positives = {str(name): flags[:, j] for j, name in enumerate(ds["label"].values) if flags[:, j].any()}
     for sc in path["scales"]:
         labels = sc["labels"]
         sc["labels"] = labels.astype(np.int64).tolist()
