@@ -313,11 +313,10 @@ def _check_model_and_sampler(c: SpectroConfig) -> None:
         _require(s.chain_group % 2 == 0, "sampler.chain_group", s.chain_group,
                  "must be even with sampler.antithetic=true (a pair runs in one unit)", "e.g. sampler.chain_group=4")
     _require(s.precondition in ("none", "rmsprop"), "sampler.precondition", s.precondition,
-             "must be 'none' or 'rmsprop'", "pick one of those")
+             "must be 'none' or 'rmsprop'", "")
     _require(0 < s.rmsprop_alpha < 1, "sampler.rmsprop_alpha", s.rmsprop_alpha, "must be in (0, 1)", "e.g. 0.99")
     _require(s.rmsprop_eps > 0, "sampler.rmsprop_eps", s.rmsprop_eps, "must be > 0", "e.g. 0.1")
-    _require(s.chain_mode in ("vmap", "loop"), "sampler.chain_mode", s.chain_mode,
-             "must be 'vmap' or 'loop'", "pick one of those")
+    _require(s.chain_mode in ("vmap", "loop"), "sampler.chain_mode", s.chain_mode, "must be 'vmap' or 'loop'", "")
     _require(_finite(s.divergence_bound) and s.divergence_bound > 0, "sampler.divergence_bound",
              s.divergence_bound, "must be positive", "e.g. sampler.divergence_bound=10 (nats above init loss)")
     _check_until(s)
@@ -331,7 +330,7 @@ def _check_until(s: SamplerConfig) -> None:
         v = getattr(u, key)
         _require(v is None or (_finite(v) and ok(v)), f"sampler.until.{key}", v, f"must be {rule} or null",
                  f"e.g. sampler.until.{key}={example}")
-    _require(u.over in ("median", "min"), "sampler.until.over", u.over, "must be 'median' or 'min'", "pick one")
+    _require(u.over in ("median", "min"), "sampler.until.over", u.over, "must be 'median' or 'min'", "")
     rule = f"a positive multiple of sampler.checkpoint_every ({s.checkpoint_every}) up to sampler.num_draws"
     _require(u.round_draws >= 0 and (u.reliability is None and u.rhat is None or 0 < u.round_draws <= s.num_draws
              and u.round_draws % s.checkpoint_every == 0), "sampler.until.round_draws", u.round_draws,
@@ -373,8 +372,8 @@ def _check_components_and_estimator(c: SpectroConfig) -> None:
     _require(len(comps) > 0, "components", comps, "must name at least one component", "e.g. components=[all]")
     dup = sorted({n for n in comps if comps.count(n) > 1})
     _require(not dup, "components", comps, f"lists {dup} more than once", "list each component once")
-    e = c.estimator
-    _require(e.form in ("peer", "covariance"), "estimator.form", e.form, "must be 'peer' or 'covariance'", "")
+    _require(c.estimator.form in ("peer", "covariance"), "estimator.form", c.estimator.form,
+             "must be 'peer' or 'covariance'", "")
     _require(c.estimator.rhat_threshold > 1, "estimator.rhat_threshold", c.estimator.rhat_threshold,
              "must be > 1", "e.g. estimator.rhat_threshold=1.1")
     _require(c.estimator.tokens_per_block >= 0, "estimator.tokens_per_block", c.estimator.tokens_per_block,
@@ -384,13 +383,14 @@ def _check_components_and_estimator(c: SpectroConfig) -> None:
 def _check_clustering(c: SpectroConfig) -> None:
     """The clustering's method and its parameters."""
     k = c.clustering
-    _require(k.method in ("conductance", "leiden", "spectral"), "clustering.method", k.method, "must be "
-             "conductance, leiden or spectral", "pick one of those")
+    _require(k.method in ("conductance", "leiden", "spectral"), "clustering.method", k.method,
+             "must be conductance, leiden or spectral", "")
     _require(k.features in ("centred", "zscore"), "clustering.features", k.features, "must be centred or zscore", "")
     _require(k.k >= 2, "clustering.k", k.k, "must be >= 2", "e.g. clustering.k=10")
     _require(0 < k.alpha < 1, "clustering.alpha", k.alpha, "must be in (0, 1)", "e.g. clustering.alpha=0.15")
     _require(k.epsilon > 0, "clustering.epsilon", k.epsilon, "must be > 0", "e.g. clustering.epsilon=1e-4")
-    _require(0 < k.max_conductance <= 1, "clustering.max_conductance", k.max_conductance, "must be in (0, 1]", "")
+    _require(0 < k.max_conductance <= 1, "clustering.max_conductance", k.max_conductance, "must be in (0, 1]",
+             "e.g. clustering.max_conductance=0.4")
     _require(k.min_size >= 1, "clustering.min_size", k.min_size, "must be >= 1", "e.g. clustering.min_size=20")
     _require(k.max_size >= 0, "clustering.max_size", k.max_size, "must be >= 0", "0 means no limit")
     _require(k.resolution > 0, "clustering.resolution", k.resolution, "must be > 0", "e.g. 1.0")

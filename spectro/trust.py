@@ -65,42 +65,37 @@ def trust_figures(run_dir: rundir.Location, ds, clustered: list[str], labels: np
                   params: ClusterParams) -> dict:
     """reliability, stability, verdict and known_answers of one clustering of the run in `ds`."""
     names = [str(c) for c in ds["component"].values]
-    rel = stab = None
-    half_features = []
+    keep = [names.index(c) for c in clustered]
+    chi = np.asarray(ds["chi"].values, dtype=np.float64)[:, keep]                      # (tokens, clustered)
+    rel = stab = half = None
     if "chi_half" in ds:
-        keep = [names.index(c) for c in clustered]
         half = np.asarray(ds["chi_half"].values, dtype=np.float64)[:, :, keep]        # (2, tokens, clustered)
         rel = split_half(half, clustered, params.features)
-        if np.isfinite(half).all():             # halves with too few units are NaN: no half readout then
-            half_features = [feature_matrix(h, params.features) for h in half]
         t1 = time.perf_counter()
         stab = stability(half, params)
         if stab is not None:
             stab["seconds"] = round(time.perf_counter() - t1, 2)
+        if not np.isfinite(half).all():         # halves with too few units are NaN: no half readout or scales
+            half = None
     not_mixed = [c for c, bad in zip(names, ds["not_mixed"].values) if bool(bad)] if "not_mixed" in ds else []
-    answers = _known_answers(run_dir, ds, names, clustered, np.asarray(labels), params,
-                             half_features)
+    answers = _known_answers(run_dir, ds, chi, clustered, np.asarray(labels), params, half)
     return {"reliability": rel, "stability": stab, "verdict": verdict(rel, stab, not_mixed),
-            "known_answers": answers, "scales": _scales(ds, names, clustered, params)}
+            "known_answers": answers, "scales": _scales(ds, chi, half, params)}
 
 
-def _scales(ds, names: list[str], clustered: list[str], params: ClusterParams) -> Optional[dict]:
-    """The resolution path of the run's chi (spectro.clusters.scales), each scale with its per-token labels (the
-    SAE stage matches features at every scale) and the best cluster per probe label (F1 and the size ceiling);
-    None with `clustering.scales` empty."""
+def _scales(ds, chi: np.ndarray, half: Optional[np.ndarray], params: ClusterParams) -> Optional[dict]:
+    """The resolution path of chi (tokens, clustered) with its finite halves (2, tokens, clustered) or None
+    (spectro.clusters.scales), each scale with its per-token labels (the SAE stage matches features at every
+    scale) and the best cluster per probe label of `ds` (F1 and the size ceiling); None with `clustering.scales`
+    empty."""
     if not params.scales:
         return None
-    n = int(ds.sizes["token"])
+    n = chi.shape[0]
     if params.scales_max_tokens and n > params.scales_max_tokens:
         log.info("scales: skipped at %d probe tokens (clustering.scales_max_tokens=%d; each scale clusters the run "
                  "and both halves with Leiden); raise it or set 0 for the table", n, params.scales_max_tokens)
         return None
     t0 = time.perf_counter()
-    keep = [names.index(c) for c in clustered]
-    chi = np.asarray(ds["chi"].values, dtype=np.float64)[:, keep]                      # (tokens, clustered)
-    half = np.asarray(ds["chi_half"].values, dtype=np.float64)[:, :, keep] if "chi_half" in ds else None
-    if half is not None and not np.isfinite(half).all():
-        half = None                                 # halves with too few units: no stability
     path = resolution_path(chi, half, params, resolutions=params.scales)
     positives = {}
     if "token_labels" in ds:
@@ -127,13 +122,12 @@ def scales_summary(path: Optional[dict]) -> Optional[dict]:
             "halves_ari": sc.get("halves_ari"), "resolutions": [s["resolution"] for s in path["scales"]]}
 
 
-def _known_answers(run_dir: rundir.Location, ds, names: list[str], clustered: list[str], member: np.ndarray,
-                   params: ClusterParams, features_half: list) -> Optional[dict]:
-    """spectro.known_answers on the run's labelled probe tokens; None when the probe set has no labels."""
+def _known_answers(run_dir: rundir.Location, ds, chi: np.ndarray, clustered: list[str], member: np.ndarray,
+                   params: ClusterParams, half: Optional[np.ndarray]) -> Optional[dict]:
+    """spectro.known_answers on the run's labelled probe tokens (chi: tokens x clustered; half: its finite halves
+    or None); None when the probe set has no labels."""
     if "token_labels" not in ds:
         return None
-    keep = [names.index(c) for c in clustered]
-    chi = np.asarray(ds["chi"].values, dtype=np.float64)[:, keep]                      # (tokens, clustered)
     label_names = [str(x) for x in ds["label"].values]
     rules = ds.attrs.get("label_rules", {})
     prov = rundir.read_json(run_dir / rundir.PROVENANCE) if (run_dir / rundir.PROVENANCE).exists() else {}
@@ -142,7 +136,7 @@ def _known_answers(run_dir: rundir.Location, ds, names: list[str], clustered: li
     return known_answers(np.asarray(ds["token_labels"].values, dtype=bool), label_names,
                          [rules.get(n, "") for n in label_names], member, chi, feature_matrix(chi, params.features),
                          clustered, np.asarray(ds["token_context"].values), named, seed=params.seed,
-                         features_half=features_half,
+                         features_half=[] if half is None else [feature_matrix(h, params.features) for h in half],
                          token_loss=np.asarray(ds["token_loss"].values) if "token_loss" in ds else None)
 
 

@@ -83,9 +83,9 @@ def test_the_scales_table_of_a_run_and_its_size_limit():
     ds = xr.Dataset({"chi": (("token", "component"), chi), "chi_half": (("half", "token", "component"), halves),
                      "token_labels": (("token", "label"), (groups == 0)[:, None])},
                     coords={"component": names, "label": ["group0"]})
-    path = _scales(ds, names, names, ClusterParams(scales=(0.5, 1.0)))
+    path = _scales(ds, chi, halves, ClusterParams(scales=(0.5, 1.0)))
     assert [s["resolution"] for s in path["scales"]] == [0.5, 1.0] and path["stable"] is True
     for s in path["scales"]:
         assert len(s["labels"]) == 600 and s["known_answers"]["group0"]["f1"] > 0.9
-    assert _scales(ds, names, names, ClusterParams(scales=(0.5,), scales_max_tokens=599)) is None
-    assert _scales(ds, names, names, ClusterParams(scales=())) is None
+    assert _scales(ds, chi, halves, ClusterParams(scales=(0.5,), scales_max_tokens=599)) is None
+    assert _scales(ds, chi, halves, ClusterParams(scales=())) is None

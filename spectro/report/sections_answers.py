@@ -109,10 +109,13 @@ def scales_box(run: _Run) -> str:
         rows.append(f'<tr data-resolution="{sc["resolution"]:g}"{" class=chosen" if chosen else ""}>'
                     f'<th>{sc["resolution"]:g}{" ◀" if chosen else ""}</th><td>{sc["n_clusters"]}</td>'
                     f'<td>{sc["clustered_share"]:.0%}</td><td>{_f2(sc.get("halves_ari"))}</td>{cells}</tr>')
-    stable = path.get("stable")
-    what = ("the finest scale whose halves agree at ARI ≥ " + f'{path.get("min_stability")} (◀)' if stable else
-            "no scale's halves agree at ARI ≥ " + f'{path.get("min_stability")}: ◀ marks the most stable'
-            if stable is False else "no halves to measure stability: ◀ marks the finest scale")
+    stable, threshold = path.get("stable"), path.get("min_stability")
+    if stable:
+        what = f"the finest scale whose halves agree at ARI ≥ {threshold} (◀)"
+    elif stable is False:
+        what = f"no scale's halves agree at ARI ≥ {threshold}: ◀ marks the most stable"
+    else:
+        what = "no halves to measure stability: ◀ marks the finest scale"
     head = ("<tr><th>resolution</th><th>clusters</th><th>clustered</th><th>halves' ARI</th>"
             + "".join(f"<th>{_e(n)} F1 (ceiling)</th>" for n in labels) + "</tr>")
     how = ("<b>How to read this.</b> Leiden on the run's kNN graph at each resolution (larger: finer clusters), "
