@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spectro.sweep import recommend
+from spectro.sweep import Thresholds, control_failure, recommend
 from tests.wandb_reader import records, wait_complete
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,9 @@ def test_sweep_summary_names_a_recommended_setting_with_reasons(sweep):
         in out
     for r in result["jobs"]:
         assert math.isfinite(r["llc_full"]) and r["ess_min"] > 0       # real numbers, not NaN
+        assert set(r["phi"]) == set(r["displacement"]) == {"full", "l0h1", "l3h0"}   # locality per component
+        assert r["phi"]["full"] == r["phi_full"] and max(r["displacement"].values()) == r["displacement_max"]
+    assert "| F1 - control |" in next(line for line in out.splitlines() if line.startswith("| job"))
     for r in result["jobs"]:                  # every job has reliability figures and its time to the target
         assert r["reliability"] is not None and r["sampling_seconds"] > 0
         if 0 < r["reliability"] < 1:
@@ -114,3 +117,11 @@ def test_recommendation_rules():
     assert not rec["passed"] and rec["job"] == "1" and "R-hat > 1.1 for 3/5 components" in rec["reasons"]
     rec = recommend([row("0", 1e-3, 80), row("1", 1e-4, 80)])
     assert rec["job"] == "1"                                              # tie: the smaller step
+
+
+def test_a_job_the_loss_does_not_shape_fails_against_its_control():
+    t = Thresholds()                                       # max_control_agreement 0.9
+    assert control_failure(0.84, -0.03, "1", t) is None    # a different signal passes, F1 gain or not
+    assert control_failure(0.97, 0.25, "1", t) is None     # the same signal, but the known answer found better
+    for gain in (0.1, None):                               # the same signal and no better answer: fails
+        assert "agree with the nβ = 0 control (job 1) at 0.97" in control_failure(0.97, gain, "1", t)
