@@ -311,7 +311,8 @@ def format_table(result: dict) -> str:
                       f"{r['divergence_rate']:.2f}", num(r.get("reliability"), ".3f"),
                       num(r.get("seconds_to_target"), ".0f"), num(r.get("signal_agreement"), ".3f"),
                       num(r.get("control_agreement"), ".3f"), num(r.get("answer_f1"), ".2f"),
-                      num(r.get("answer_f1_over_control"), "+.2f"), num(r.get("answer_auc"), ".2f"), "yes" if r["passed"] else "no: " + "; ".join(r["failures"])]
+                      num(r.get("answer_f1_over_control"), "+.2f"), num(r.get("answer_auc"), ".2f"),
+                      "yes" if r["passed"] else "no: " + "; ".join(r["failures"])]
         else:
             cells += ["-"] * 13 + ["no: " + "; ".join(r["failures"])]
         lines.append("| " + " | ".join(cells) + " |")
