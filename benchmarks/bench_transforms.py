@@ -13,7 +13,9 @@ built on; every clustering then runs on the run's own kNN graph settings (`clust
   one, keep their z-scores (removing their mean would zero them);
 - `residual`: z-scores minus their first principal component (the shared term with fitted loadings
   rather than the equal loadings of row centring);
-- `whitened`: the principal components after the first, each scaled to unit variance.
+- `whitened`: the principal components after the first, each scaled to unit variance;
+- `loss`: `centred` after regressing each z-scored column on the token's own loss level (1, loss, log loss,
+  loss², from `token_loss`): what chi says beyond how easy the token is for the model.
 
 For every transform and clustering (the run's conductance settings; Leiden at resolution 1 and 4) it
 prints, per run, the clusters and the halves' ARI (both halves of the draws transformed and clustered
@@ -41,7 +43,7 @@ from spectro.features import feature_matrix, standardize
 from spectro.known_answers import best_cluster, readout
 from spectro.store import read_susceptibilities
 
-TRANSFORMS = ("zscore", "centred", "layer", "residual", "whitened")
+TRANSFORMS = ("zscore", "centred", "layer", "residual", "whitened", "loss")
 
 
 def load(run_dir: Path) -> dict:
@@ -55,6 +57,7 @@ def load(run_dir: Path) -> dict:
             "half": np.asarray(ds["chi_half"].values, dtype=np.float64)[:, :, keep],        # (2, tokens, components)
             "labels": {n: np.asarray(ds["token_labels"].values[:, i], dtype=bool) for i, n in enumerate(have)},
             "context": np.asarray(ds["token_context"].values),
+            "loss": np.asarray(ds["token_loss"].values, dtype=np.float64),                  # (tokens,)
             "params": ClusterParams(**{**ClusterConfig().__dict__, **config})}
 
 
@@ -64,11 +67,15 @@ def layer_of(name: str) -> str:
     return m.group(1) if m else name
 
 
-def transform(chi: np.ndarray, kind: str, names: list[str]) -> np.ndarray:
-    """(tokens, components) features of one transform (module notes)."""
+def transform(chi: np.ndarray, kind: str, names: list[str], loss: np.ndarray) -> np.ndarray:
+    """(tokens, components) features of one transform (module notes); `loss` (tokens,) each token's loss."""
     if kind in ("zscore", "centred"):                                     # the library's own kinds
         return feature_matrix(chi, kind)
     z = standardize(chi)                                                   # (tokens, components)
+    if kind == "loss":
+        level = np.column_stack([np.ones_like(loss), loss, np.log(np.clip(loss, 1e-6, None)), loss ** 2])
+        beta, *_ = np.linalg.lstsq(level, z, rcond=None)                   # (4, components)
+        return feature_matrix(z - level @ beta, "centred")
     if kind == "layer":
         out, blocks = z.copy(), np.array([layer_of(n) for n in names])
         for b in np.unique(blocks):
@@ -96,8 +103,8 @@ def clusters(features: np.ndarray, p: ClusterParams) -> np.ndarray:
 
 
 def measure(run: dict, kind: str, p: ClusterParams) -> dict:
-    f = transform(run["chi"], kind, run["names"])
-    halves = [transform(h, kind, run["names"]) for h in run["half"]]
+    f = transform(run["chi"], kind, run["names"], run["loss"])
+    halves = [transform(h, kind, run["names"], run["loss"]) for h in run["half"]]
     lab = clusters(f, p)
     return {"features": f, "halves": halves, "labels": lab, "halves_ari": agreement(*[clusters(h, p) for h in halves])["ari"]}
 
