@@ -10,7 +10,8 @@ Health checks (thresholds are arguments):
 - no diverged chain;
 - every component's LLC estimate is positive (a negative LLC means the chains
   found lower loss than w*: the step is too large or w* is not a local minimum
-  for this nβ, γ);
+  for this nβ, γ; an nβ = 0 control has no LLC and is judged on the rest: it is
+  the reference of the other jobs at its γ, never the recommendation);
 - every component's R-hat <= `rhat_max` (chains agree);
 - every component's bulk ESS >= `ess_min` (enough independent draws);
 - the full run's LLC spread over chains, std/mean, <= `llc_rel_spread_max`;
@@ -120,7 +121,7 @@ def summarize_job(job: Path, t: Thresholds) -> dict:
         "ess_min": float(np.nanmin(ess)) if np.isfinite(ess).any() else float("nan"),
         "divergence_rate": float(n_div.sum() / (n_chains * len(comps))),
     })
-    failures = _chain_failures(comps, llc, llc_std, rhat, ess, n_div, row, t)
+    failures = _chain_failures(comps, llc, llc_std, rhat, ess, n_div, row, t, bool(row["setting"].get("control")))
     phi = ds["mean_phi"].values
     disp = ds["displacement"].values if "displacement" in ds else np.full(len(comps), np.nan)
     row.update({"phi_full": float(phi[fi]), "displacement_max": float(np.nanmax(disp)) if np.isfinite(disp).any()
@@ -149,15 +150,16 @@ def summarize_job(job: Path, t: Thresholds) -> dict:
     return row
 
 
-def _chain_failures(comps: list[str], llc, llc_std, rhat, ess, n_div, row: dict, t: Thresholds) -> list[str]:
+def _chain_failures(comps: list[str], llc, llc_std, rhat, ess, n_div, row: dict, t: Thresholds,
+                    control: bool) -> list[str]:
     """The job's failed chain checks: divergences, LLC <= 0, R-hat, bulk ESS, the full LLC's spread over chains
-    (`row` holds its worst R-hat and lowest ESS)."""
+    (`row` holds its worst R-hat and lowest ESS). A control's LLC is nβ E[φ] with nβ = 0: no LLC check applies."""
     fi = comps.index("full")
     failures = []
     if n_div.sum():
         failures.append(f"{int(n_div.sum())} diverged chain(s) ({', '.join(c for c, n in zip(comps, n_div) if n)})")
     bad = [c for c, v in zip(comps, llc) if not v > 0]
-    if bad:
+    if bad and not control:
         failures.append(f"LLC <= 0 for {', '.join(bad)}")
     bad = [c for c, v in zip(comps, rhat) if not v <= t.rhat_max]
     if bad:
@@ -167,7 +169,7 @@ def _chain_failures(comps: list[str], llc, llc_std, rhat, ess, n_div, row: dict,
         failures.append(f"bulk ESS < {t.ess_min:g} for {len(bad)}/{len(comps)} components "
                         f"(lowest {row['ess_min']:.1f})")
     spread = llc_std[fi] / llc[fi] if llc[fi] > 0 else float("inf")
-    if not spread <= t.llc_rel_spread_max:
+    if not spread <= t.llc_rel_spread_max and not control:
         failures.append(f"full LLC spread over chains {spread:.2f} > {t.llc_rel_spread_max}")
     return failures
 
@@ -257,6 +259,9 @@ def control_failure(agreement: float, gain: Optional[float], control_job: str, t
 
 
 def recommend(rows: list[dict]) -> dict:
+    """The passing setting that reaches the target reliability soonest (module notes); an nβ = 0 control is the
+    reference the others are judged against, never the recommendation."""
+    rows = [r for r in rows if not r["setting"].get("control")] or rows
     passing = [r for r in rows if r["passed"]]
     if passing:
         timed = [r for r in passing if r.get("seconds_to_target") is not None]

@@ -92,6 +92,7 @@ SUBSTITUTIONS = {
     "RUN_DIR": ("<real>", "a finished run: the smoke run"),
     "multirun/<date>/<time>": ("<multirun>", "a sweep directory: jobs 0 and 1 are the smoke and the control run "
                                              "(tests/test_sweep.py runs a real multirun through the summary)"),
+    "runs/sweep": ("<multirun>", "the sampler sweep's directory of runs: the sweep directory above"),
     "[overrides]": ("", "any overrides: none"),
     "...": ("", "more of the same: nothing"),
 }

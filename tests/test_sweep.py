@@ -125,3 +125,11 @@ def test_a_job_the_loss_does_not_shape_fails_against_its_control():
     assert control_failure(0.97, 0.25, "1", t) is None     # the same signal, but the known answer found better
     for gain in (0.1, None):                               # the same signal and no better answer: fails
         assert "agree with the nβ = 0 control (job 1) at 0.97" in control_failure(0.97, gain, "1", t)
+
+
+def test_a_control_is_never_the_recommendation():
+    real = {**row("0", 1e-4, 40), "seconds_to_target": 900.0, "reliability": 0.5, "sampling_seconds": 300.0}
+    control = {**row("1", 1e-4, 90), "seconds_to_target": 100.0, "reliability": 0.9, "sampling_seconds": 300.0}
+    control["setting"] = {"step_size": 1e-4, "control": True}
+    rec = recommend([real, control])
+    assert rec["passed"] and rec["job"] == "0"              # the faster control is the reference, not a setting
