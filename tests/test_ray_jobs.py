@@ -67,9 +67,10 @@ def ray_head(tmp_path_factory):
         log.close()
 
 
-def submit(client, deadline_s: float = 120, **kwargs) -> str:
+def submit(client, deadline_s: float = 300, **kwargs) -> str:
     """client.submit_job, retried while the head's job agent is still starting: the job server answers before
-    the agent has registered (HTTP 500 "No available agent to submit job"), more often on a loaded machine."""
+    the agent has registered (HTTP 500 "No available agent to submit job"), more often on a loaded machine
+    (with two sampling jobs sharing the 2 cores the agent took over 120 s to register)."""
     deadline = time.time() + deadline_s
     while True:
         try:
