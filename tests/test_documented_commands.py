@@ -34,8 +34,8 @@ after `--`, run here without a cluster: tests/test_ray_jobs.py submits the main 
 Benchmarks (`python benchmarks/*.py`) and jobs/train_default_model.py: the command as typed with `--help`
 appended (argparse converts every value before it and exits 0 at `--help`), and every `--option` the command
 uses must be one the script's help lists. QUICK names the scripts also run for real at a small size (under
-30 s each on an idle 2-core machine). `python benchmarks/compare_runs.py`, `python benchmarks/bench_transforms.py`
-and `python jobs/sweep_summary.py` run as typed on the real runs.
+30 s each on an idle 2-core machine). `python benchmarks/compare_runs.py`, `python benchmarks/bench_transforms.py`,
+`python benchmarks/bench_rhat_null.py` on a run and `python jobs/sweep_summary.py` run as typed on the real runs.
 
 Python blocks (```python) run as scripts against the real run: `runs/...` is its directory, an
 `s3://bucket/<prefix>/<store>.zarr` URL is that store uploaded to moto's S3 server (tests/conftest.py `s3`), and
@@ -362,7 +362,8 @@ def plan_for(text: str) -> Plan | None:
         extra += [] if "plan.calibration_draws" in keys else ["plan.calibration_draws=0"]
         return Plan("plan", shlex.join([*shlex.split(made), *extra]))
     name = script(text)
-    if name in ("benchmarks/compare_runs.py", "benchmarks/bench_transforms.py", "jobs/sweep_summary.py"):
+    reads_a_run = name == "benchmarks/bench_rhat_null.py" and "--rho" not in text   # --rho: no run, a simulation
+    if name in ("benchmarks/compare_runs.py", "benchmarks/bench_transforms.py", "jobs/sweep_summary.py") or reads_a_run:
         return Plan("script", substitute(text))
     if name and (name.startswith("benchmarks/") or name in ("jobs/train_default_model.py",
                                                             "jobs/build_corpus_asset.py")):

@@ -1,0 +1,152 @@
+"""How large R-hat gets when the chains mix perfectly: the diagnostic's null for a run's layout.
+
+A run computes R-hat per component over the antithetic pairs' mean phi traces
+(spectro.susceptibilities.diagnostics): with 4 chains that is 2 units of D
+draws each, rank-normalised and split. With so few units R-hat is itself noisy,
+and the run takes its maximum over every component, so a sampler that mixes
+perfectly still exceeds a fixed threshold in some runs. This script gives that
+rate for a run:
+
+- per component: R-hat, bulk ESS, and the lag-1 autocorrelation of the pair
+  means (pooled over units), read from the run's samples.zarr;
+- the null: independent AR(1) traces with each component's own lag-1
+  autocorrelation and the run's units and draws (what a sampler whose only
+  memory is its measured step-to-step correlation produces), simulated
+  `--reps` times; per component the share of null runs with an R-hat at least
+  the observed one (p), and over the whole run the share whose largest R-hat
+  exceeds the threshold, and the null's 95% / 99% quantiles of that maximum.
+
+A component with a small p has a slow mode its lag-1 autocorrelation does not
+show (it has not mixed); a run-wide rate near 1 says the threshold cannot be met
+at this layout whatever the sampler does (more units or less correlated draws
+would be needed).
+
+    python benchmarks/bench_rhat_null.py runs/seed0 --reps 400
+    python benchmarks/bench_rhat_null.py --rho 0.06 0.32 --units 2 4 --draws 40 --components 23
+
+The second form needs no run: the null rate for given correlations and layouts
+(how many units, draws and components a run would have).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spectro.estimator import units_of  # noqa: E402
+from spectro.store.samples import SampleStore  # noqa: E402
+from spectro.susceptibilities import antithetic  # noqa: E402
+
+
+def rhat(x: np.ndarray) -> float:
+    """Rank-normalised split R-hat of (units, draws), as the pipeline computes it."""
+    from arviz_stats.base import array_stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(array_stats.rhat(x, chain_axis=0, draw_axis=1, method="rank"))
+
+
+def rhat_ess(x: np.ndarray) -> tuple[float, float]:
+    """Rank-normalised split R-hat and bulk ESS of (units, draws), as the pipeline computes them."""
+    from arviz_stats.base import array_stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return (float(array_stats.rhat(x, chain_axis=0, draw_axis=1, method="rank")),
+                float(array_stats.ess(x, chain_axis=0, draw_axis=1, method="bulk")))
+
+
+def lag1(x: np.ndarray) -> float:
+    """Lag-1 autocorrelation pooled over units (each centred on its own mean)."""
+    x = x - x.mean(1, keepdims=True)
+    return float((x[:, :-1] * x[:, 1:]).sum() / (x * x).sum())
+
+
+def ar1(rng: np.random.Generator, rho: float, units: int, draws: int) -> np.ndarray:
+    """(units, draws) stationary AR(1) with unit variance and lag-1 correlation rho."""
+    rho = float(np.clip(rho, 0.0, 0.99))
+    e = rng.standard_normal((units, draws))
+    x = np.empty_like(e)
+    x[:, 0] = e[:, 0]
+    for t in range(1, draws):
+        x[:, t] = rho * x[:, t - 1] + np.sqrt(1 - rho * rho) * e[:, t]
+    return x
+
+
+def pair_means(store: SampleStore) -> dict[str, np.ndarray]:
+    s = store.read("sampling_loss")                                          # (C, N, D)
+    paired = antithetic(store)
+    out = {}
+    for ci, name in enumerate(store.layout.components):
+        phi = s[ci] - store.init_loss                                         # (chains, draws)
+        ok = np.isfinite(phi).all(1)
+        if ok.sum() < 2:
+            continue
+        units = [u for u in units_of(phi.shape[0], paired) if ok[list(u)].all()]
+        out[name] = np.stack([phi[list(u)].mean(0) for u in units])          # (units, draws)
+    return out
+
+
+def layouts(args) -> int:
+    """The null rate of `largest R-hat > threshold` for given correlations and layouts."""
+    rng = np.random.default_rng(args.seed)
+    print(f"| lag-1 | units | draws | components | share of null runs with largest R-hat > {args.threshold} | "
+          f"median | 99% |")
+    print("|---|---|---|---|---|---|---|")
+    for rho in args.rho:
+        for units in args.units:
+            mx = np.array([max(rhat(ar1(rng, rho, units, args.draws)) for _ in range(args.components))
+                           for _ in range(args.reps)])
+            print(f"| {rho:.2f} | {units} | {args.draws} | {args.components} | {(mx > args.threshold).mean():.2f} | "
+                  f"{np.median(mx):.3f} | {np.quantile(mx, 0.99):.3f} |", flush=True)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", nargs="?", help="a run directory with samples.zarr")
+    ap.add_argument("--reps", type=int, default=400, help="simulated null runs")
+    ap.add_argument("--threshold", type=float, default=1.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rho", type=float, nargs="+", help="without a run: lag-1 correlations to simulate")
+    ap.add_argument("--units", type=int, nargs="+", default=[2], help="with --rho: units per component")
+    ap.add_argument("--draws", type=int, default=40, help="with --rho: draws per unit")
+    ap.add_argument("--components", type=int, default=23, help="with --rho: components per run")
+    args = ap.parse_args()
+    if (args.run is None) == (args.rho is None):
+        ap.error("give a run directory or --rho, not both")
+    if args.rho is not None:
+        return layouts(args)
+    store = SampleStore.open(Path(args.run) / "samples.zarr")
+    traces = pair_means(store)
+    if not traces or next(iter(traces.values())).shape[1] < 4:
+        raise SystemExit(f"{args.run}: R-hat needs at least 2 units of 4 draws each; this run has "
+                         f"{store.layout.n_chains} chain(s) of {store.read('sampling_loss').shape[-1]} draw(s)")
+    rng = np.random.default_rng(args.seed)
+    obs = {n: (*rhat_ess(x), lag1(x)) for n, x in traces.items()}
+    null = np.array([[rhat(ar1(rng, obs[n][2], *traces[n].shape)) for n in traces]
+                     for _ in range(args.reps)])                              # (reps, components)
+    units, draws = next(iter(traces.values())).shape
+    print(f"{args.run}: {len(traces)} components, {units} units (pair means) x {draws} draws; "
+          f"null: {args.reps} simulated runs of AR(1) traces at each component's lag-1 autocorrelation")
+    print("| component | R-hat | bulk ESS | lag-1 | p (null R-hat >= observed) |")
+    print("|---|---|---|---|---|")
+    for j, (n, (r, e, a)) in enumerate(obs.items()):
+        print(f"| {n} | {r:.3f} | {e:.0f} | {a:.2f} | {(null[:, j] >= r).mean():.3f} |")
+    mx = null.max(1)
+    observed = max(r for r, _, _ in obs.values())
+    print(f"largest R-hat: observed {observed:.3f}; null median {np.median(mx):.3f}, 95% {np.quantile(mx, 0.95):.3f}, "
+          f"99% {np.quantile(mx, 0.99):.3f}; share of null runs whose largest R-hat exceeds {args.threshold}: "
+          f"{(mx > args.threshold).mean():.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
