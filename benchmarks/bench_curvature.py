@@ -21,7 +21,7 @@ Hessian-vector products; a library routine rather than our own iteration),
 and the gradient's norm there. For each requested sampler setting it then
 prints κ_min, the relaxation time in draws, and whether the posterior is local.
 
-    python benchmarks/bench_curvature.py --components l0h3,l1h2,l2h3,l1h1 --settings "" "nbeta=3000,step_size=5e-5"
+    python benchmarks/bench_curvature.py --components all --settings "" "nbeta=3000,step_size=5e-5"
 
 The figures in docs/calibration.md ("Why the chains mix slowly at a larger nβ") come from this script.
 """
@@ -107,7 +107,9 @@ def regime(c: dict, s: dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--components", default="l0h3,l1h2,l2h3,l1h1,l2h1,l3h0,l0.mlp")
+    ap.add_argument("--components", default="l0h3,l1h2,l2h3,l1h1,l2h1,l3h0,l0.mlp",
+                    help="comma-separated, or 'all': the embedding, every head and MLP (the unembedding's block "
+                         "is positive semi-definite, cross-entropy being convex in it; full is too large here)")
     ap.add_argument("--settings", nargs="+", default=["", "nbeta=3000,step_size=5e-5"],
                     help="sampler overrides on the default, comma-separated (empty: the default)")
     ap.add_argument("--contexts", type=int, default=64, help="SGLD training contexts the Hessian averages over")
@@ -128,7 +130,10 @@ def main() -> int:
     print(f"{len(ids)} training contexts of {ids.shape[1]} tokens; loss at w* on them computed per component")
     head = " ".join(f"| {name}: κ_min, draws to relax, εκ_max/2" for name, _ in settings)
     print(f"| component | entries | λ_min | λ_max | |∇L| | HVPs | seconds {head} |")
-    for name in args.components.split(","):
+    names = args.components.split(",")
+    if names == ["all"]:
+        names = [c.name for c in base.components if c.name not in ("full", "unembed")]
+    for name in names:
         comp = next((c for c in base.components if c.name == name), None)
         if comp is None:
             raise SystemExit(f"unknown component {name!r}; the default run has "
