@@ -41,17 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common import parse_setting  # noqa: E402
 from spectro.config import to_config  # noqa: E402
 from spectro.observables import logits  # noqa: E402
 from spectro.pipeline import prepare  # noqa: E402
-
-
-def parse(setting: str) -> dict:
-    out = {}
-    for kv in filter(None, setting.split(",")):
-        k, v = kv.split("=")
-        out[k] = json.loads(v)
-    return out
 
 
 def curvature(model, comp, ids: torch.Tensor, k: int, tol: float) -> dict:
@@ -124,7 +117,7 @@ def main() -> int:
     ids = base.problem.train_ids[:args.contexts]
     settings = []
     for setting in args.settings:
-        s = vars(to_config({"sampler": parse(setting)}).sampler)
+        s = vars(to_config({"sampler": parse_setting(setting)}).sampler)
         settings.append((setting or "default", s))
     rows = {}
     print(f"{len(ids)} training contexts of {ids.shape[1]} tokens; loss at w* on them computed per component")

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from common import parse_setting  # noqa: E402
 from spectro.config import to_config  # noqa: E402
 from spectro.estimator import ChainMoments, susceptibility, units_of  # noqa: E402
 from spectro.features import feature_matrix  # noqa: E402
@@ -48,14 +49,6 @@ from spectro.sampling import UnitRunner  # noqa: E402
 
 COMPONENTS = "full,l0h1,l1h2,l2h0,l3h3,l0.mlp,l2.mlp,embed,unembed"
 OLD_DEFAULT = "step_size=1e-3,num_draws=20,steps_between_draws=1,antithetic=false"
-
-
-def parse(setting: str) -> dict:
-    out = {}
-    for kv in filter(None, setting.split(",")):
-        k, v = kv.split("=")
-        out[k] = json.loads(v)
-    return out
 
 
 def sample(prepared, config, components):
@@ -141,7 +134,7 @@ def main() -> int:
     for setting in settings:
         runs = []
         for seed in args.seeds:
-            config = to_config({"sampler": {**parse(setting), "seed": seed}})
+            config = to_config({"sampler": {**parse_setting(setting), "seed": seed}})
             prepared = prepare(config)
             draws, seconds = sample(prepared, config, components)
             paired = config.sampler.antithetic

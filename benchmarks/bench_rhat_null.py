@@ -39,9 +39,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spectro.estimator import units_of  # noqa: E402
+from spectro.config import EstimatorConfig  # noqa: E402
 from spectro.store.samples import SampleStore  # noqa: E402
-from spectro.susceptibilities import antithetic  # noqa: E402
+from spectro.susceptibilities import antithetic, diagnostics, select_chains, unit_phi  # noqa: E402
 
 
 def rhat(x: np.ndarray) -> float:
@@ -51,16 +51,6 @@ def rhat(x: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(array_stats.rhat(x, chain_axis=0, draw_axis=1, method="rank"))
-
-
-def rhat_ess(x: np.ndarray) -> tuple[float, float]:
-    """Rank-normalised split R-hat and bulk ESS of (units, draws), as the pipeline computes them."""
-    from arviz_stats.base import array_stats
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return (float(array_stats.rhat(x, chain_axis=0, draw_axis=1, method="rank")),
-                float(array_stats.ess(x, chain_axis=0, draw_axis=1, method="bulk")))
 
 
 def lag1(x: np.ndarray) -> float:
@@ -80,17 +70,17 @@ def ar1(rng: np.random.Generator, rho: float, units: int, draws: int) -> np.ndar
     return x
 
 
-def pair_means(store: SampleStore) -> dict[str, np.ndarray]:
-    s = store.read("sampling_loss")                                          # (C, N, D)
-    paired = antithetic(store)
+def read_run(store: SampleStore) -> dict[str, tuple[np.ndarray, float, float]]:
+    """Per component with >= 2 units: (its pair-mean phi traces (units, draws), R-hat, bulk ESS), the traces and
+    diagnostics exactly as the pipeline takes them (spectro.susceptibilities)."""
+    sel = select_chains(store)
+    diag = diagnostics(store, sel, nbeta=1.0, rhat_threshold=EstimatorConfig().rhat_threshold)
+    s, paired = store.read("sampling_loss"), antithetic(store)              # (C, N, D)
     out = {}
     for ci, name in enumerate(store.layout.components):
-        phi = s[ci] - store.init_loss                                         # (chains, draws)
-        ok = np.isfinite(phi).all(1)
-        if ok.sum() < 2:
-            continue
-        units = [u for u in units_of(phi.shape[0], paired) if ok[list(u)].all()]
-        out[name] = np.stack([phi[list(u)].mean(0) for u in units])          # (units, draws)
+        _, _, phi = unit_phi(s, store.init_loss, sel, ci, paired)
+        if phi is not None and len(phi) >= 2:
+            out[name] = (phi, float(diag["rhat"][ci]), float(diag["ess_bulk"][ci]))
     return out
 
 
@@ -125,12 +115,13 @@ def main() -> int:
     if args.rho is not None:
         return layouts(args)
     store = SampleStore.open(Path(args.run) / "samples.zarr")
-    traces = pair_means(store)
-    if not traces or next(iter(traces.values())).shape[1] < 4:
+    runs = read_run(store)
+    if not runs or next(iter(runs.values()))[0].shape[1] < 4:
         raise SystemExit(f"{args.run}: R-hat needs at least 2 units of 4 draws each; this run has "
-                         f"{store.layout.n_chains} chain(s) of {store.read('sampling_loss').shape[-1]} draw(s)")
+                         f"{store.layout.n_chains} chain(s) of {store.layout.n_draws} draw(s)")
+    traces = {n: phi for n, (phi, _, _) in runs.items()}
+    obs = {n: (r, e, lag1(traces[n])) for n, (_, r, e) in runs.items()}
     rng = np.random.default_rng(args.seed)
-    obs = {n: (*rhat_ess(x), lag1(x)) for n, x in traces.items()}
     null = np.array([[rhat(ar1(rng, obs[n][2], *traces[n].shape)) for n in traces]
                      for _ in range(args.reps)])                              # (reps, components)
     units, draws = next(iter(traces.values())).shape

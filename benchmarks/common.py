@@ -309,3 +309,12 @@ class PeakRSS:
 def planted_groups(n_tokens: int) -> int:
     """Groups of the planted family at `n_tokens` tokens: 60 at 20,000, scaled as sqrt(N / 20,000)."""
     return int(round(60 * np.sqrt(n_tokens / 20000)))
+
+
+def parse_setting(setting: str) -> dict:
+    """A sampler setting as the calibration benchmarks take it: `key=value,...` (values as JSON; "" -> {})."""
+    out = {}
+    for kv in filter(None, setting.split(",")):
+        k, v = kv.split("=")
+        out[k] = json.loads(v)
+    return out

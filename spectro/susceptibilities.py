@@ -276,6 +276,20 @@ def _reduce_batch(batch: dict, samples_path: str, out_path: str, sel: Selection,
             "peak_rss_mb": np.full(len(t0s), rss_mb)}
 
 
+def unit_phi(s: np.ndarray, init_loss: float, sel: Selection, ci: int,
+             paired: bool) -> tuple[np.ndarray, int, Optional[np.ndarray]]:
+    """Component `ci`'s usable chains, the draws they all have (n), and phi per independent unit (units, n);
+    phi is None when no chain is usable. `s`: the store's (C, N, D) `sampling_loss`. Antithetic pairs are one
+    unit: the linear part of their phi cancels in the pair's mean, so R-hat, ESS and the LLC spread are taken over
+    pair means (counting both chains would overstate the evidence)."""
+    chains = np.nonzero(sel.use[ci])[0]
+    if len(chains) == 0:
+        return chains, 0, None
+    n = int(sel.draws[ci, chains].min())
+    phi = s[ci, chains, :n] - init_loss                                      # (chains, draws)
+    return chains, n, np.stack([phi[u].mean(0) for u in units(list(chains), paired)])
+
+
 def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold: float) -> dict[str, np.ndarray]:
     from arviz_stats.base import array_stats
 
@@ -289,14 +303,9 @@ def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold
     out["n_diverged"] = (store.diverged_at() >= 0).sum(1)
     paired = antithetic(store)
     for ci in range(C):
-        chains = np.nonzero(sel.use[ci])[0]
+        chains, n, phi = unit_phi(s, store.init_loss, sel, ci, paired)       # phi: (units, draws)
         if len(chains) == 0:
             continue
-        n = int(sel.draws[ci, chains].min())
-        phi = s[ci, chains, :n] - store.init_loss                            # (chains, draws)
-        # antithetic pairs are one unit: their phi traces are nearly equal by design, so R-hat, ESS and the
-        # LLC spread are taken over pair means (counting both chains would overstate the evidence)
-        phi = np.stack([phi[u].mean(0) for u in units(list(chains), paired)])   # (units, draws)
         llc = nbeta * phi.mean(1)
         out["llc_mean"][ci] = llc.mean()
         out["llc_std"][ci] = llc.std(ddof=1) if len(chains) > 1 else np.nan

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))          # the script imports its neighbour `common`, as when run
     spec = importlib.util.spec_from_file_location("bench_curvature", ROOT / "benchmarks" / "bench_curvature.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("bench_curvature", mod)
