@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,33 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spectro.config import EstimatorConfig  # noqa: E402
 from spectro.store.samples import SampleStore  # noqa: E402
+from spectro.reliability import RHAT_FAMILY_ALPHA, ar1, lag1, rank_rhat, rhat_null_p  # noqa: E402
 from spectro.susceptibilities import antithetic, diagnostics, select_chains, unit_phi  # noqa: E402
-
-
-def rhat(x: np.ndarray) -> float:
-    """Rank-normalised split R-hat of (units, draws), as the pipeline computes it."""
-    from arviz_stats.base import array_stats
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(array_stats.rhat(x, chain_axis=0, draw_axis=1, method="rank"))
-
-
-def lag1(x: np.ndarray) -> float:
-    """Lag-1 autocorrelation pooled over units (each centred on its own mean)."""
-    x = x - x.mean(1, keepdims=True)
-    return float((x[:, :-1] * x[:, 1:]).sum() / (x * x).sum())
-
-
-def ar1(rng: np.random.Generator, rho: float, units: int, draws: int) -> np.ndarray:
-    """(units, draws) stationary AR(1) with unit variance and lag-1 correlation rho."""
-    rho = float(np.clip(rho, 0.0, 0.99))
-    e = rng.standard_normal((units, draws))
-    x = np.empty_like(e)
-    x[:, 0] = e[:, 0]
-    for t in range(1, draws):
-        x[:, t] = rho * x[:, t - 1] + np.sqrt(1 - rho * rho) * e[:, t]
-    return x
 
 
 def read_run(store: SampleStore) -> dict[str, tuple[np.ndarray, float, float]]:
@@ -85,17 +59,25 @@ def read_run(store: SampleStore) -> dict[str, tuple[np.ndarray, float, float]]:
 
 
 def layouts(args) -> int:
-    """The null rate of `largest R-hat > threshold` for given correlations and layouts."""
+    """The null rate of `largest R-hat > threshold` for given correlations and layouts; with --verdict also the
+    rate of the pipeline's "not mixed" (above the threshold and beyond the component's own null, family-wise)."""
     rng = np.random.default_rng(args.seed)
-    print(f"| lag-1 | units | draws | components | share of null runs with largest R-hat > {args.threshold} | "
-          f"median | 99% |")
-    print("|---|---|---|---|---|---|---|")
+    head = f"| lag-1 | units | draws | components | share of null runs with largest R-hat > {args.threshold} | "
+    print(head + "median | 99% |" + (" share flagged \"not mixed\" |" if args.verdict else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.verdict else ""))
     for rho in args.rho:
         for units in args.units:
-            mx = np.array([max(rhat(ar1(rng, rho, units, args.draws)) for _ in range(args.components))
-                           for _ in range(args.reps)])
-            print(f"| {rho:.2f} | {units} | {args.draws} | {args.components} | {(mx > args.threshold).mean():.2f} | "
-                  f"{np.median(mx):.3f} | {np.quantile(mx, 0.99):.3f} |", flush=True)
+            x = ar1(rng, rho, (args.reps, args.components, units, args.draws))
+            r = rank_rhat(x)                                                  # (reps, components)
+            mx = r.max(1)
+            row = (f"| {rho:.2f} | {units} | {args.draws} | {args.components} | {(mx > args.threshold).mean():.2f} | "
+                   f"{np.median(mx):.3f} | {np.quantile(mx, 0.99):.3f} |")
+            if args.verdict:
+                alpha = RHAT_FAMILY_ALPHA / args.components
+                flagged = [any(rhat_null_p(x[i, j], r[i, j], rng) < alpha
+                               for j in np.flatnonzero(r[i] > args.threshold)) for i in range(args.reps)]
+                row += f" {np.mean(flagged):.3f} |"
+            print(row, flush=True)
     return 0
 
 
@@ -109,6 +91,8 @@ def main() -> int:
     ap.add_argument("--units", type=int, nargs="+", default=[2], help="with --rho: units per component")
     ap.add_argument("--draws", type=int, default=40, help="with --rho: draws per unit")
     ap.add_argument("--components", type=int, default=23, help="with --rho: components per run")
+    ap.add_argument("--verdict", action="store_true",
+                    help="with --rho: also the share of null runs the pipeline flags \"not mixed\"")
     args = ap.parse_args()
     if (args.run is None) == (args.rho is None):
         ap.error("give a run directory or --rho, not both")
@@ -122,8 +106,7 @@ def main() -> int:
     traces = {n: phi for n, (phi, _, _) in runs.items()}
     obs = {n: (r, e, lag1(traces[n])) for n, (_, r, e) in runs.items()}
     rng = np.random.default_rng(args.seed)
-    null = np.array([[rhat(ar1(rng, obs[n][2], *traces[n].shape)) for n in traces]
-                     for _ in range(args.reps)])                              # (reps, components)
+    null = np.stack([rank_rhat(ar1(rng, obs[n][2], (args.reps, *traces[n].shape))) for n in traces], 1)  # (reps, C)
     units, draws = next(iter(traces.values())).shape
     print(f"{args.run}: {len(traces)} components, {units} units (pair means) x {draws} draws; "
           f"null: {args.reps} simulated runs of AR(1) traces at each component's lag-1 autocorrelation")

@@ -157,7 +157,8 @@ def write_run(run_dir: Path, chi: np.ndarray, groups: np.ndarray, seed: int, con
         out.write_block(t0, t1, per.mean(axis=0), per.std(axis=0, ddof=1) / np.sqrt(N_CHAINS), per, half)
     rel = run_reliability(out, comps)
     diag = {"llc_mean": np.full(C + 1, 40.0), "llc_std": np.full(C + 1, 2.0), "mean_phi": np.full(C + 1, 0.1),
-            "rhat": np.full(C + 1, 1.01), "ess_bulk": np.full(C + 1, 200.0), "n_chains_used": np.full(C + 1, N_CHAINS),
+            "rhat": np.full(C + 1, 1.01), "rhat_p": np.full(C + 1, np.nan),
+            "ess_bulk": np.full(C + 1, 200.0), "n_chains_used": np.full(C + 1, N_CHAINS),
             "n_diverged": np.zeros(C + 1), "not_mixed": np.zeros(C + 1, dtype=bool),
             "displacement": np.full(C + 1, 0.1), "not_local": np.zeros(C + 1, dtype=bool)}
     if set(diag) != set(DIAGNOSTICS):

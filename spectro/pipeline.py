@@ -354,7 +354,11 @@ def run_susceptibilities(config: SpectroConfig, run_dir: rundir.PathLike, draws:
              len(out["locality"]), f" on {draws} draws" if draws else "", out["seconds"], out["blocks"],
              "–" if rhat is None else f"{rhat:.3f}")
     if out["not_mixed"]:
-        log.warning("chains have not mixed (R-hat > %s) for: %s", e.rhat_threshold, ", ".join(out["not_mixed"]))
+        log.warning("chains have not mixed (R-hat > %s, beyond its null) for: %s", e.rhat_threshold,
+                    ", ".join(out["not_mixed"]))
+    if out["rhat_within_chance"]:
+        log.info("R-hat > %s within what perfectly mixing chains of this layout give (null p), not flagged: %s",
+                 e.rhat_threshold, ", ".join(f"{c} (p {p:.2g})" for c, p in out["rhat_within_chance"].items()))
     if out["not_local"]:
         log.warning("chains are not local (E[phi] or displacement above the thresholds) for: %s",
                     ", ".join(out["not_local"]))

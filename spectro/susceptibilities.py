@@ -32,7 +32,12 @@ Non-obvious choices:
   it. With store.probe=moments only D = the committed draws works (the sums
   are kept at the committed draws only).
 - R-hat (rank-normalised, split) and bulk ESS come from arviz-stats, on
-  phi = sampling_loss - init_loss per (chain, draw).
+  phi = sampling_loss - init_loss per (chain, draw). A component above
+  `rhat_threshold` gets `rhat_p`, the share of R-hats of independent AR(1)
+  traces at its own lag-1 autocorrelation that reach its R-hat
+  (`spectro.reliability.rhat_null_p`); it is `not_mixed` only if rhat_p is
+  below 0.05 / (components with an R-hat): R-hat beyond what its noise at
+  this layout gives, with a run-wide false alarm rate of about 5%.
 - A `store.probe=moments` store holds each chain's sums already: a task reads
   the slot that `progress` points at (spectro.store.samples) for its tokens
   instead of reducing `probe_loss`, and everything after that (chi, chi_se,
@@ -70,12 +75,14 @@ from spectro import console, rundir
 from spectro.config import EstimatorConfig
 from spectro.errors import DivergenceError, StoreError
 from spectro.estimator import ChainMoments, mean_loss, susceptibility
-from spectro.reliability import split_half
+from spectro.reliability import RHAT_FAMILY_ALPHA, rhat_null_p, split_half
 from spectro.store import SampleStore, SusceptibilityStore
 
 _E = EstimatorConfig()    # the schema's defaults: the one place they are written
 
 log = logging.getLogger("spectro.susceptibilities")
+
+RHAT_NULL_SEED = 0          # R-hat's null for component ci draws from default_rng([RHAT_NULL_SEED, ci])
 
 FULL = "full"
 LOCAL_MAX_PHI = 0.5            # nats: mean loss rise of the sampled models above which a run is not local
@@ -296,7 +303,8 @@ def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold
     L = store.layout
     C = len(L.components)
     s = store.read("sampling_loss")                                          # (C, N, D)
-    out = {k: np.full(C, np.nan) for k in ("llc_mean", "llc_std", "mean_phi", "rhat", "ess_bulk", "displacement")}
+    out = {k: np.full(C, np.nan) for k in ("llc_mean", "llc_std", "mean_phi", "rhat", "rhat_p", "ess_bulk",
+                                           "displacement")}
     dist = store.read("distance")                                            # (C, N, D) ||w - w*||
     norms = (store.attrs.get("model") or {}).get("weight_norms") or {}
     out["n_chains_used"] = sel.use.sum(1)
@@ -318,7 +326,12 @@ def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold
                 warnings.simplefilter("ignore", RuntimeWarning)
                 out["rhat"][ci] = float(array_stats.rhat(phi, chain_axis=0, draw_axis=1, method="rank"))
                 out["ess_bulk"][ci] = float(array_stats.ess(phi, chain_axis=0, draw_axis=1, method="bulk"))
-    out["not_mixed"] = ~(out["rhat"] <= rhat_threshold)                      # NaN R-hat counts as not shown mixed
+            if out["rhat"][ci] > rhat_threshold:                             # is it beyond R-hat's own noise?
+                out["rhat_p"][ci] = rhat_null_p(phi, out["rhat"][ci], np.random.default_rng([RHAT_NULL_SEED, ci]))
+    # not mixed: R-hat above the threshold and beyond its null (family-wise, spectro.reliability); NaN R-hat (fewer
+    # than 2 units or 4 draws) counts as not shown mixed
+    beyond = ~(out["rhat_p"] >= RHAT_FAMILY_ALPHA / max(int(np.isfinite(out["rhat"]).sum()), 1))
+    out["not_mixed"] = ~(out["rhat"] <= rhat_threshold) & beyond
     out["not_local"] = (out["mean_phi"] > LOCAL_MAX_PHI) | (out["displacement"] > LOCAL_MAX_DISPLACEMENT)
     return out
 
@@ -377,11 +390,18 @@ def compute(run_dir: rundir.PathLike, *, form: str = _E.form, nbeta: float,
                                           "components", "features_reliability")},
             "excluded_chains": len(sel.excluded), "partial": sel.partial, "components_without_chains": empty,
             "not_mixed": [L.components[c] for c in np.nonzero(diag["not_mixed"])[0]],
+            "rhat_within_chance": _within_chance(diag, L.components, rhat_threshold),
             "not_local": [L.components[c] for c in np.nonzero(diag["not_local"])[0]],
             "rhat_max": _num(np.max(diag["rhat"], initial=-np.inf, where=np.isfinite(diag["rhat"]))),
             "rhat": {c: _num(diag["rhat"][i]) for i, c in enumerate(L.components)},
             "locality": {c: {"mean_phi": _num(diag["mean_phi"][i]), "displacement": _num(diag["displacement"][i])}
                          for i, c in enumerate(L.components)}}
+
+
+def _within_chance(diag: dict, components: list[str], rhat_threshold: float) -> dict[str, Optional[float]]:
+    """Components above the R-hat threshold but within its null (not flagged), with their null p."""
+    idx = np.nonzero((diag["rhat"] > rhat_threshold) & ~diag["not_mixed"])[0]
+    return {components[c]: _num(diag["rhat_p"][c]) for c in idx}
 
 
 def _num(x: float) -> Optional[float]:

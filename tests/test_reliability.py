@@ -17,7 +17,9 @@ import pytest
 
 from spectro.estimator import ChainMoments, susceptibility, t_quantile, units_of
 from spectro.features import feature_matrix
-from spectro.reliability import column_correlations, draws_factor, spearman_brown, split_half, verdict
+from spectro.reliability import (column_correlations, draws_factor, lag1, rank_rhat, rhat_null_p, spearman_brown,
+                                 split_half, verdict)
+from spectro.reliability import ar1 as ar1_traces
 
 INIT = 3.0
 
@@ -179,3 +181,25 @@ def test_verdict_reads_the_figures():
                                  "ARI 0.00 < 0.5)"
     assert not verdict(rel, None, not_mixed=["l0h1"])["ok"]
     assert not verdict(None)["ok"]
+
+
+def test_ar1_has_the_asked_correlation_and_lag1_reads_it():
+    x = ar1_traces(np.random.default_rng(0), 0.5, (4, 20000))
+    assert x.var() == pytest.approx(1.0, abs=0.03)
+    assert lag1(x) == pytest.approx(0.5, abs=0.02)
+    assert lag1(ar1_traces(np.random.default_rng(1), 0.0, (2, 20000))) == pytest.approx(0.0, abs=0.02)
+
+
+def test_rhat_null_p_separates_a_slow_mode_from_r_hat_noise():
+    """Two units of 40 draws: units that sit at different levels (a mode the chains did not cross) have a p at the
+    floor 1 / (reps + 1); a perfectly mixing pair at the null's median R-hat has p about 0.5; p is the share of null
+    R-hats that reach the observed one, so it falls as R-hat rises."""
+    rng = np.random.default_rng(3)
+    slow = ar1_traces(rng, 0.06, (2, 40)) + np.array([[1.5], [-1.5]])
+    assert rank_rhat(slow) > 1.5
+    assert rhat_null_p(slow, rank_rhat(slow), np.random.default_rng(0), reps=500) == pytest.approx(1 / 501)
+    mixing = ar1_traces(rng, 0.06, (2, 40))
+    median = float(np.median(rank_rhat(ar1_traces(np.random.default_rng(9), lag1(mixing), (4000, 2, 40)))))
+    assert rhat_null_p(mixing, median, np.random.default_rng(0), reps=2000) == pytest.approx(0.5, abs=0.04)
+    ps = [rhat_null_p(mixing, r, np.random.default_rng(0), reps=500) for r in (1.02, 1.06, 1.1, 1.2)]
+    assert ps == sorted(ps, reverse=True) and ps[-1] < ps[0]

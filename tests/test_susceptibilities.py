@@ -100,6 +100,36 @@ def test_diagnostics_match_arviz_and_llc_definition(regression_run):
     assert ds["mean_phi"].values[1] == pytest.approx(exact_phi, rel=0.1)
 
 
+def test_not_mixed_needs_r_hat_beyond_its_null(regression_run, tmp_path):
+    """A copy of the regression run with w0's first two antithetic pairs shifted (a mode the other pairs never
+    visit): w0 is above the threshold with rhat_p at its floor, so not mixed. At a threshold below every R-hat,
+    the well-mixed full is above it too, but within what its own null gives: not flagged."""
+    from spectro.reliability import RHAT_NULL_REPS
+    from spectro.susceptibilities import diagnostics, select_chains
+
+    run, problem, info, config = regression_run
+    src = SampleStore.open(run / "samples.zarr")
+    store = regression_store(tmp_path / "samples.zarr", problem, config)
+    L = store.layout
+    for comp, chains in L.units():
+        ci = L.components.index(comp)
+        for d0 in range(0, L.n_draws, L.draw_chunk):
+            sl = (ci, slice(chains[0], chains[-1] + 1), slice(d0, d0 + L.draw_chunk))
+            loss = src.read("sampling_loss", sl)
+            if comp == "w0":
+                loss = loss + 2.0 * (np.asarray(chains) < 4)[:, None] * src.read("sampling_loss")[ci].std()
+            store.write_block(comp, chains, d0, sampling_loss=loss, probe_loss=src.read("probe_loss", sl + (slice(None),)),
+                              traces={n: src.read(n, sl) for n in TRACE_ARRAYS}, diverged_at=np.full(len(chains), -1))
+            store.set_progress(comp, chains, d0 + L.draw_chunk)
+    sel = select_chains(store)
+    diag = diagnostics(store, sel, NBETA, rhat_threshold=1.1)
+    assert diag["rhat"][1] > 1.2 and diag["rhat_p"][1] == pytest.approx(1 / (RHAT_NULL_REPS + 1))
+    assert list(diag["not_mixed"]) == [False, True]
+    assert np.isnan(diag["rhat_p"][0])                        # below the threshold: no null drawn
+    low = diagnostics(store, sel, NBETA, rhat_threshold=0.5)
+    assert low["rhat_p"][0] > 0.05 / 2 and list(low["not_mixed"]) == [False, True]
+
+
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory, ray_local):
     problem, config = tiny_problem(), tiny_config()

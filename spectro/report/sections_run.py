@@ -175,7 +175,8 @@ def _diagnostics_section(run: _Run) -> str:
             f"nβ = {_fmt(s.attrs.get('nbeta'), 3)}"]
     thr = s.attrs.get("rhat_threshold")
     if thr is not None:
-        bits.append(f"flagged “not mixed” where R-hat &gt; {_fmt(thr, 2)}")
+        bits.append(f"flagged “not mixed” where R-hat &gt; {_fmt(thr, 2)} and beyond its null (p, the share of "
+                    "perfectly mixing runs of this layout that reach it, below 0.05 / components)")
     lead = "; ".join(bits) + ". " + lead_llc
     if np.isfinite(rel_raw).any() or np.isfinite(rel_feat).any():
         lead += (" Reliability: the predicted correlation over tokens between this run's values and an independent "
@@ -196,6 +197,7 @@ def _diagnostics_table(run: _Run, comps: list[str], not_local, not_mixed, rel_ra
         return s[name].values if name in s else np.full(len(comps), np.nan if dtype is float else -1)
 
     llc_m, llc_s, rhat, ess = col("llc_mean"), col("llc_std"), col("rhat"), col("ess_bulk")
+    rhat_p = col("rhat_p")
     phi, disp = col("mean_phi"), col("displacement")
     used, ndiv = col("n_chains_used", int), col("n_diverged", int)
     n_chains = run.samples.layout.n_chains if run.samples is not None else None
@@ -208,12 +210,14 @@ def _diagnostics_table(run: _Run, comps: list[str], not_local, not_mixed, rel_ra
         if int(used[i]) == 0:
             status = '<span class="flag-text">no chains</span>'
         chains = f"{int(used[i])}" + (f" / {n_chains}" if n_chains is not None else "")
+        p_txt = f' <span class="muted">(p {_fmt(rhat_p[i], 2)})</span>' if np.isfinite(rhat_p[i]) else ""
         rows.append(
             f'<tr class="{"flagged" if flag else ""}" data-component="{_e(c)}"><td><code>{_e(c)}</code></td>'
             f'<td class="num">{_fmt(llc_m[i])} <span class="muted">± {_fmt(llc_s[i])}</span></td>'
             f'<td class="num{" bad" if not_local[i] else ""}">{_fmt(phi[i])}</td>'
             f'<td class="num{" bad" if not_local[i] else ""}">{_fmt(disp[i])}</td>'
-            f'<td class="num">{_fmt(rhat[i])}</td><td class="num">{_fmt(ess[i], 1)}</td>'
+            f'<td class="num">{_fmt(rhat[i])}{p_txt}</td>'
+            f'<td class="num">{_fmt(ess[i], 1)}</td>'
             f'<td class="num{" bad" if int(ndiv[i]) > 0 else ""}">{int(ndiv[i])}</td>'
             f'<td class="num">{chains}</td>{_rel_cell(rel_raw[i], target)}{_rel_cell(rel_feat[i], target)}'
             f'<td>{status}</td></tr>')

@@ -26,8 +26,8 @@ from spectro.store.samples import SampleStore, _compressors, zarr_store
 
 PROBE_COORDS = ("token_context", "token_position", "token_id", "token_text", "token_source")
 DIAGNOSTICS = {"llc_mean": "float64", "llc_std": "float64", "mean_phi": "float64", "rhat": "float64",
-               "ess_bulk": "float64", "n_chains_used": "int64", "n_diverged": "int64", "not_mixed": "bool",
-               "displacement": "float64", "not_local": "bool"}
+               "rhat_p": "float64", "ess_bulk": "float64", "n_chains_used": "int64", "n_diverged": "int64",
+               "not_mixed": "bool", "displacement": "float64", "not_local": "bool"}
 
 
 class SusceptibilityStore:
