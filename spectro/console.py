@@ -36,6 +36,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Optional, Protocol
 
 from spectro.config import ConsoleConfig
@@ -299,6 +300,8 @@ def summary_lines(summary: dict, summary_path: Optional[str] = None, log_path: O
     else:
         lines.append("verdict: none yet (the clusters stage gives it; stage=all runs every stage)")
     report = (summary.get("report") or {}).get("path")
+    if report and summary_path:          # the run directory's own report: a copied or moved run keeps its files
+        report = str(Path(summary_path).parent / Path(report).name)
     if report:
         lines.append(f"report:  {report}")
     if summary_path:

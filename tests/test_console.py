@@ -179,6 +179,9 @@ def test_the_short_summary_ends_with_the_verdict_and_the_paths():
     assert lines[-3:] == ["report:  /runs/x/report.html",
                           "summary: /runs/x/summary.json (every figure; console.summary=full prints it here)",
                           "log:     /runs/x/spectro.log"]
+    copied = console.summary_lines(SUMMARY, "/elsewhere/y/summary.json")         # a copied run names its own report
+    assert copied[-2:] == ["report:  /elsewhere/y/report.html",
+                           "summary: /elsewhere/y/summary.json (every figure; console.summary=full prints it here)"]
     only_sampled = console.summary_lines({"run_dir": "/runs/x", "sample": {}}, "/runs/x/summary.json")
     assert any(line.startswith("verdict: none yet") for line in only_sampled)
 
