@@ -121,7 +121,7 @@ class ClusterConfig:
     k: int = 10                         # nearest neighbours per token (cosine)
     alpha: float = 0.15                 # personalised-PageRank teleport probability
     epsilon: float = 1e-4               # push tolerance
-    max_conductance: float = 0.4        # accept a local cluster at or below this conductance
+    max_conductance: float = 0.5        # accept a local cluster at or below this conductance
     min_size: int = 20                  # smaller clusters are noise (all methods)
     max_size: int = 0                   # largest local cluster; 0: no limit
     resolution: float = 2.0             # Leiden
@@ -129,7 +129,7 @@ class ClusterConfig:
     seed: int = 0
     exact_knn_below: int = 50000        # exact kNN below this many tokens, approximate (faiss IVF) above
     outlier_ratio: float = 0.0          # noise if mean kNN similarity < ratio x densest neighbour's; 0: off
-    attach_share: Optional[float] = None  # a free token joins a cluster holding this share of its edges; null: (1-φ)/2
+    attach_share: float = 0.2           # a free token joins the cluster holding over this share of its edges
     scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # Leiden, the scales table; []: off
     scales_max_tokens: int = 200000     # no scales table above this many probe tokens (its cost); 0: no limit
 
@@ -390,7 +390,7 @@ def _check_clustering(c: SpectroConfig) -> None:
     _require(0 < k.alpha < 1, "clustering.alpha", k.alpha, "must be in (0, 1)", "e.g. clustering.alpha=0.15")
     _require(k.epsilon > 0, "clustering.epsilon", k.epsilon, "must be > 0", "e.g. clustering.epsilon=1e-4")
     _require(0 < k.max_conductance <= 1, "clustering.max_conductance", k.max_conductance, "must be in (0, 1]",
-             "e.g. clustering.max_conductance=0.4")
+             "e.g. clustering.max_conductance=0.5")
     _require(k.min_size >= 1, "clustering.min_size", k.min_size, "must be >= 1", "e.g. clustering.min_size=20")
     _require(k.max_size >= 0, "clustering.max_size", k.max_size, "must be >= 0", "0 means no limit")
     _require(k.resolution > 0, "clustering.resolution", k.resolution, "must be > 0", "e.g. 1.0")
@@ -398,8 +398,8 @@ def _check_clustering(c: SpectroConfig) -> None:
              "e.g. clustering.outlier_ratio=0.7, or 0 to turn the outlier step off")
     _require(all(_finite(r) and r > 0 for r in k.scales) and len(set(k.scales)) == len(k.scales), "clustering.scales",
              k.scales, "must be distinct positive Leiden resolutions", "e.g. clustering.scales=[1,2,4,8]; [] for none")
-    _require(k.attach_share is None or 0 < k.attach_share < 1, "clustering.attach_share", k.attach_share,
-             "must be in (0, 1) or null", "null: (1 - max_conductance) / 2")
+    _require(_finite(k.attach_share) and 0 < k.attach_share < 1, "clustering.attach_share", k.attach_share,
+             "must be in (0, 1)", "e.g. 0.2; lower attaches more tokens to clusters")
     _require(k.scales_max_tokens >= 0, "clustering.scales_max_tokens", k.scales_max_tokens, "must be >= 0", "0: none")
     _require(k.n_clusters >= 0, "clustering.n_clusters", k.n_clusters, "must be >= 0", "0 picks by eigengap")
 

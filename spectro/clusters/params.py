@@ -38,7 +38,7 @@ class ClusterParams:
     seed: int = DEFAULTS.seed
     exact_knn_below: int = DEFAULTS.exact_knn_below
     outlier_ratio: float = DEFAULTS.outlier_ratio
-    attach_share: float | None = DEFAULTS.attach_share   # None: (1 - max_conductance) / 2 (spectro.clusters.local)
+    attach_share: float = DEFAULTS.attach_share
     scales: tuple[float, ...] = tuple(DEFAULTS.scales)   # resolutions of the scales table (spectro.clusters.scales)
     scales_max_tokens: int = DEFAULTS.scales_max_tokens
 
@@ -79,8 +79,7 @@ class ClusterParams:
         integer("seed", 0)
         integer("exact_knn_below", 0)
         number("outlier_ratio", 0.0, 1.0, lo_open=False)
-        if self.attach_share is not None:
-            number("attach_share", 0.0, 1.0)
+        number("attach_share", 0.0, 1.0)
         integer("scales_max_tokens", 0)
         scales = self.scales
         if not isinstance(scales, (tuple, list)) or not all(
