@@ -107,6 +107,15 @@ def rhat_null_p(phi: np.ndarray, observed: float, rng: np.random.Generator, reps
     return float((1 + np.sum(null >= observed)) / (1 + reps))
 
 
+def not_mixed(rhat: np.ndarray, rhat_p: np.ndarray, threshold: float) -> np.ndarray:
+    """Per component: R-hat above `threshold` and beyond its null (rhat_p below RHAT_FAMILY_ALPHA / the number of
+    components with an R-hat; module notes). A NaN R-hat (fewer than 2 units or 4 draws) counts as not shown mixed;
+    rhat_p is only read where R-hat is above the threshold."""
+    rhat, rhat_p = np.asarray(rhat, dtype=np.float64), np.asarray(rhat_p, dtype=np.float64)
+    beyond = ~(rhat_p >= RHAT_FAMILY_ALPHA / max(int(np.isfinite(rhat).sum()), 1))
+    return ~(rhat <= threshold) & beyond
+
+
 def column_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson r of each column of a with the same column of b (tokens, k) -> (k,); NaN for a constant column."""
     a = np.asarray(a, dtype=np.float64) - np.mean(a, axis=0)

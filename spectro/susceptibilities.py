@@ -75,7 +75,7 @@ from spectro import console, rundir
 from spectro.config import EstimatorConfig
 from spectro.errors import DivergenceError, StoreError
 from spectro.estimator import ChainMoments, mean_loss, susceptibility
-from spectro.reliability import RHAT_FAMILY_ALPHA, rhat_null_p, split_half
+from spectro.reliability import not_mixed, rank_rhat, rhat_null_p, split_half
 from spectro.store import SampleStore, SusceptibilityStore
 
 _E = EstimatorConfig()    # the schema's defaults: the one place they are written
@@ -324,14 +324,11 @@ def diagnostics(store: SampleStore, sel: Selection, nbeta: float, rhat_threshold
         if len(chains) >= 2 and n >= 4:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                out["rhat"][ci] = float(array_stats.rhat(phi, chain_axis=0, draw_axis=1, method="rank"))
+                out["rhat"][ci] = rank_rhat(phi)                             # the statistic its null is drawn for
                 out["ess_bulk"][ci] = float(array_stats.ess(phi, chain_axis=0, draw_axis=1, method="bulk"))
             if out["rhat"][ci] > rhat_threshold:                             # is it beyond R-hat's own noise?
                 out["rhat_p"][ci] = rhat_null_p(phi, out["rhat"][ci], np.random.default_rng([RHAT_NULL_SEED, ci]))
-    # not mixed: R-hat above the threshold and beyond its null (family-wise, spectro.reliability); NaN R-hat (fewer
-    # than 2 units or 4 draws) counts as not shown mixed
-    beyond = ~(out["rhat_p"] >= RHAT_FAMILY_ALPHA / max(int(np.isfinite(out["rhat"]).sum()), 1))
-    out["not_mixed"] = ~(out["rhat"] <= rhat_threshold) & beyond
+    out["not_mixed"] = not_mixed(out["rhat"], out["rhat_p"], rhat_threshold)
     out["not_local"] = (out["mean_phi"] > LOCAL_MAX_PHI) | (out["displacement"] > LOCAL_MAX_DISPLACEMENT)
     return out
 
